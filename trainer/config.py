@@ -1,0 +1,349 @@
+"""The configuration tree: frozen dataclasses, a YAML file, `--section.key=value` overrides.
+
+Precedence: defaults in code < YAML file < environment (a few keys containers need) < overrides.
+Every problem (unknown key, wrong type, bad value) is collected and raised together in one
+ConfigError, each line naming the key to change. Nothing heavy happens before this passes.
+
+Each field's comment is the documentation of the option (docs/config.md is generated from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more invalid configuration values; the message lists each with its key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    id: str = "demo"  # run name; outputs go to <bucket>/runs/<id>/; rerunning the same id resumes
+    takeover: bool = False  # start even if another job holds this run's lease in the bucket
+    lease_seconds: int = 120  # a job's lease on run.id expires this long after its last renewal
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    bucket: str = "./bucket"  # root for all outputs: a local folder or s3://bucket/prefix
+    endpoint_url: str = ""  # S3 endpoint (MinIO, R2); empty = AWS_ENDPOINT_URL or AWS itself
+    region: str = ""  # S3 region; empty = AWS_REGION / AWS_DEFAULT_REGION or us-east-1
+    local_dir: str = "./work"  # scratch folder on this machine: pulled corpus, shards, staged checkpoints
+    max_concurrency: int = 8  # parallel transfers for pull and uploads
+    retries: int = 8  # attempts per S3 request (botocore standard retry mode, with backoff)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...] = ("data/sample",)  # files, folders or globs; local or s3://...
+    text_field: str = "text"  # field holding the document in jsonl/json/parquet records
+    on_error: str = "fail"  # bad records: fail (error names file and line) or skip (counted)
+    val_permille: int = 5  # documents held out for validation, per thousand, chosen by text hash
+    shard_tokens: int = 50_000_000  # tokens per packed shard file
+    nfkc: bool = False  # apply Unicode NFKC normalisation to every document
+    to_simplified: bool = False  # convert traditional to simplified Chinese (OpenCC t2s)
+    min_chars: int = 1  # drop documents shorter than this (after normalisation)
+    max_chars: int = 0  # cut documents longer than this many characters; 0 = no limit
+    dedup: bool = True  # drop exact duplicate documents (by text hash)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""  # load this Hugging Face tokenizer (folder, local or s3://) instead of training
+    vocab_size: int = 32000  # target vocabulary size including special and byte tokens
+    max_token_length: int = 8  # longest token in characters (CJK: ~4 characters per word pair)
+    min_frequency: int = 2  # a merge must occur at least this often in the sample
+    sample_bytes: int = 200_000_000  # cap on text read for training, sampled evenly across shards
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"  # named shape from trainer/model.py PRESETS (tiny, 25m, 124m, 350m, 760m, 1b)
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed, else sdpa), sdpa, eager
+    tie_embeddings: bool = False  # share input embedding and lm_head weights
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps in the whole run
+    seq_len: int = 256  # tokens per training sequence
+    batch_tokens: int = 8192  # global batch in tokens per optimizer step (all ranks, all micro-batches)
+    micro_batch_size: int = 0  # sequences per rank per forward pass; 0 = as many as the batch allows, up to 16
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    schedule: str = "cosine"  # cosine, wsd or multistep (DeepSeek LLM 80/90% steps)
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (not on norms or biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    seed: int = 1234  # seeds weights, data order and every rank's RNG
+    checkpoint_every_steps: int = 100  # save and publish a checkpoint this often (and at the end)
+    eval_every_steps: int = 100  # validation loss this often (and at the end); 0 = only at the end
+    eval_batches: int = 8  # validation micro-batches per evaluation
+    log_every_steps: int = 10  # metrics line this often (the only host-device sync in the loop)
+    grace_seconds: int = 25  # on SIGTERM, finish the step, checkpoint and exit within this
+    nproc: int = 0  # processes per node for torchrun; 0 = all local GPUs (1 on CPU)
+    device: str = "auto"  # auto, cuda or cpu
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
+    compile: str = "auto"  # torch.compile the model: auto (on GPU), on, off
+    on_nonfinite: str = "skip"  # non-finite loss/grad: skip the update (counted) or fail
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    keep_last: int = 3  # keep this many newest checkpoints in the bucket, plus the final one
+    upload_async: bool = True  # upload in a background thread while training goes on
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...] = ("床前明月光", "春眠不覺曉", "白日依山盡")  # shown after export
+    max_new_tokens: int = 64  # tokens generated per prompt
+    temperature: float = 0.8  # sampling temperature; 0 = greedy
+    top_k: int = 50  # keep this many most likely tokens; 0 = off
+    top_p: float = 0.95  # nucleus sampling mass; 1 = off
+    repetition_penalty: float = 1.1  # >1 discourages repeating earlier tokens
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# Environment variables that set config keys (containers and launchers pass settings this way).
+# Credentials are never config keys: boto3 reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY itself.
+ENV_KEYS = {
+    "RUN_ID": "run.id",
+    "BUCKET": "storage.bucket",
+    "AWS_ENDPOINT_URL": "storage.endpoint_url",
+    "AWS_REGION": "storage.region",
+    "LOCAL_DIR": "storage.local_dir",
+}
+
+CHOICES = {
+    "data.on_error": ("fail", "skip"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "train.schedule": ("cosine", "wsd", "multistep"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "train.dtype": ("auto", "bf16", "fp32"),
+    "train.compile": ("auto", "on", "off"),
+    "train.on_nonfinite": ("skip", "fail"),
+}
+
+
+def _resolve(cls: type, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value, hint, key: str, problems: list[str]):
+    """Convert `value` (from YAML, a CLI string or fire) to the field's type, or record a problem."""
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            pass
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return None
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        out = [_coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(out)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return None
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{key}: expected an integer, got {value!r}")
+        return None
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{key}: expected a number, got {value!r}")
+        return None
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{key}: expected a string, got {value!r}")
+        return None
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            flat.update(_flatten(v, f"{key}."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def load_config(path: str | None = None, overrides: dict | None = None, env: dict | None = None) -> Config:
+    """Build the Config from defaults, the YAML file at `path`, the environment and overrides.
+
+    `overrides` maps dotted keys ("train.max_steps") to values (strings are parsed as YAML).
+    Raises ConfigError listing every problem.
+    """
+    problems: list[str] = []
+    layers: list[tuple[str, dict]] = []
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (run:, data:, ...)")
+        for section, body in tree.items():
+            if not isinstance(body, dict):
+                problems.append(f"{section}: expected a mapping of keys, got {body!r} (in {path})")
+        layers.append((str(path), _flatten({k: v for k, v in tree.items() if isinstance(v, dict)})))
+    env = os.environ if env is None else env
+    layers.append(("environment", {key: env[name] for name, key in ENV_KEYS.items() if env.get(name)}))
+    layers.append(("overrides", dict(overrides or {})))
+
+    hints = {s.name: typing.get_type_hints(_resolve(Config, s.name)) for s in dataclasses.fields(Config)}
+    values: dict[str, dict] = {s: {} for s in hints}
+    for source, flat in layers:
+        for key, raw in flat.items():
+            section, _, name = key.partition(".")
+            if section not in hints:
+                problems.append(f"{key}: unknown section '{section}' (from {source}); known: {', '.join(hints)}")
+                continue
+            if name not in hints[section]:
+                problems.append(f"{key}: unknown key (from {source}); known in {section}: {', '.join(hints[section])}")
+                continue
+            values[section][name] = _coerce(raw, hints[section][name], key, problems)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    sections = {s: _resolve(Config, s)(**values[s]) for s in hints}
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check values and relations between them; raise ConfigError listing every problem."""
+    problems = []
+    for key, allowed in CHOICES.items():
+        value = get(cfg, key)
+        if value not in allowed:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            problems.append(f"{key}: {msg} (got {get(cfg, key)!r})")
+
+    need(bool(cfg.run.id) and all(c.isalnum() or c in "-_." for c in cfg.run.id), "run.id",
+         "must be non-empty letters, digits, '-', '_' or '.'")
+    need(cfg.run.lease_seconds >= 10, "run.lease_seconds", "must be at least 10")
+    need(bool(cfg.storage.bucket), "storage.bucket", "must be set")
+    need(not cfg.storage.bucket.startswith("s3://") or len(cfg.storage.bucket) > 5, "storage.bucket",
+         "s3:// needs a bucket name")
+    need(cfg.storage.max_concurrency >= 1, "storage.max_concurrency", "must be at least 1")
+    need(cfg.storage.retries >= 1, "storage.retries", "must be at least 1")
+    need(len(cfg.data.sources) > 0, "data.sources", "must list at least one file, folder or glob")
+    need(0 <= cfg.data.val_permille < 1000, "data.val_permille", "must be in [0, 1000)")
+    need(cfg.data.shard_tokens >= 1024, "data.shard_tokens", "must be at least 1024")
+    need(cfg.data.min_chars >= 0, "data.min_chars", "must be >= 0")
+    need(cfg.data.max_chars >= 0, "data.max_chars", "must be >= 0 (0 = no limit)")
+    need(bool(cfg.data.text_field), "data.text_field", "must be set")
+    need(cfg.tokenizer.path != "" or 256 + 8 <= cfg.tokenizer.vocab_size <= 1_000_000, "tokenizer.vocab_size",
+         "must be between 264 and 1000000")
+    need(1 <= cfg.tokenizer.max_token_length <= 64, "tokenizer.max_token_length", "must be between 1 and 64")
+    need(cfg.tokenizer.min_frequency >= 1, "tokenizer.min_frequency", "must be at least 1")
+    need(cfg.tokenizer.sample_bytes >= 1000, "tokenizer.sample_bytes", "must be at least 1000")
+    from trainer.model import PRESETS  # local import: model.py imports torch
+
+    need(cfg.model.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}")
+    t = cfg.train
+    need(t.max_steps >= 1, "train.max_steps", "must be at least 1")
+    need(t.seq_len >= 8, "train.seq_len", "must be at least 8")
+    need(t.batch_tokens >= t.seq_len and t.batch_tokens % t.seq_len == 0, "train.batch_tokens",
+         f"must be a positive multiple of train.seq_len ({t.seq_len})")
+    need(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = automatic)")
+    need(0 < t.lr < 1, "train.lr", "must be in (0, 1)")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    need(0 <= t.warmup_steps < t.max_steps or t.max_steps < 1, "train.warmup_steps", "must be in [0, train.max_steps)")
+    need(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
+    need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+    need(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be at least 1")
+    need(t.eval_every_steps >= 0, "train.eval_every_steps", "must be >= 0")
+    need(t.eval_batches >= 1, "train.eval_batches", "must be at least 1")
+    need(t.log_every_steps >= 1, "train.log_every_steps", "must be at least 1")
+    need(1 <= t.grace_seconds <= 3600, "train.grace_seconds", "must be between 1 and 3600")
+    need(t.nproc >= 0, "train.nproc", "must be >= 0 (0 = automatic)")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+    need(cfg.sample.max_new_tokens >= 1, "sample.max_new_tokens", "must be at least 1")
+    need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0")
+    need(cfg.sample.top_k >= 0, "sample.top_k", "must be >= 0")
+    need(0 < cfg.sample.top_p <= 1, "sample.top_p", "must be in (0, 1]")
+    need(cfg.sample.repetition_penalty > 0, "sample.repetition_penalty", "must be > 0")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def get(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON. Holds no secrets: credentials are never keys."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in
+            (f.name for f in dataclasses.fields(Config))}
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False)
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a Config saved by to_dict (inside a checkpoint or a run folder), ignoring the environment."""
+    return load_config_tree(tree)
+
+
+def load_config_tree(tree: dict) -> Config:
+    flat = _flatten(tree)
+    return load_config(None, flat, env={})
+
+
+def replace(cfg: Config, **dotted) -> Config:
+    """A copy of cfg with dotted keys changed: replace(cfg, **{"train.max_steps": 5})."""
+    tree = to_dict(cfg)
+    for key, value in dotted.items():
+        section, _, name = key.partition(".")
+        tree[section][name] = value
+    return load_config_tree(tree)

@@ -1,0 +1,337 @@
+"""One small storage interface over string URLs: a local folder or s3://bucket/prefix.
+
+Keys are '/'-separated paths relative to the storage root. Writes are atomic from a reader's point
+of view: a local write goes to a temporary name and is renamed; an S3 object appears whole when its
+PUT (or multipart upload) completes. Downloads land under a temporary name, are checked against the
+object's size and only then renamed, so a half-downloaded file never looks complete.
+
+The S3 client is created lazily, uses the endpoint from config or AWS_ENDPOINT_URL (MinIO, R2),
+botocore's "standard" retry mode with backoff, multipart transfers for large files, and checksums
+only when required (MinIO and R2 reject or ignore the newer default CRC trailers on some versions).
+Credentials come from boto3's usual chain and are never stored or printed by this module.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import StorageConfig
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed after all retries; the message names the URL."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the storage root
+    size: int  # bytes
+    etag: str  # S3 ETag or local mtime_ns; changes when the content is replaced
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def join(*parts: str) -> str:
+    """Join URL/key parts with single slashes (keeps the s3:// scheme intact)."""
+    out = ""
+    for p in parts:
+        if not p:
+            continue
+        out = p if not out else out.rstrip("/") + "/" + p.lstrip("/")
+    return out
+
+
+class Storage:
+    """Base class: subclasses implement the primitives; `url(key)` names an object for messages."""
+
+    root: str
+
+    def url(self, key: str = "") -> str:
+        return join(self.root, key)
+
+    # primitives -----------------------------------------------------------------------------
+    def read_bytes(self, key: str) -> bytes: raise NotImplementedError
+    def write_bytes(self, key: str, data: bytes) -> None: raise NotImplementedError
+    def exists(self, key: str) -> bool: raise NotImplementedError
+    def list(self, prefix: str = "") -> list[ObjectInfo]: raise NotImplementedError
+    def delete(self, key: str) -> None: raise NotImplementedError
+    def upload_file(self, local_path: str | Path, key: str) -> None: raise NotImplementedError
+    def _download(self, key: str, tmp: Path) -> int: raise NotImplementedError
+    def info(self, key: str) -> ObjectInfo | None: raise NotImplementedError
+
+    # built on the primitives ----------------------------------------------------------------
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def read_text_or_none(self, key: str) -> str | None:
+        return self.read_text(key) if self.exists(key) else None
+
+    def delete_prefix(self, prefix: str) -> int:
+        objs = self.list(prefix)
+        for o in objs:
+            self.delete(o.key)
+        return len(objs)
+
+    def download_file(self, key: str, local_path: str | Path) -> int:
+        """Download to a temporary name, verify the size, then rename. Returns bytes written."""
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.with_name(f".{local_path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            expected = self._download(key, tmp)
+            got = tmp.stat().st_size
+            if got != expected:
+                raise StorageError(f"download of {self.url(key)} is {got} bytes, expected {expected}")
+            os.replace(tmp, local_path)
+            return got
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def upload_dir(self, local_dir: str | Path, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+        """Upload every file under local_dir to prefix/<relative path>; returns the keys."""
+        keys = []
+        for path in sorted(Path(local_dir).rglob("*")):
+            rel = path.relative_to(local_dir).as_posix()
+            if path.is_file() and rel not in skip:
+                key = join(prefix, rel)
+                self.upload_file(path, key)
+                keys.append(key)
+        return keys
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> list[Path]:
+        """Download every object under prefix/ into local_dir, keeping relative paths."""
+        out = []
+        prefix = prefix.rstrip("/") + "/"
+        for o in self.list(prefix):
+            dest = Path(local_dir) / o.key[len(prefix):]
+            if not (dest.is_file() and dest.stat().st_size == o.size):
+                self.download_file(o.key, dest)
+            out.append(dest)
+        return out
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+        self._root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self._root / key if key else self._root
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(key)}") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def info(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        st = path.stat()
+        return ObjectInfo(key, st.st_size, str(st.st_mtime_ns))
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        # A prefix is a string prefix, as in S3: "runs/a" matches "runs/a/x" and "runs/ab".
+        base = self._path(prefix.rsplit("/", 1)[0] if "/" in prefix else "")
+        if not base.is_dir():
+            return []
+        out = []
+        for path in base.rglob("*"):
+            if not path.is_file() or path.name.startswith(".") and path.name.endswith(".part"):
+                continue
+            key = path.relative_to(self._root).as_posix()
+            if key.startswith(prefix):
+                st = path.stat()
+                out.append(ObjectInfo(key, st.st_size, str(st.st_mtime_ns)))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, dest)
+
+    def _download(self, key: str, tmp: Path) -> int:
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageError(f"not found: {self.url(key)}")
+        shutil.copyfile(src, tmp)
+        return src.stat().st_size
+
+
+# Errors worth another try on top of botocore's own retries (which cover 5xx, throttling and
+# connection errors per request, but not a stream that breaks half way through a body).
+def _transient(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, \
+        IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from boto3.exceptions import S3UploadFailedError
+
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError,
+                        ConnectionError, TimeoutError, S3UploadFailedError, StorageError)):
+        return True
+    if isinstance(exc, ClientError):
+        code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code >= 500 or code in (408, 429)
+    return False
+
+
+class S3Storage(Storage):
+    def __init__(self, url: str, cfg: StorageConfig | None = None):
+        cfg = cfg or StorageConfig()
+        self.root = url.rstrip("/")
+        self.bucket, _, self.prefix = url[len("s3://"):].partition("/")
+        self.prefix = self.prefix.strip("/")
+        self._cfg = cfg
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        """The boto3 client, created on first use (tests register fault hooks on its events)."""
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config as BotoConfig
+
+                endpoint = self._cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") \
+                    or os.environ.get("AWS_ENDPOINT_URL") or None
+                region = self._cfg.region or os.environ.get("AWS_REGION") \
+                    or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=endpoint, region_name=region,
+                    config=BotoConfig(
+                        retries={"max_attempts": self._cfg.retries, "mode": "standard"},
+                        connect_timeout=10, read_timeout=60,
+                        max_pool_connections=max(10, 2 * self._cfg.max_concurrency),
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                        s3={"addressing_style": "path" if endpoint else "auto"},
+                    ),
+                )
+            return self._client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}".lstrip("/") if self.prefix else key
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20,
+                              max_concurrency=self._cfg.max_concurrency, use_threads=True)
+
+    def _retry(self, what: str, key: str, fn):
+        """Run fn with exponential backoff and jitter on transient errors; raise StorageError at the end."""
+        attempts = self._cfg.retries
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified below
+                if not _transient(e) or attempt == attempts - 1:
+                    raise StorageError(f"{what} {self.url(key)} failed after {attempt + 1} attempt(s): "
+                                       f"{type(e).__name__}: {e}") from None
+                time.sleep(min(20.0, 0.2 * 2**attempt) * (0.5 + random.random()))
+
+    def read_bytes(self, key: str) -> bytes:
+        def go():
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                raise FileNotFoundError(self.url(key)) from None
+        try:
+            return self._retry("read", key, go)
+        except StorageError as e:
+            if "FileNotFoundError" in str(e):
+                raise StorageError(f"not found: {self.url(key)}") from None
+            raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._retry("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    def info(self, key: str) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        def go():
+            try:
+                r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return ObjectInfo(key, r["ContentLength"], r.get("ETag", "").strip('"'))
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
+                raise
+        return self._retry("stat", key, go)
+
+    def exists(self, key: str) -> bool:
+        return self.info(key) is not None
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        def go():
+            out = []
+            strip = len(self.prefix) + 1 if self.prefix else 0
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=self._key(prefix)):
+                for o in page.get("Contents", []):
+                    out.append(ObjectInfo(o["Key"][strip:], o["Size"], o.get("ETag", "").strip('"')))
+            return sorted(out, key=lambda o: o.key)
+        return self._retry("list", prefix, go)
+
+    def delete(self, key: str) -> None:
+        self._retry("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        self._retry("upload to", key, lambda: self.client.upload_file(
+            str(local_path), self.bucket, self._key(key), Config=self._transfer_config()))
+
+    def _download(self, key: str, tmp: Path) -> int:
+        info = self.info(key)
+        if info is None:
+            raise StorageError(f"not found: {self.url(key)}")
+        self._retry("download", key, lambda: self.client.download_file(
+            self.bucket, self._key(key), str(tmp), Config=self._transfer_config()))
+        return info.size
+
+
+def open_storage(url: str, cfg: StorageConfig | None = None) -> Storage:
+    """A Storage rooted at url: s3://bucket/prefix or a local folder."""
+    if is_s3(url):
+        if not url[len("s3://"):].split("/")[0]:
+            raise StorageError(f"{url}: an s3:// URL needs a bucket name")
+        return S3Storage(url, cfg)
+    return LocalStorage(Path(url).expanduser().resolve())
+
+
+def split_url(url: str, cfg: StorageConfig | None = None) -> tuple[Storage, str]:
+    """(storage rooted at the bucket or filesystem root, key) for any single-object URL."""
+    if is_s3(url):
+        bucket, _, key = url[len("s3://"):].partition("/")
+        return open_storage(f"s3://{bucket}", cfg), key
+    path = Path(url).expanduser().resolve()
+    return LocalStorage(path.anchor), path.relative_to(path.anchor).as_posix()
