@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from trainer.config import Config, DataConfig
-from trainer.storage import LocalStorage, is_s3, open_storage
+from trainer.storage import is_s3, open_storage
 
 FORMATS = (".jsonl", ".json", ".parquet", ".txt")
 COMPRESSIONS = ("", ".gz", ".zst")
@@ -268,6 +268,3 @@ def local_files(paths: list[str | Path]) -> list[CorpusFile]:
         out.append(CorpusFile(str(p), p.stat().st_size, _local_fingerprint(p), local=str(p)))
     return out
 
-
-__all__ = ["CorpusFile", "DataError", "DocumentReader", "resolve_sources", "pull", "corpus_fingerprint",
-           "iter_documents", "local_files", "LocalStorage"]

@@ -1,0 +1,146 @@
+"""Checkpoints: a folder of files plus MANIFEST.json written last, then the LATEST pointer.
+
+Publishing order (each step only after the previous succeeded):
+  1. every file of runs/<id>/checkpoints/step-NNNNNNNN/ except the manifest,
+  2. MANIFEST.json (each file with size and sha256): from now on the checkpoint counts,
+  3. LATEST (the folder's name), a pointer for people and tools.
+A kill at any moment therefore leaves either a complete checkpoint or a folder without a manifest,
+which nothing reads. Resume tries complete checkpoints newest first, verifies every file's size and
+sha256 after download, and falls back to the previous one (saying so) when one does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+from trainer.storage import Storage, StorageError, join
+
+MANIFEST = "MANIFEST.json"
+LATEST = "LATEST"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoints_prefix(run_id: str) -> str:
+    return f"runs/{run_id}/checkpoints"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(local_dir: Path, step: int) -> dict:
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(local_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {"step": step, "files": files}
+    (local_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def publish(store: Storage, run_id: str, local_dir: Path, step: int) -> str:
+    """Upload a staged checkpoint folder (which already holds its manifest) in the safe order."""
+    prefix = join(checkpoints_prefix(run_id), step_name(step))
+    store.upload_dir(local_dir, prefix, skip=(MANIFEST,))
+    store.upload_file(local_dir / MANIFEST, join(prefix, MANIFEST))
+    store.write_text(join(checkpoints_prefix(run_id), LATEST), step_name(step))
+    return store.url(prefix)
+
+
+def complete_steps(store: Storage, run_id: str) -> list[int]:
+    """Steps whose folder has a manifest, newest first."""
+    prefix = checkpoints_prefix(run_id) + "/"
+    steps = []
+    for o in store.list(prefix):
+        parts = o.key[len(prefix):].split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST and parts[0].startswith("step-"):
+            steps.append(int(parts[0][len("step-"):]))
+    return sorted(steps, reverse=True)
+
+
+def fetch_verified(store: Storage, run_id: str, step: int, dest: Path) -> Path:
+    """Download a checkpoint and check every file against its manifest; raise StorageError if not."""
+    prefix = join(checkpoints_prefix(run_id), step_name(step))
+    manifest = json.loads(store.read_text(join(prefix, MANIFEST)))
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name, meta in manifest["files"].items():
+        if not store.exists(join(prefix, name)):
+            raise StorageError(f"{store.url(join(prefix, name))} is listed in the manifest but missing")
+        store.download_file(join(prefix, name), dest / name)
+        if (dest / name).stat().st_size != meta["size"] or sha256_file(dest / name) != meta["sha256"]:
+            raise StorageError(f"{store.url(join(prefix, name))} does not match its sha256 in the manifest")
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    return dest
+
+
+def fetch_newest(store: Storage, run_id: str, dest_root: Path, log=print) -> tuple[int, Path] | None:
+    """The newest checkpoint that verifies, downloaded under dest_root; None when there is none."""
+    for step in complete_steps(store, run_id):
+        try:
+            return step, fetch_verified(store, run_id, step, dest_root / step_name(step))
+        except StorageError as e:
+            log(f"checkpoint {step_name(step)} is unusable ({e}); falling back to the previous one")
+    return None
+
+
+def prune(store: Storage, run_id: str, keep_last: int, keep: tuple[int, ...] = ()) -> list[int]:
+    """Delete complete checkpoints beyond the newest keep_last (and any in `keep`); manifest first,
+    so a half-deleted folder never counts."""
+    removed = []
+    for step in complete_steps(store, run_id)[keep_last:]:
+        if step in keep:
+            continue
+        prefix = join(checkpoints_prefix(run_id), step_name(step))
+        store.delete(join(prefix, MANIFEST))
+        store.delete_prefix(prefix + "/")
+        removed.append(step)
+    return removed
+
+
+class Uploader:
+    """Publishes checkpoints in a background thread, at most one in flight. A failure is raised at
+    the next submit() or wait(), never swallowed."""
+
+    def __init__(self, store: Storage, run_id: str, keep_last: int, log=print):
+        self.store, self.run_id, self.keep_last, self.log = store, run_id, keep_last, log
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _work(self, local_dir: Path, step: int, on_done):
+        try:
+            url = publish(self.store, self.run_id, local_dir, step)
+            pruned = prune(self.store, self.run_id, self.keep_last)
+            self.log(f"checkpoint {step_name(step)} published to {url}"
+                     + (f" (pruned {', '.join(map(step_name, pruned))})" if pruned else ""))
+            if on_done:
+                on_done(step)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+            self._error = e
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise StorageError(f"checkpoint upload failed: {err}") from err
+
+    def submit(self, local_dir: Path, step: int, background: bool = True, on_done=None):
+        self.wait()
+        if background:
+            self._thread = threading.Thread(target=self._work, args=(local_dir, step, on_done), daemon=False)
+            self._thread.start()
+        else:
+            self._work(local_dir, step, on_done)
+            self.wait()

@@ -1,0 +1,132 @@
+"""Packed token shards as training samples, in an order that is a pure function of (seed, epoch, index).
+
+Sample i of a shard is tokens [i*T, i*T + T + 1): T inputs and their T next-token targets. Samples
+never cross shard boundaries (at most T tokens per shard go unused). Global sample number g maps to
+epoch g // N and position g % N of that epoch's permutation, so any process can compute any step's
+batch without state: the data position in a checkpoint is just the step, and the order does not
+depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import threading
+import queue
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class TokenSamples:
+    """Random access to fixed-length samples over memory-mapped shards of one split."""
+
+    def __init__(self, data_dir: Path, index: dict, split: str, seq_len: int):
+        self.seq_len = seq_len
+        self.dtype = np.dtype(index["dtype"])
+        self.shards, counts = [], []
+        for entry in index[split]:
+            n = (entry["tokens"] - 1) // seq_len
+            if n > 0:
+                self.shards.append(np.memmap(Path(data_dir) / entry["name"], dtype=self.dtype, mode="r"))
+                counts.append(n)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n = int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), seq_len + 1) int64 array of the samples with these numbers."""
+        out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
+        for row, (i, s) in enumerate(zip(ids, shard_of)):
+            offset = (int(i) - int(self.starts[s])) * self.seq_len
+            out[row] = self.shards[s][offset: offset + self.seq_len + 1]
+        return out
+
+
+@lru_cache(maxsize=2)
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of an epoch's N samples: a seeded permutation, fresh for every epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+def global_sample_ids(seed: int, n: int, start: int, count: int) -> np.ndarray:
+    """Sample numbers for global positions [start, start + count)."""
+    g = np.arange(start, start + count, dtype=np.int64)
+    out = np.empty_like(g)
+    for epoch in np.unique(g // n):
+        mask = g // n == epoch
+        out[mask] = epoch_permutation(seed, int(epoch), n)[g[mask] % n]
+    return out
+
+
+def rank_micro_batches(step: int, samples_per_step: int, rank: int, world: int, micro: int) -> list[tuple[int, int]]:
+    """(start, count) global positions of each micro-batch this rank runs at `step`.
+
+    The step's samples are split into `world` contiguous slices; each rank cuts its slice into
+    micro-batches of `micro` samples."""
+    per_rank = samples_per_step // world
+    base = step * samples_per_step + rank * per_rank
+    return [(base + k, micro) for k in range(0, per_rank, micro)]
+
+
+class BatchLoader:
+    """Yields (inputs, targets) micro-batches on the device, prepared one step ahead in a thread.
+
+    `wait_seconds` accumulates the time the training loop spent waiting for data."""
+
+    def __init__(self, samples: TokenSamples, seed: int, samples_per_step: int, rank: int, world: int,
+                 micro: int, device: torch.device, start_step: int, max_steps: int, prefetch: int = 4):
+        self.samples, self.seed, self.device = samples, seed, device
+        self.spec = (samples_per_step, rank, world, micro)
+        self.start_step, self.max_steps = start_step, max_steps
+        self.wait_seconds = 0.0
+        self._q: queue.Queue = queue.Queue(prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+        self._thread.start()
+
+    def _produce(self):
+        pin = self.device.type == "cuda"
+        try:
+            for step in range(self.start_step, self.max_steps):
+                for start, count in rank_micro_batches(step, *self.spec):
+                    ids = global_sample_ids(self.seed, len(self.samples), start, count)
+                    batch = torch.from_numpy(self.samples.get(ids))
+                    if pin:
+                        batch = batch.pin_memory()
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put(batch, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+        except BaseException as e:  # noqa: BLE001 - surfaced to the training loop
+            self._q.put(e)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import time
+
+        t0 = time.perf_counter()
+        batch = self._q.get()
+        self.wait_seconds += time.perf_counter() - t0
+        if isinstance(batch, BaseException):
+            raise batch
+        batch = batch.to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+    def close(self):
+        self._stop.set()
+
+
+def validation_batches(samples: TokenSamples, n_batches: int, micro: int, rank: int, world: int):
+    """The first n_batches micro-batches of the validation split, split over ranks round-robin."""
+    total = min(n_batches * micro, len(samples))
+    for b, start in enumerate(range(0, total, micro)):
+        if b % world == rank:
+            ids = np.arange(start, min(start + micro, total), dtype=np.int64)
+            yield torch.from_numpy(samples.get(ids))

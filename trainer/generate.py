@@ -1,0 +1,53 @@
+"""Load an exported model (local folder or bucket URL) and sample from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config, SampleConfig
+from trainer.storage import is_s3, split_url
+
+
+def resolve_model_dir(url: str, cfg: Config) -> Path:
+    """A local folder holding the model: the path itself, or a cached download of s3://..."""
+    if not is_s3(url):
+        path = Path(url).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{url}: no config.json; pass an exported model folder (runs/<id>/final)")
+        return path
+    store, key = split_url(url, cfg.storage)
+    dest = Path(cfg.storage.local_dir) / "models" / url[len("s3://"):].replace("/", "_")
+    store.download_dir(key, dest)
+    if not (dest / "config.json").is_file():
+        raise FileNotFoundError(f"{url}: no config.json; pass an exported model folder (runs/<id>/final)")
+    return dest
+
+
+def load_for_generation(url: str, cfg: Config):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(url, cfg)
+    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], s: SampleConfig, seed: int = 0) -> list[str]:
+    """Continuations of each prompt (the prompt included), by s.temperature / top_k / top_p."""
+    torch.manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+        greedy = s.temperature == 0
+        gen = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else s.temperature, top_k=None if greedy or not s.top_k else s.top_k,
+            top_p=None if greedy else s.top_p, repetition_penalty=s.repetition_penalty,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        out.append(tok.decode(gen[0], skip_special_tokens=True))
+    return out

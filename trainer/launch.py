@@ -1,0 +1,305 @@
+"""The job's stages, each skipped when its output is already in the bucket, and the torchrun launch.
+
+pull -> tokenizer -> prepare -> pretrain (torchrun workers) -> export -> samples.
+Each stage function takes the Config and returns what later stages need; `run` chains them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer import checkpoint as ckpt
+from trainer.config import Config, to_yaml
+from trainer.data import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
+from trainer.storage import Storage, is_s3, join, open_storage, split_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def bucket(cfg: Config) -> Storage:
+    return open_storage(cfg.storage.bucket, cfg.storage)
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    tokenizer_key: str  # bucket key of the tokenizer folder
+    data_key: str  # bucket key of the packed shards folder
+
+    def to_json(self) -> str:
+        return json.dumps({"tokenizer_key": self.tokenizer_key, "data_key": self.data_key})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Artifacts":
+        return cls(**json.loads(text))
+
+
+def wait_for(store: Storage, key: str, what: str, timeout_s: float = 6 * 3600):
+    """Nodes other than 0 wait for node 0 to publish a shared artifact instead of racing it."""
+    deadline = time.time() + timeout_s
+    while not store.exists(key):
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what} at {store.url(key)} from node 0")
+        time.sleep(5)
+
+
+def node_rank() -> int:
+    return int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
+
+
+# Stage 1: pull ---------------------------------------------------------------------------------
+
+def stage_pull(cfg: Config):
+    files = resolve_sources(cfg)
+    total = sum(f.size for f in files)
+    log(f"pull: {len(files)} corpus file(s), {total / 1e6:.1f} MB")
+    return pull(cfg, files)
+
+
+# Stage 2: tokenizer ----------------------------------------------------------------------------
+
+def stage_tokenizer(cfg: Config, files=None) -> str:
+    """Bucket key of the tokenizer folder: loaded from tokenizer.path, reused by hash, or trained."""
+    from trainer.prepare import is_validation, Normalizer
+    from trainer.tokenizer import tokenizer_hash, train_from_corpus
+
+    store = bucket(cfg)
+    if cfg.tokenizer.path:
+        return import_tokenizer(cfg, store)
+    files = files if files is not None else stage_pull(cfg)
+    key = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    if store.exists(join(key, ckpt.MANIFEST)):
+        log(f"tokenizer: reusing {store.url(key)}")
+        return key
+    if node_rank() != 0:
+        wait_for(store, join(key, ckpt.MANIFEST), "the tokenizer")
+        return key
+    out = Path(cfg.storage.local_dir) / key
+    shutil.rmtree(out, ignore_errors=True)
+    reader = DocumentReader(cfg.data)
+    # The tokenizer trains on normalised text without validation documents (no leak into val bpc);
+    # dedup is left to prepare (it doesn't change which strings are frequent enough to merge).
+    norm = Normalizer(dataclasses.replace(cfg.data, dedup=False))
+    docs = norm(iter_documents(cfg.data, files, reader))
+    log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.0f} MB")
+    report = train_from_corpus(cfg, docs, out, lambda t: is_validation(t, cfg.data.val_permille))
+    report["skipped_records"] = dict(reader.skipped)
+    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    ckpt.write_manifest(out, 0)
+    store.upload_dir(out, key, skip=(ckpt.MANIFEST,))
+    store.upload_file(out / ckpt.MANIFEST, join(key, ckpt.MANIFEST))
+    log(f"tokenizer: vocab {report['vocab_size']}, {report['chars_per_token_heldout']} chars/token held out, "
+        f"{report['seconds']}s -> {store.url(key)}")
+    return key
+
+
+def import_tokenizer(cfg: Config, store: Storage) -> str:
+    """Copy an existing Hugging Face tokenizer (local folder or s3://) into the bucket by content hash."""
+    import hashlib
+
+    src = cfg.tokenizer.path
+    local = Path(cfg.storage.local_dir) / "tokenizer-import"
+    shutil.rmtree(local, ignore_errors=True)
+    if is_s3(src):
+        s, k = split_url(src, cfg.storage)
+        s.download_dir(k, local)
+    else:
+        if not (Path(src) / "tokenizer.json").is_file() and not (Path(src) / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"tokenizer.path: {src} is not a Hugging Face tokenizer folder")
+        shutil.copytree(src, local)
+    from trainer.tokenizer import EOS, load_tokenizer
+
+    tok = load_tokenizer(local)
+    if EOS not in tok.get_vocab() and tok.eos_token is None:
+        raise ValueError(f"tokenizer.path: {src} has no end-of-text token; pretraining needs one")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(local.rglob("*")) if p.is_file())).hexdigest()
+    key = f"tokenizers/import-{digest[:16]}"
+    if not store.exists(join(key, ckpt.MANIFEST)):
+        ckpt.write_manifest(local, 0)
+        store.upload_dir(local, key, skip=(ckpt.MANIFEST,))
+        store.upload_file(local / ckpt.MANIFEST, join(key, ckpt.MANIFEST))
+    log(f"tokenizer: using {src} -> {store.url(key)}")
+    return key
+
+
+def fetch_folder(store: Storage, key: str, local_root: Path) -> Path:
+    """Download a bucket folder once per machine (a file lock serialises local ranks)."""
+    dest = local_root / key
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(dest) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store.download_dir(key, dest)
+    return dest
+
+
+# Stage 3: prepare ------------------------------------------------------------------------------
+
+def stage_prepare(cfg: Config, files=None, tokenizer_key: str | None = None) -> Artifacts:
+    from trainer.prepare import data_hash, prepare_shards, tokenizer_fingerprint
+    from trainer.tokenizer import load_tokenizer
+
+    store = bucket(cfg)
+    files = files if files is not None else stage_pull(cfg)
+    tokenizer_key = tokenizer_key or stage_tokenizer(cfg, files)
+    tok_dir = fetch_folder(store, tokenizer_key, Path(cfg.storage.local_dir))
+    key = f"data/{data_hash(cfg, corpus_fingerprint(files), tokenizer_fingerprint(tok_dir))}"
+    arts = Artifacts(tokenizer_key, key)
+    if store.exists(join(key, "index.json")):
+        log(f"prepare: reusing {store.url(key)}")
+        return arts
+    if node_rank() != 0:
+        wait_for(store, join(key, "index.json"), "the token shards")
+        return arts
+    out = Path(cfg.storage.local_dir) / key
+    shutil.rmtree(out, ignore_errors=True)
+    reader = DocumentReader(cfg.data)
+    index = prepare_shards(cfg, iter_documents(cfg.data, files, reader), load_tokenizer(tok_dir), out)
+    index["skipped_records"] = dict(reader.skipped)
+    index["tokenizer_key"] = tokenizer_key
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    store.upload_dir(out, key, skip=("index.json",))
+    store.upload_file(out / "index.json", join(key, "index.json"))  # last: the folder counts from now
+    log(f"prepare: {index['tokens']['train']:,} train / {index['tokens']['val']:,} val tokens "
+        f"({index['dtype']}), filters {index['filters']}, skipped {index['skipped_records']} -> {store.url(key)}")
+    return arts
+
+
+# Stage 4: pretrain (torchrun) ------------------------------------------------------------------
+
+def default_nproc(cfg: Config) -> int:
+    if cfg.train.nproc:
+        return cfg.train.nproc
+    if os.environ.get("NPROC"):
+        return int(os.environ["NPROC"])
+    import torch
+
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def stage_pretrain(cfg: Config, arts: Artifacts | None = None) -> int:
+    """Launch torchrun with the resolved config; returns the workers' exit code (75 = preempted)."""
+    arts = arts or stage_prepare(cfg)
+    run_local = Path(cfg.storage.local_dir) / "runs" / cfg.run.id
+    run_local.mkdir(parents=True, exist_ok=True)
+    cfg_path, arts_path = run_local / "resolved.yaml", run_local / "artifacts.json"
+    cfg_path.write_text(to_yaml(cfg), encoding="utf-8")
+    arts_path.write_text(arts.to_json())
+    bucket(cfg).write_text(f"runs/{cfg.run.id}/config.yaml", to_yaml(cfg))
+    nproc = default_nproc(cfg)
+    nnodes = int(os.environ.get("NNODES", "1") or 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes > 1 or os.environ.get("MASTER_ADDR"):
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank()}",
+                f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+                f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += [str(ROOT / "entrypoint.py"), "worker", f"--config={cfg_path}", f"--artifacts={arts_path}"]
+    log(f"pretrain: {' '.join(cmd[2:5])} ... ({nnodes} node(s) x {nproc} process(es))")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):  # torchrun forwards to its workers, which checkpoint and exit 75
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def worker(cfg: Config, arts: Artifacts) -> dict:
+    """One torchrun process: fetch the shards to this machine, then train."""
+    from trainer.train import train
+
+    store = bucket(cfg)
+    local_root = Path(cfg.storage.local_dir)
+    data_dir = fetch_folder(store, arts.data_key, local_root)
+    tok_dir = fetch_folder(store, arts.tokenizer_key, local_root)
+    index = json.loads((data_dir / "index.json").read_text())
+    return train(cfg, store, data_dir, index, tok_dir, log=lambda m, **k: log(m))
+
+
+# Stage 5: export -------------------------------------------------------------------------------
+
+def final_key(cfg: Config) -> str:
+    return f"runs/{cfg.run.id}/final"
+
+
+def stage_export(cfg: Config, arts: Artifacts | None = None) -> str:
+    """Hugging Face model folder from the newest checkpoint at runs/<id>/final/ (manifest last)."""
+    from safetensors.torch import load_model
+
+    from trainer.model import build_model, llama_config
+    from trainer.tokenizer import load_tokenizer
+
+    store = bucket(cfg)
+    key = final_key(cfg)
+    steps = ckpt.complete_steps(store, cfg.run.id)
+    if not steps:
+        raise FileNotFoundError(f"export: no complete checkpoint under {store.url(ckpt.checkpoints_prefix(cfg.run.id))}")
+    done = store.read_text_or_none(join(key, ckpt.MANIFEST))
+    if done and json.loads(done)["step"] == steps[0]:
+        log(f"export: {store.url(key)} is up to date (step {steps[0]})")
+        return key
+    arts = arts or stage_prepare(cfg)
+    local_root = Path(cfg.storage.local_dir)
+    tok = load_tokenizer(fetch_folder(store, arts.tokenizer_key, local_root))
+    index = json.loads(store.read_text(join(arts.data_key, "index.json")))
+    step, ckpt_dir = ckpt.fetch_newest(store, cfg.run.id, local_root / "runs" / cfg.run.id / "export-src", log=log)
+    model_cfg = llama_config(cfg.model.preset, index["vocab_size"], cfg.train.seq_len, cfg.model.tie_embeddings,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = build_model(model_cfg, "sdpa")
+    load_model(model, str(ckpt_dir / "model.safetensors"))
+    out = local_root / key
+    shutil.rmtree(out, ignore_errors=True)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    ckpt.write_manifest(out, step)
+    store.delete_prefix(key + "/")
+    store.upload_dir(out, key, skip=(ckpt.MANIFEST,))
+    store.upload_file(out / ckpt.MANIFEST, join(key, ckpt.MANIFEST))
+    log(f"export: step {step} -> {store.url(key)}")
+    return key
+
+
+def run(cfg: Config) -> int:
+    """The whole job. Returns the process exit code (0 done, 75 preempted: rerun to resume)."""
+    files = stage_pull(cfg)
+    tok_key = stage_tokenizer(cfg, files)
+    arts = stage_prepare(cfg, files, tok_key)
+    code = stage_pretrain(cfg, arts)
+    if code != 0:
+        log(f"pretrain exited with {code}" + (" (preempted: run the same command again to resume)" if code == 75 else ""))
+        return code
+    if node_rank() != 0:
+        return 0
+    key = stage_export(cfg, arts)
+    from trainer.generate import load_for_generation, sample
+
+    store = bucket(cfg)
+    model, tok = load_for_generation(store.url(key), cfg)
+    log("samples from the exported model:")
+    for prompt, text in zip(cfg.sample.prompts, sample(model, tok, list(cfg.sample.prompts), cfg.sample)):
+        print(f"--- {prompt}\n{text}\n", flush=True)
+    log(f"done. bucket: {store.url()}  run: {store.url(f'runs/{cfg.run.id}')}  model: {store.url(key)}")
+    return 0
