@@ -1,0 +1,142 @@
+import json
+
+import pytest
+
+from trainer.config import Config, load_config_tree, to_dict
+from trainer.model import PRESETS
+from trainer.planner import (chinchilla_optimum, deepseek_optimum, format_table, non_embedding_flops_per_token, plan,
+                             plan_json, plan_to_config, round_batch)
+
+
+def test_deepseek_optimum_at_1e19_by_hand():
+    opt = deepseek_optimum(1e19)
+    # B = 0.2920 * 10^(19 * 0.3271) = 0.2920 * 10^6.2149 = 0.2920 * 1_640_212 = 478_942 tokens
+    assert opt["batch_tokens"] == pytest.approx(478_942, rel=1e-5)
+    # lr = 0.3118 * 10^(-19 * 0.125) = 0.3118 * 10^-2.375 = 0.3118 * 4.21697e-3 = 1.31485e-3
+    assert opt["lr"] == pytest.approx(1.31485e-3, rel=1e-5)
+    # M = 0.1715 * 10^(19 * 0.5243) = 0.1715 * 10^9.9617 = 0.1715 * 9.1557e9 = 1.5702e9
+    assert opt["m"] == pytest.approx(1.5702e9, rel=1e-4)
+    # D = 5.8316 * 10^(19 * 0.4757) = 5.8316 * 10^9.0383 = 5.8316 * 1.09218e9 = 6.3692e9
+    assert opt["tokens"] == pytest.approx(6.3692e9, rel=1e-4)
+    # and the two fits are consistent: M D = 0.1715 * 5.8316 C = 1.00012 C
+    assert opt["m"] * opt["tokens"] == pytest.approx(1.00012e19, rel=1e-5)
+
+
+def test_non_embedding_flops_per_token_by_hand():
+    # 124m: 72 * 12 * 768^2 + 12 * 12 * 768 * 1024 = 509_607_936 + 113_246_208
+    assert non_embedding_flops_per_token(PRESETS["124m"], 1024) == 622_854_144
+    # 350m: 72 * 24 * 1024^2 + 12 * 24 * 1024 * 1024 = 1_811_939_328 + 301_989_888
+    assert non_embedding_flops_per_token(PRESETS["350m"], 1024) == 2_113_929_216
+
+
+def test_round_batch_to_whole_sequences_per_gpu():
+    assert round_batch(478_942, 1024, 1) == 468 * 1024  # 478942 / 1024 = 467.7
+    assert round_batch(478_942, 1024, 8) == 58 * 8192  # 478942 / 8192 = 58.46
+    assert round_batch(100, 1024, 2) == 2048  # never below one sequence per GPU
+
+
+def test_plan_for_1e19_flops_by_hand():
+    p = plan(compute=1e19, price_per_gpu_hour=2.0)
+    # M_opt = 1.5702e9: ln distance to 350m (2.1139e9) is 0.297, to 124m (6.2285e8) 0.925
+    assert p.preset == "350m" and p.basis == "compute"
+    assert p.batch_tokens == 479_232  # 468 x 1024
+    # tokens to fill 1e19: 1e19 / 2_113_929_216 = 4.73053e9 -> / 479_232 = 9871.1 steps -> 9871
+    assert p.steps == 9871 and p.tokens == 9871 * 479_232 == 4_730_499_072
+    assert p.warmup_steps == 493  # min(2000, 5% of 9871)
+    assert p.lr == 0.00131  # 1.31485e-3 to three figures
+    assert p.compute == pytest.approx(2_113_929_216 * 4_730_499_072)
+    # train FLOPs/token of 350m at vocab 32000 (lm_head counted): 6 * 341_099_520 + 12 * 24 * 1024 * 1024
+    assert p.train_flops_per_token == 2_348_587_008
+    # wall = 4_730_499_072 * 2_348_587_008 / (989e12 * 0.4) s = 28_084 s = 7.801 h
+    assert p.wall_hours == pytest.approx(7.801, rel=1e-3)
+    assert p.cost == pytest.approx(2.0 * p.wall_hours)
+    # Chinchilla: N = sqrt(C / 120) = sqrt(8.3333e16) = 2.8868e8, D = 20 N = 5.7735e9
+    assert p.chinchilla.params == pytest.approx(2.8868e8, rel=1e-4)
+    assert p.chinchilla.tokens == pytest.approx(5.7735e9, rel=1e-4)
+    assert p.epochs is None and p.warnings == ()
+
+
+def test_chinchilla_optimum_by_hand():
+    params, tokens = chinchilla_optimum(1.2e21)  # N = sqrt(1.2e21 / 120) = sqrt(1e19) = 3.1623e9
+    assert params == pytest.approx(3.16228e9, rel=1e-5)
+    assert tokens == pytest.approx(6.32456e10, rel=1e-5)
+
+
+def test_gpu_hours_budget_fills_the_hours():
+    # 8 GPU-hours on 8 H100 at MFU 0.4: 8 * 3600 * 989e12 * 0.4 = 1.139e19 FLOPs executed
+    p = plan(gpu_hours=8, gpu="h100", gpus=8, mfu=0.4)
+    assert p.basis == "gpu_hours"
+    assert p.gpu_hours == pytest.approx(8, rel=0.01)  # off only by rounding to whole steps
+    assert p.wall_hours == pytest.approx(1, rel=0.01)
+    assert p.batch_tokens % (1024 * 8) == 0
+    assert p.tokens * p.train_flops_per_token == pytest.approx(8 * 3600 * 989e12 * 0.4, rel=0.01)
+
+
+def test_preset_alone_is_compute_optimal_for_that_preset():
+    p = plan(preset="124m")
+    assert p.preset == "124m" and p.basis == "preset"
+    assert p.m_opt == pytest.approx(622_854_144, rel=1e-9)  # C chosen so that M_opt(C) = M of 124m
+    assert p.tokens == pytest.approx(p.d_opt, rel=0.01)
+
+
+def test_tokens_alone_and_fixed_tokens_with_budget():
+    # D_opt(C) = 1e9 at C = (1e9 / 5.8316)^(1 / 0.4757) = 10^(8.23421 / 0.4757) = 10^17.3097 = 2.04e17,
+    # where M_opt = 0.1715 * 10^(17.3097 * 0.5243) = 2.04e8: nearest is 25m,
+    # M = 72 * 8 * 512^2 + 12 * 8 * 512 * 1024 = 201_326_592
+    p = plan(tokens=1e9)
+    assert p.preset == "25m" and p.basis == "tokens"
+    assert p.tokens == pytest.approx(1e9, rel=0.01)
+    assert p.compute == pytest.approx(201_326_592 * p.tokens)
+    q = plan(compute=6.2e17, tokens=1e9)  # needs M = 6.2e8: the 124m preset
+    assert q.preset == "124m" and q.tokens == pytest.approx(1e9, rel=0.01)
+
+
+def test_epochs_and_repeat_warning():
+    p = plan(compute=1e19, corpus_tokens=1e9)
+    assert p.epochs == pytest.approx(4_730_499_072 / 1e9)
+    assert any("4 epochs" in w for w in p.warnings)
+    assert not any("epochs" in w for w in plan(compute=1e19, corpus_tokens=2e9).warnings)
+
+
+def test_plan_to_config_is_a_config_run_accepts():
+    p = plan(compute=1e18, seq_len=512)
+    base = to_dict(Config())
+    tree = plan_to_config(p, base)
+    assert base["train"]["max_steps"] == Config().train.max_steps  # base not modified
+    cfg = load_config_tree(tree)
+    assert cfg.model.preset == p.preset
+    assert (cfg.train.max_steps, cfg.train.batch_tokens, cfg.train.lr, cfg.train.seq_len, cfg.train.warmup_steps) == (
+        p.steps, p.batch_tokens, p.lr, 512, p.warmup_steps)
+
+
+def test_plan_json_and_table():
+    p = plan(compute=1e19, corpus_tokens=5e9, price_per_gpu_hour=3)
+    j = json.loads(json.dumps(plan_json(p)))
+    for key in ("compute", "non_embedding_flops_per_token", "tokens", "batch_tokens", "lr", "model", "chinchilla",
+                "epochs", "wall_hours", "cost"):
+        assert key in j
+    assert j["model"]["preset"] == "350m" and j["model"]["n_layer"] == 24 and j["model"]["d_model"] == 1024
+    table = format_table(p)
+    assert "350m" in table and "479232" in table and "Chinchilla" in table and "epochs" in table
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"compute": -1}, "compute"),
+    ({"compute": float("nan")}, "compute"),
+    ({"gpu_hours": 0}, "gpu_hours"),
+    ({"compute": 1e19, "gpu_hours": 1}, "compute"),
+    ({}, "compute"),
+    ({"compute": 1e19, "gpu": "tpu"}, "gpu"),
+    ({"compute": 1e19, "mfu": 1.5}, "mfu"),
+    ({"compute": 1e19, "preset": "7b"}, "preset"),
+    ({"compute": 1e19, "seq_len": 4}, "seq_len"),
+    ({"compute": 1e19, "seq_len": 100.5}, "seq_len"),
+    ({"compute": 1e19, "gpus": 0}, "gpus"),
+    ({"compute": 1e19, "corpus_tokens": 0}, "corpus_tokens"),
+    ({"compute": 1e19, "price_per_gpu_hour": -1}, "price_per_gpu_hour"),
+    ({"compute": 1e19, "preset": "124m", "tokens": 1e9}, "tokens"),
+    ({"tokens": "many"}, "tokens"),
+])
+def test_bad_inputs_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        plan(**kwargs)

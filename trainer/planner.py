@@ -1,0 +1,361 @@
+"""Compute planner: from a budget (FLOPs or GPU-hours) to a model preset, token count, batch and lr.
+
+The allocation follows DeepSeek LLM (Bi et al. 2024, arXiv 2401.02954, section 3), which measures
+model scale as non-embedding FLOPs per token
+
+    M = 72 n_layer d_model^2 + 12 n_layer d_model seq_len        (section 3.2, eq. 2)
+
+so that compute is C = M D (D = training tokens), and fits (eqs. 1 and 4)
+
+    B_opt  = 0.2920 C^0.3271   (batch, tokens)       lr_opt = 0.3118 C^-0.1250
+    M_opt  = 0.1715 C^0.5243                         D_opt  = 5.8316 C^0.4757
+
+The Chinchilla rule (Hoffmann et al. 2022, arXiv 2203.15556: about 20 tokens per parameter, with
+C = 6 N D) is shown beside it for comparison; it does not drive the plan.
+
+`plan` is a pure function of its arguments; `plan_to_config` turns a plan into the config keys
+`run` reads, `format_table` and `plan_json` present it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+from trainer.model import PEAK_FLOPS, PRESETS, Shape, flops_per_token, n_params
+
+# DeepSeek LLM, arXiv 2401.02954: eq. 1 (hyperparameters) and eq. 4 (model/data allocation).
+BATCH_COEF, BATCH_EXP = 0.2920, 0.3271
+LR_COEF, LR_EXP = 0.3118, -0.1250
+M_COEF, M_EXP = 0.1715, 0.5243
+D_COEF, D_EXP = 5.8316, 0.4757
+# The IsoFLOP and hyperparameter experiments behind those fits span roughly 1e17 to 3e20 FLOPs
+# (DeepSeek LLM figures 3-4); outside that range the numbers are extrapolations.
+FIT_RANGE = (1e17, 3e20)
+# DeepSeek LLM section 2.3: lr reaches its maximum after 2000 warmup steps. Short runs cannot
+# spend 2000 steps warming up; capping at 5% of the steps is a judgement call, not a fit.
+WARMUP_STEPS = 2000
+WARMUP_MAX_FRACTION = 0.05
+# Hoffmann et al. 2022 (Chinchilla), arXiv 2203.15556, table 3: ~20 tokens per parameter.
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+# Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv 2305.16264): up to
+# about 4 epochs of repeated data are nearly as good as fresh data; beyond that returns fall fast.
+MAX_GOOD_EPOCHS = 4.0
+DEFAULT_VOCAB = 32000  # TokenizerConfig.vocab_size default; only parameter counts and lm_head FLOPs use it
+
+
+@dataclass(frozen=True)
+class Chinchilla:
+    """The Chinchilla-optimal choice for the same compute (the plan's M x D read as Chinchilla's
+    6 N D, N counting all parameters, embeddings included), for comparison."""
+    params: float  # N with C = 6 N D and D = 20 N, i.e. N = sqrt(C / 120)
+    tokens: float  # D = 20 N
+    preset: str  # the preset whose total parameter count is nearest N (log distance)
+    plan_tokens_per_param: float  # the DeepSeek plan's tokens / its model's total parameters
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A training plan. Inputs are echoed back; the rest is derived (never written into Config)."""
+    # inputs
+    seq_len: int
+    gpus: int
+    gpu: str
+    mfu: float
+    price_per_gpu_hour: float | None
+    vocab_size: int
+    corpus_tokens: int | None
+    basis: str  # what fixed the plan: compute, gpu_hours, preset, tokens or preset+tokens
+    compute_budget: float  # C (DeepSeek measure, M x D) the plan aims at, before rounding to whole steps
+    # DeepSeek optimum for compute_budget
+    m_opt: float  # optimal non-embedding FLOPs per token
+    d_opt: float  # optimal tokens
+    batch_opt: float  # optimal batch, tokens
+    lr_opt: float  # optimal peak learning rate
+    # chosen model
+    preset: str
+    shape: Shape
+    non_embedding_flops_per_token: float  # M of the chosen preset at seq_len
+    train_flops_per_token: float  # what the GPUs execute per token (trainer.model.flops_per_token, with lm_head)
+    params: int  # total parameters at vocab_size
+    # schedule
+    batch_tokens: int  # batch_opt rounded to a multiple of seq_len * gpus
+    steps: int
+    warmup_steps: int
+    tokens: int  # steps * batch_tokens
+    lr: float  # lr_opt to three significant figures
+    compute: float  # M x tokens: what the plan actually spends, DeepSeek measure
+    # data, time, money
+    epochs: float | None  # tokens / corpus_tokens
+    wall_hours: float
+    gpu_hours: float
+    cost: float | None
+    chinchilla: Chinchilla
+    warnings: tuple[str, ...]
+
+
+def non_embedding_flops_per_token(shape: Shape, seq_len: int) -> float:
+    """DeepSeek LLM's M (arXiv 2401.02954, eq. 2): 72 n_layer d^2 + 12 n_layer d seq_len.
+
+    72 d^2 = 6 x 12 d^2 counts a standard layer's weights (4 d^2 attention + 8 d^2 SwiGLU at
+    d_ffn = 8/3 d); presets with GQA or a rounded d_ffn differ from their real count by a few percent.
+    The lm_head is left out, unlike trainer.model.flops_per_token.
+    """
+    n, d = shape.n_layer, shape.d_model
+    return 72.0 * n * d * d + 12.0 * n * d * seq_len
+
+
+def deepseek_optimum(compute: float) -> dict[str, float]:
+    """DeepSeek LLM's fitted optimum for a compute budget C (FLOPs, M x D measure)."""
+    return {
+        "batch_tokens": BATCH_COEF * compute ** BATCH_EXP,
+        "lr": LR_COEF * compute ** LR_EXP,
+        "m": M_COEF * compute ** M_EXP,
+        "tokens": D_COEF * compute ** D_EXP,
+    }
+
+
+def chinchilla_optimum(compute: float) -> tuple[float, float]:
+    """(params, tokens) with C = 6 N D and D = 20 N (Hoffmann et al. 2022)."""
+    params = math.sqrt(compute / (6.0 * CHINCHILLA_TOKENS_PER_PARAM))
+    return params, CHINCHILLA_TOKENS_PER_PARAM * params
+
+
+def round_batch(batch_tokens: float, seq_len: int, gpus: int) -> int:
+    """Nearest multiple of seq_len * gpus (every rank gets whole sequences), at least one."""
+    unit = seq_len * gpus
+    return max(1, round(batch_tokens / unit)) * unit
+
+
+def _nearest(values: dict[str, float], target: float | dict[str, float]) -> str:
+    """Key whose value is nearest `target` in log distance (target may differ per key)."""
+    def dist(k):
+        t = target[k] if isinstance(target, dict) else target
+        return abs(math.log(values[k]) - math.log(t))
+    return min(values, key=dist)
+
+
+def _positive(name: str, value, integer: bool = False):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number (got {value!r})")
+    if integer:
+        if value != int(value):
+            raise ValueError(f"{name} must be a whole number (got {value!r})")
+        return int(value)
+    return float(value)
+
+
+def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=None, seq_len=1024,
+         corpus_tokens=None, gpus=1, price_per_gpu_hour=None, vocab_size=DEFAULT_VOCAB) -> Plan:
+    """Plan a run from a budget and/or a fixed model or token count.
+
+    Give one of: `compute` (FLOPs, DeepSeek's M x D measure) or `gpu_hours` (total over all GPUs,
+    turned into FLOPs with PEAK_FLOPS[gpu] x mfu), optionally with `preset` or `tokens` fixed; or,
+    without a budget, `preset` and/or `tokens`: one alone gets the compute for which DeepSeek's fit
+    makes it optimal, both together fix C = M x tokens.
+
+    With a budget and neither fixed, the preset is the one nearest (log distance in M) to M_opt of
+    the compute it would get, and tokens fill the budget. `gpu_hours` budgets count the FLOPs the
+    GPUs really execute (with the lm_head), so the plan's wall time matches the hours asked for.
+    """
+    compute = _positive("compute", compute)
+    gpu_hours = _positive("gpu_hours", gpu_hours)
+    tokens = _positive("tokens", tokens)
+    tokens = None if tokens is None else int(round(tokens))
+    corpus_tokens = _positive("corpus_tokens", corpus_tokens)
+    corpus_tokens = None if corpus_tokens is None else int(round(corpus_tokens))
+    seq_len = _positive("seq_len", seq_len, integer=True)
+    gpus = _positive("gpus", gpus, integer=True)
+    vocab_size = _positive("vocab_size", vocab_size, integer=True)
+    mfu = _positive("mfu", mfu)
+    if price_per_gpu_hour is not None and (isinstance(price_per_gpu_hour, bool) or not isinstance(
+            price_per_gpu_hour, (int, float)) or not math.isfinite(price_per_gpu_hour) or price_per_gpu_hour < 0):
+        raise ValueError(f"price_per_gpu_hour must be a number >= 0 (got {price_per_gpu_hour!r})")
+    if seq_len is None or seq_len < 8:
+        raise ValueError(f"seq_len must be at least 8 (got {seq_len!r})")
+    if gpus is None:
+        raise ValueError("gpus must be at least 1")
+    if mfu is None or mfu > 1:
+        raise ValueError(f"mfu must be in (0, 1] (got {mfu!r})")
+    if not isinstance(gpu, str) or gpu.lower() not in PEAK_FLOPS:
+        raise ValueError(f"gpu must be one of {', '.join(PEAK_FLOPS)} (got {gpu!r})")
+    gpu = gpu.lower()
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)} (got {preset!r})")
+    if compute is not None and gpu_hours is not None:
+        raise ValueError("compute: give either compute or gpu_hours, not both")
+    budget_given = compute is not None or gpu_hours is not None
+    if budget_given and preset is not None and tokens is not None:
+        raise ValueError("tokens: a budget with both preset and tokens fixed is over-determined; drop one of the three")
+    if not budget_given and preset is None and tokens is None:
+        raise ValueError("compute: give compute, gpu_hours, preset or tokens")
+
+    m = {k: non_embedding_flops_per_token(s, seq_len) for k, s in PRESETS.items()}
+    f = {k: flops_per_token(s, vocab_size, seq_len) for k, s in PRESETS.items()}
+    peak = PEAK_FLOPS[gpu]
+    hw_flops = None if gpu_hours is None else gpu_hours * 3600.0 * peak * mfu
+
+    # The tokens each preset would train on, given what is fixed.
+    if tokens is not None:
+        tokens_of = {k: float(tokens) for k in PRESETS}
+    elif hw_flops is not None:
+        tokens_of = {k: hw_flops / f[k] for k in PRESETS}
+    elif compute is not None:
+        tokens_of = {k: compute / m[k] for k in PRESETS}
+    else:
+        tokens_of = None  # preset alone: decided below
+
+    if preset is not None:
+        chosen = preset
+    elif not budget_given:  # tokens alone: the compute for which D_opt(C) = tokens
+        c = (tokens / D_COEF) ** (1.0 / D_EXP)
+        chosen = _nearest(m, M_COEF * c ** M_EXP)
+    elif tokens is not None:  # budget and tokens: the model that spends the budget on those tokens
+        chosen = (_nearest(f, hw_flops / tokens) if hw_flops is not None else _nearest(m, compute / tokens))
+    else:  # budget alone: the preset nearest M_opt of the compute it would get
+        chosen = _nearest(m, {k: M_COEF * (m[k] * tokens_of[k]) ** M_EXP for k in PRESETS})
+
+    if tokens_of is None:  # preset alone: the compute for which M_opt(C) = M
+        c = (m[chosen] / M_COEF) ** (1.0 / M_EXP)
+        target_tokens = c / m[chosen]
+        basis = "preset"
+    else:
+        target_tokens = tokens_of[chosen]
+        c = m[chosen] * target_tokens
+        basis = ("gpu_hours" if hw_flops is not None else "compute" if compute is not None
+                 else "preset+tokens" if preset is not None else "tokens")
+
+    opt = deepseek_optimum(c)
+    batch = round_batch(opt["batch_tokens"], seq_len, gpus)
+    steps = max(1, round(target_tokens / batch))
+    warmup = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * steps))
+    planned_tokens = steps * batch
+    actual_c = m[chosen] * planned_tokens
+
+    wall_seconds = planned_tokens * f[chosen] / (gpus * peak * mfu)
+    wall_hours = wall_seconds / 3600.0
+    used_gpu_hours = wall_hours * gpus
+    cost = None if price_per_gpu_hour is None else used_gpu_hours * float(price_per_gpu_hour)
+    params = n_params(PRESETS[chosen], vocab_size)["total"]
+
+    ch_params, ch_tokens = chinchilla_optimum(actual_c)
+    chinchilla = Chinchilla(
+        params=ch_params, tokens=ch_tokens,
+        preset=_nearest({k: n_params(s, vocab_size)["total"] for k, s in PRESETS.items()}, ch_params),
+        plan_tokens_per_param=planned_tokens / params,
+    )
+
+    epochs = None if corpus_tokens is None else planned_tokens / corpus_tokens
+    warnings = []
+    if epochs is not None and epochs > MAX_GOOD_EPOCHS:
+        warnings.append(f"the plan reads the corpus {epochs:.1f} times; beyond ~{MAX_GOOD_EPOCHS:g} epochs repeated "
+                        "data is worth much less than fresh data (Muennighoff et al. 2023): use a smaller model, "
+                        "fewer tokens or more text")
+    if not FIT_RANGE[0] <= c <= FIT_RANGE[1]:
+        warnings.append(f"compute {c:.2e} is outside the {FIT_RANGE[0]:.0e}-{FIT_RANGE[1]:.0e} FLOPs the DeepSeek fits "
+                        "were made on; batch and lr are extrapolated")
+    ratio = m[chosen] / opt["m"]
+    if not 1 / 3 <= ratio <= 3:
+        warnings.append(f"preset {chosen} has {ratio:.2g}x the optimal non-embedding FLOPs per token "
+                        f"({opt['m']:.3g}); no preset is close")
+    if batch > 1.5 * opt["batch_tokens"]:
+        warnings.append(f"batch rounded up from {opt['batch_tokens']:.0f} to {batch} tokens "
+                        f"(seq_len {seq_len} x {gpus} GPU(s)); consider a shorter seq_len")
+    if steps < 100:
+        warnings.append(f"only {steps} optimizer steps; the plan is too small for the fitted batch size")
+    if abs(planned_tokens - target_tokens) > 0.05 * target_tokens:
+        warnings.append(f"whole steps change tokens from {target_tokens:.3g} to {planned_tokens:.3g}")
+
+    return Plan(
+        seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu, price_per_gpu_hour=price_per_gpu_hour,
+        vocab_size=vocab_size, corpus_tokens=corpus_tokens, basis=basis, compute_budget=c,
+        m_opt=opt["m"], d_opt=opt["tokens"], batch_opt=opt["batch_tokens"], lr_opt=opt["lr"],
+        preset=chosen, shape=PRESETS[chosen], non_embedding_flops_per_token=m[chosen],
+        train_flops_per_token=f[chosen], params=params, batch_tokens=batch, steps=steps,
+        warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
+        epochs=epochs, wall_hours=wall_hours, gpu_hours=used_gpu_hours, cost=cost,
+        chinchilla=chinchilla, warnings=tuple(warnings),
+    )
+
+
+def plan_to_config(plan: Plan, base: dict) -> dict:
+    """A copy of the config tree `base` (as config.to_dict gives, or a YAML file's) with the plan's
+    model.preset, train.max_steps, batch_tokens, lr, seq_len and warmup_steps set."""
+    tree = copy.deepcopy(base)
+    tree.setdefault("model", {})["preset"] = plan.preset
+    tree.setdefault("train", {}).update({
+        "max_steps": plan.steps, "batch_tokens": plan.batch_tokens, "lr": plan.lr,
+        "seq_len": plan.seq_len, "warmup_steps": plan.warmup_steps,
+    })
+    return tree
+
+
+def plan_json(plan: Plan) -> dict:
+    """Plain JSON-ready dict for tools."""
+    return {
+        "basis": plan.basis,
+        "compute": plan.compute,
+        "compute_budget": plan.compute_budget,
+        "non_embedding_flops_per_token": plan.non_embedding_flops_per_token,
+        "train_flops_per_token": plan.train_flops_per_token,
+        "tokens": plan.tokens,
+        "batch_tokens": plan.batch_tokens,
+        "steps": plan.steps,
+        "warmup_steps": plan.warmup_steps,
+        "lr": plan.lr,
+        "seq_len": plan.seq_len,
+        "model": {"preset": plan.preset, **asdict(plan.shape), "params": plan.params, "vocab_size": plan.vocab_size},
+        "deepseek_optimum": {"non_embedding_flops_per_token": plan.m_opt, "tokens": plan.d_opt,
+                             "batch_tokens": plan.batch_opt, "lr": plan.lr_opt},
+        "chinchilla": asdict(plan.chinchilla),
+        "corpus_tokens": plan.corpus_tokens,
+        "epochs": plan.epochs,
+        "gpu": plan.gpu,
+        "gpus": plan.gpus,
+        "mfu": plan.mfu,
+        "wall_hours": plan.wall_hours,
+        "gpu_hours": plan.gpu_hours,
+        "price_per_gpu_hour": plan.price_per_gpu_hour,
+        "cost": plan.cost,
+        "warnings": list(plan.warnings),
+    }
+
+
+def _duration(hours: float) -> str:
+    return f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+
+
+def format_table(plan: Plan) -> str:
+    """A table for people: the DeepSeek optimum, the plan, and Chinchilla's choice side by side."""
+    s, ch = plan.shape, plan.chinchilla
+    rows = [
+        ("", "DeepSeek optimum", "plan", "Chinchilla (20 tok/param)"),
+        ("compute (FLOPs, M x D)", f"{plan.compute_budget:.3e}", f"{plan.compute:.3e}", f"{plan.compute:.3e}"),
+        ("model", "", f"{plan.preset} ({s.n_layer} layers, d_model {s.d_model}, {s.n_head} heads, "
+                      f"{s.n_kv_head} kv heads, ffn {s.d_ffn})", ch.preset),
+        ("non-embedding FLOPs/token", f"{plan.m_opt:.3e}", f"{plan.non_embedding_flops_per_token:.3e}", ""),
+        ("parameters", "", f"{plan.params / 1e6:.1f}M", f"{ch.params / 1e6:.1f}M"),
+        ("tokens", f"{plan.d_opt:.3e}", f"{plan.tokens:.3e}", f"{ch.tokens:.3e}"),
+        ("tokens per parameter", "", f"{ch.plan_tokens_per_param:.1f}", f"{CHINCHILLA_TOKENS_PER_PARAM:g}"),
+        ("batch (tokens)", f"{plan.batch_opt:.0f}", f"{plan.batch_tokens} = {plan.batch_tokens // plan.seq_len} x "
+                                                    f"{plan.seq_len}", ""),
+        ("peak lr", f"{plan.lr_opt:.3e}", f"{plan.lr:g}", ""),
+        ("steps (warmup)", "", f"{plan.steps} ({plan.warmup_steps})", ""),
+    ]
+    if plan.epochs is not None:
+        rows.append(("epochs of corpus", "", f"{plan.epochs:.2f} of {plan.corpus_tokens:.3e} tokens", ""))
+    rows.append(("wall time", "", f"{_duration(plan.wall_hours)} on {plan.gpus} x {plan.gpu} at MFU {plan.mfu:g}", ""))
+    rows.append(("GPU-hours", "", f"{plan.gpu_hours:.3g}", ""))
+    if plan.cost is not None:
+        rows.append(("cost", "", f"{plan.cost:.2f} at {plan.price_per_gpu_hour:g}/GPU-hour", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
