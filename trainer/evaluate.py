@@ -1,0 +1,149 @@
+"""Judging a model: bits per character on held-out text, and degeneration metrics of its samples.
+
+Bits per character (BPC) divides the summed NLL by the number of characters instead of tokens, so
+models with different tokenizers compare (Graves 2013, arXiv 1308.0850, uses it for the same reason).
+Degeneration metrics run over characters, since Chinese has no spaces to split words on:
+  * distinct-n (Li et al. 2016, arXiv 1510.03055): unique n-grams / all n-grams over all samples;
+  * repeated n-gram fraction: the share of a text's n-grams already seen earlier in it, which is
+    Welleck et al.'s seq-rep-n (2019, arXiv 1908.04319), averaged over samples;
+  * prompt repetition: how often the prompt is copied into its own continuation (the failure in
+    this project's notes: a model that "only repeated its first output").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def char_ngrams(text: str, n: int) -> list[str]:
+    """Overlapping character n-grams of text, in order."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1 (got {n})")
+    return [text[i:i + n] for i in range(len(text) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Unique character n-grams / all character n-grams, pooled over texts (0.0 when there are none).
+
+    Pooled values fall as the total length grows, so compare sets of similar size and length.
+    """
+    if isinstance(texts, str):
+        raise TypeError("distinct_n takes a list of texts, not one string")
+    grams = [g for t in texts for g in char_ngrams(t, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_fraction(text: str, n: int = 4) -> float:
+    """Fraction of the text's character n-grams that already occurred earlier in the same text.
+
+    Equal to 1 - unique/total (Welleck et al.'s seq-rep-n); 0.0 for text shorter than n.
+    """
+    grams = char_ngrams(text, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def prompt_repetition(prompt: str, continuation: str) -> int:
+    """Non-overlapping copies of the (stripped) prompt inside the continuation; 0 for an empty prompt.
+
+    Pass the generated text only, without the prompt itself in front.
+    """
+    prompt = prompt.strip()
+    return continuation.count(prompt) if prompt else 0
+
+
+def bits_per_character(total_nll_nats: float, n_characters: int) -> float:
+    """Summed negative log-likelihood (nats) / ln 2 / characters."""
+    if n_characters <= 0:
+        raise ValueError(f"n_characters must be positive (got {n_characters})")
+    return total_nll_nats / math.log(2) / n_characters
+
+
+def degeneration_report(prompts: Sequence[str] | None, continuations: Sequence[str]) -> dict:
+    """Degeneration metrics of generated continuations (or of human text, with prompts=None, as a reference).
+
+    distinct_1/2: pooled over continuations; repeated_4gram_fraction: mean over continuations;
+    prompt_repetition_mean: mean copies of the prompt per continuation; prompt_repeated_fraction:
+    share of continuations that contain their prompt at least once.
+    """
+    continuations = list(continuations)
+    if prompts is not None and len(prompts) != len(continuations):
+        raise ValueError(f"prompts ({len(prompts)}) and continuations ({len(continuations)}) differ in length")
+    n = len(continuations)
+    report = {
+        "samples": n,
+        "mean_chars": sum(map(len, continuations)) / n if n else 0.0,
+        "distinct_1": distinct_n(continuations, 1),
+        "distinct_2": distinct_n(continuations, 2),
+        "repeated_4gram_fraction": sum(repeated_ngram_fraction(c, 4) for c in continuations) / n if n else 0.0,
+    }
+    if prompts is not None:
+        copies = [prompt_repetition(p, c) for p, c in zip(prompts, continuations)]
+        report["prompt_repetition_mean"] = sum(copies) / n if n else 0.0
+        report["prompt_repeated_fraction"] = sum(c > 0 for c in copies) / n if n else 0.0
+    return report
+
+
+def pack_windows(ids: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Cut a token stream into windows of up to seq_len + 1 tokens overlapping by one, so that
+    every token after the first is predicted exactly once (inputs w[:-1], targets w[1:])."""
+    return [list(ids[s:s + seq_len + 1]) for s in range(0, max(0, len(ids) - 1), seq_len)]
+
+
+def evaluate_bpc(model, tokenizer, texts: Sequence[str], seq_len: int, device, batch_size: int = 8) -> dict:
+    """Validation loss per token and bits per character of `model` on `texts`.
+
+    The stream is <eos> text_1 <eos> text_2 <eos> ... as in training, where every document ends
+    with <eos>; the leading <eos> makes the first token of text_1 predicted too. So each text costs
+    its tokens plus its closing <eos>, and `chars` counts the texts' characters (code points).
+    Windows of seq_len start with fresh context (as training samples do); NLL is summed in float64.
+    Returns val_loss (nats per token), bits_per_char, tokens (predicted), chars, nll_nats.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; evaluation separates texts with it")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("texts must hold at least one non-empty text")
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    stream = [eos]
+    for ids in encoded:
+        stream += list(ids) + [eos]
+    chars = sum(len(t) for t in texts)
+    windows = pack_windows(stream, seq_len)
+
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    predicted = 0
+    try:
+        with torch.no_grad():
+            for b in range(0, len(windows), batch_size):
+                chunk = windows[b:b + batch_size]
+                width = max(len(w) for w in chunk)
+                # Short (last) windows are padded at the end; padding sits after every real token, so
+                # causal attention keeps it out of their logits, and its targets are masked with -100.
+                batch = torch.full((len(chunk), width), eos, dtype=torch.long)
+                targets = torch.full((len(chunk), width - 1), -100, dtype=torch.long)
+                for i, w in enumerate(chunk):
+                    batch[i, :len(w)] = torch.tensor(w)
+                    targets[i, :len(w) - 1] = torch.tensor(w[1:])
+                batch, targets = batch.to(device), targets.to(device)
+                logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
+                per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                            reduction="none")
+                nll += per_token.double().sum()
+                predicted += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    total = float(nll)
+    return {
+        "val_loss": total / predicted,
+        "bits_per_char": bits_per_character(total, chars),
+        "tokens": predicted,
+        "chars": chars,
+        "nll_nats": total,
+    }
