@@ -1,0 +1,187 @@
+"""Run report: `report.md` with PNG plots from metrics.jsonl, and TensorBoard event files.
+
+Rows of metrics.jsonl are dicts with `step` and any of loss, lr, grad_norm, tok_per_s, mfu,
+val_loss, val_bpc (train and eval rows may be separate). A resumed run appends rows for steps it
+already logged; for each metric the last row of a step wins. Plots use matplotlib's object API
+(Figure + Agg canvas), so nothing touches pyplot's global backend or needs a display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# (file, title, y label, [(metric key, legend label)], log y axis)
+PLOTS = [
+    ("loss.png", "Loss", "loss (nats/token)", [("loss", "train"), ("val_loss", "validation")], False),
+    ("val_bpc.png", "Validation bits per character", "bits/char", [("val_bpc", "validation")], False),
+    ("lr.png", "Learning rate", "lr", [("lr", "lr")], False),
+    ("grad_norm.png", "Gradient norm (before clipping)", "grad norm", [("grad_norm", "grad norm")], True),
+    ("throughput.png", "Throughput", "tokens/s", [("tok_per_s", "tokens/s")], False),
+]
+
+
+def parse_metrics(text: str) -> tuple[list[dict], int]:
+    """Rows of a JSON-lines text, and the number of unreadable lines skipped (a job killed while
+    writing leaves a torn last line; the report should still come out)."""
+    rows, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and _number(row.get("step")) is not None:
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, sorted by step, the last row of each step winning."""
+    by_step = {}
+    for row in rows:
+        value = _number(row.get(key))
+        if value is not None:
+            by_step[int(row["step"])] = value
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _plot(path: Path, title: str, ylabel: str, lines: list[tuple[list, list, str]], log_y: bool) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for steps, values, label in lines:
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if log_y and all(v > 0 for _, values, _ in lines for v in values):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if 1e4 <= abs(value) < 1e12 else f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _cell(value) -> str:
+    return _fmt(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(metrics_jsonl_text: str, out_dir: Path, samples: list[dict] | None = None,
+                 summary: dict | None = None) -> list[Path]:
+    """Write report.md and the PNG plots there is data for into out_dir; return the paths written.
+
+    `samples`: dicts with `prompt` and `text` (generated continuation), optionally `step` and
+    metric keys (shown under the sample). `summary`: key/value pairs for the top table
+    (config highlights, final bits per character, degeneration metrics, ...).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, bad = parse_metrics(metrics_jsonl_text)
+    written = []
+
+    images = []
+    for name, title, ylabel, keys, log_y in PLOTS:
+        lines = [(*series(rows, key), label) for key, label in keys]
+        lines = [line for line in lines if line[0]]
+        if lines:
+            _plot(out_dir / name, title, ylabel, lines, log_y)
+            written.append(out_dir / name)
+            images.append((title, name))
+
+    md = ["# Run report", ""]
+    if summary:
+        md += ["| | |", "|---|---|"] + [f"| {_cell(k)} | {_cell(v)} |" for k, v in summary.items()] + [""]
+
+    md += ["## Final metrics", ""]
+    finals = []
+    for key, label in [("loss", "train loss"), ("val_loss", "validation loss"), ("val_bpc", "validation bits/char"),
+                       ("lr", "lr"), ("grad_norm", "grad norm"), ("tok_per_s", "tokens/s"), ("mfu", "MFU")]:
+        steps, values = series(rows, key)
+        if steps:
+            finals.append(f"| {label} | {_fmt(values[-1])} | {steps[-1]} |")
+    if finals:
+        md += ["| metric | last value | at step |", "|---|---|---|"] + finals
+    else:
+        md.append("No metrics logged.")
+    for key, label in [("val_loss", "validation loss"), ("val_bpc", "validation bits/char")]:
+        steps, values = series(rows, key)
+        if steps:
+            best = min(range(len(values)), key=values.__getitem__)
+            md.append(f"\nBest {label}: {_fmt(values[best])} at step {steps[best]}.")
+    md.append(f"\n{len(rows)} metric rows" + (f"; {bad} unreadable lines skipped." if bad else "."))
+    md.append("")
+
+    if images:
+        md += ["## Plots", ""] + [line for title, name in images for line in (f"![{title}]({name})", "")]
+
+    if samples:
+        md += ["## Samples", ""]
+        for i, sample in enumerate(samples, 1):
+            step = f" (step {sample['step']})" if "step" in sample else ""
+            md.append(f"### {i}. {sample.get('prompt', '')}{step}")
+            md += ["", "```text", f"{sample.get('prompt', '')}{sample.get('text', '')}", "```"]
+            extra = {k: v for k, v in sample.items() if k not in ("prompt", "text", "step")}
+            if extra:
+                md += ["", ", ".join(f"{k}: {_fmt(v)}" for k, v in extra.items())]
+            md.append("")
+
+    report = out_dir / "report.md"
+    report.write_text("\n".join(md), encoding="utf-8")
+    return [report] + written
+
+
+def tensorboard_tag(key: str) -> str:
+    """val_loss -> val/loss, loss -> train/loss: TensorBoard groups charts by the part before '/'."""
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+def write_tensorboard(metrics_rows: list[dict], log_dir: Path) -> list[Path]:
+    """Write every numeric metric as a TensorBoard scalar (one value per step, the last row of a
+    step winning, as in the report); return the event files.
+
+    Event files this function wrote earlier in log_dir are replaced, so regenerating does not
+    show every curve twice.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("events.out.tfevents.*.metrics"):
+        old.unlink()
+    rows = [r for r in metrics_rows if _number(r.get("step")) is not None]
+    keys = dict.fromkeys(k for r in rows for k, v in r.items() if k != "step" and _number(v) is not None)
+    writer = SummaryWriter(log_dir=str(log_dir), filename_suffix=".metrics")
+    try:
+        for key in keys:
+            for step, value in zip(*series(rows, key)):
+                writer.add_scalar(tensorboard_tag(key), value, global_step=step)
+    finally:
+        writer.close()
+    return sorted(log_dir.glob("events.out.tfevents.*.metrics"))
