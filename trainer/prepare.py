@@ -6,34 +6,46 @@ and sha256, plus the counts of what each filter removed. The data folder's name 
 corpus listing, the tokenizer's content and every setting that changes the tokens, so another node,
 a rerun or another run with the same inputs reuses it.
 
-Memory is bounded for any corpus size: documents stream through in batches, tokens go straight to
-the open shard file. Only the dedup set grows with the number of documents (8 bytes of hash each).
+Throughput and memory: three stages overlap. A reader thread parses, normalises and hashes batches
+of documents (Python, holds the GIL); `encode_batch_fast` tokenizes the next batch on every core
+(Rust, releases the GIL) while the main thread appends the previous batch's ids to the open shard
+file. At most a few batches are in flight, so memory does not grow with the corpus; only exact dedup
+remembers something per document (8 bytes of hash, see SeenHashes). scripts/bench_tokenizer.py
+measures this against raw `Tokenizer.encode_batch` on the same texts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import threading
 import time
-import queue
 import unicodedata
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from trainer.config import Config, DataConfig
-from trainer.tokenizer import EOS, doc_hash
+from trainer.tokenizer import EOS, backend_of, doc_hash
 
-FORMAT_VERSION = 1
-BATCH_DOCS = 2048
+FORMAT_VERSION = 2  # 2: special-token strings inside documents are encoded as plain text
+BATCH_DOCS = 2048  # documents per encode_batch call: enough to keep every core busy
+PREFETCH_BATCHES = 4  # normalised batches the reader thread may run ahead
 
 
 def is_validation(text: str, val_permille: int) -> bool:
     """Stable across reruns, machines and world sizes: depends on the text alone."""
     return doc_hash(text) % 1000 < val_permille
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab <= 65536), else uint32: half the disk and page cache."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def data_hash(cfg: Config, corpus_fp: str, tokenizer_fp: str) -> str:
@@ -45,13 +57,49 @@ def data_hash(cfg: Config, corpus_fp: str, tokenizer_fp: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+class SeenHashes:
+    """Exact set of 64-bit document hashes at about 9 bytes each (a Python set of ints costs ~70):
+    a sorted array, plus a set of recent hashes merged into it whenever it reaches 1/8 of the array."""
+
+    def __init__(self):
+        self._sorted = np.empty(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+    def add_batch(self, hashes: list[int]) -> list[bool]:
+        """Add the hashes; True where a hash was new (not seen before, nor earlier in this batch)."""
+        known = [False] * len(hashes)
+        if len(self._sorted) and hashes:
+            h = np.array(hashes, dtype=np.uint64)
+            i = np.minimum(np.searchsorted(self._sorted, h), len(self._sorted) - 1)
+            known = (self._sorted[i] == h).tolist()
+        new = []
+        recent = self._recent
+        for h, k in zip(hashes, known):
+            fresh = not k and h not in recent
+            if fresh:
+                recent.add(h)
+            new.append(fresh)
+        if len(recent) > max(1 << 16, len(self._sorted) // 8):
+            merged = np.concatenate([self._sorted, np.fromiter(recent, np.uint64, len(recent))])
+            merged.sort(kind="stable")  # radix sort for integers: linear time
+            self._sorted = merged
+            recent.clear()
+        return new
+
+
 class Normalizer:
-    """NFKC, traditional->simplified, length filters and exact dedup, counting what each removed."""
+    """NFKC, traditional->simplified, length filters and exact dedup, counting what each removed.
+
+    `normalizer(docs)` yields texts; `normalizer.batches(docs, n)` yields (texts, hashes) lists of
+    up to n documents, the hash being `doc_hash` of the final text (dedup and validation split)."""
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self.counts: Counter = Counter()
-        self._seen: set[int] = set()
+        self._seen = SeenHashes() if cfg.dedup else None
         self._t2s = None
         if cfg.to_simplified:
             from opencc import OpenCC
@@ -59,27 +107,50 @@ class Normalizer:
             self._t2s = OpenCC("t2s")
 
     def __call__(self, docs: Iterable[str]) -> Iterator[str]:
-        cfg = self.cfg
+        for texts, _ in self.batches(docs, 256, hashes=False):
+            yield from texts
+
+    def batches(self, docs: Iterable[str], n: int = BATCH_DOCS, hashes: bool = True
+                ) -> Iterator[tuple[list[str], list[int]]]:
+        cfg, t2s = self.cfg, self._t2s
+        texts: list[str] = []
+        read = short = truncated = 0
         for text in docs:
-            self.counts["documents_read"] += 1
+            read += 1
             if cfg.nfkc:
                 text = unicodedata.normalize("NFKC", text)
-            if self._t2s is not None:
-                text = self._t2s.convert(text)
+            if t2s is not None:
+                text = t2s.convert(text)
             if len(text) < cfg.min_chars:
-                self.counts["removed_too_short"] += 1
+                short += 1
                 continue
             if cfg.max_chars and len(text) > cfg.max_chars:
-                self.counts["truncated_too_long"] += 1
+                truncated += 1
                 text = text[: cfg.max_chars]
-            if cfg.dedup:
-                h = doc_hash(text)
-                if h in self._seen:
-                    self.counts["removed_duplicate"] += 1
-                    continue
-                self._seen.add(h)
-            self.counts["documents_kept"] += 1
-            yield text
+            texts.append(text)
+            if len(texts) == n:
+                self._count(documents_read=read, removed_too_short=short, truncated_too_long=truncated)
+                read = short = truncated = 0
+                yield self._dedup(texts, hashes)
+                texts = []
+        self._count(documents_read=read, removed_too_short=short, truncated_too_long=truncated)
+        if texts:
+            yield self._dedup(texts, hashes)
+
+    def _dedup(self, texts: list[str], want_hashes: bool) -> tuple[list[str], list[int]]:
+        hashes = [doc_hash(t) for t in texts] if want_hashes or self._seen is not None else []
+        if self._seen is not None:
+            new = self._seen.add_batch(hashes)
+            removed = len(new) - sum(new)
+            if removed:
+                texts = [t for t, keep in zip(texts, new) if keep]
+                hashes = [h for h, keep in zip(hashes, new) if keep]
+            self._count(removed_duplicate=removed)
+        self._count(documents_kept=len(texts))
+        return texts, hashes if want_hashes else []
+
+    def _count(self, **counts: int):
+        self.counts.update({k: n for k, n in counts.items() if n})  # no zero entries in the report
 
 
 class ShardWriter:
@@ -100,12 +171,13 @@ class ShardWriter:
         self.shards.append({"name": name, "tokens": 0})
 
     def write(self, tokens: np.ndarray):
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
         while len(tokens):
             if self._f is None:
                 self._open()
             room = self.shard_tokens - self._n
             part, tokens = tokens[:room], tokens[room:]
-            data = part.astype(self.dtype).tobytes()
+            data = part.tobytes()
             self._f.write(data)
             self._sha.update(data)
             self._n += len(part)
@@ -123,22 +195,15 @@ class ShardWriter:
         return self.shards
 
 
-def _batched(docs: Iterable[str], n: int, maxsize: int = 4) -> Iterator[list[str]]:
-    """Batches of documents, read in a background thread so reading overlaps tokenizing
-    (encode_batch releases the GIL and uses every core)."""
+def _prefetch(items: Iterable, maxsize: int) -> Iterator:
+    """Iterate `items` in a background thread, at most `maxsize` ahead (reading overlaps encoding)."""
     q: queue.Queue = queue.Queue(maxsize)
     done = object()
 
     def produce():
         try:
-            batch = []
-            for d in docs:
-                batch.append(d)
-                if len(batch) == n:
-                    q.put(batch)
-                    batch = []
-            if batch:
-                q.put(batch)
+            for item in items:
+                q.put(item)
             q.put(done)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             q.put(e)
@@ -153,36 +218,75 @@ def _batched(docs: Iterable[str], n: int, maxsize: int = 4) -> Iterator[list[str
         yield item
 
 
+def encoding_backend(tokenizer):
+    """A private copy of the Rust tokenizer for packing: no truncation or padding, and special-token
+    strings that occur inside a document (say a scraped "<|endoftext|>") encoded as plain text, so
+    that the only EOS ids in a shard are the document separators we put there."""
+    from tokenizers import Tokenizer
+
+    backend = backend_of(tokenizer)
+    if not isinstance(backend, Tokenizer):  # any object with token_to_id, get_vocab_size, encode_batch
+        return backend
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = True
+    return backend
+
+
 def prepare_shards(cfg: Config, docs: Iterable[str], tokenizer, out_dir: Path, progress: bool = True) -> dict:
     """Tokenize `docs` into shards under out_dir; return the index (also written as index.json)."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer
+    backend = encoding_backend(tokenizer)
     eos = backend.token_to_id(EOS)
     if eos is None:
         raise ValueError(f"the tokenizer has no {EOS} token; pretraining needs it to separate documents")
     vocab = backend.get_vocab_size()
-    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    dtype = token_dtype(vocab)
     writers = {s: ShardWriter(out_dir, s, dtype, cfg.data.shard_tokens) for s in ("train", "val")}
-    chars = Counter()
+    chars, documents = Counter(), Counter()
     norm = Normalizer(cfg.data)
+    permille = cfg.data.val_permille
     start = time.time()
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress)
-    for batch in _batched(norm(docs), BATCH_DOCS):
-        split_of = ["val" if is_validation(t, cfg.data.val_permille) else "train" for t in batch]
-        encodings = backend.encode_batch(batch, add_special_tokens=False)
-        for split in ("train", "val"):
-            ids = [np.asarray(e.ids + [eos], dtype=np.int64) for e, s in zip(encodings, split_of) if s == split]
-            if ids:
-                writers[split].write(np.concatenate(ids))
-                chars[split] += sum(len(t) + 1 for t, s in zip(batch, split_of) if s == split)
-        bar.update(len(batch))
+    bar = tqdm(desc="prepare", unit="char", unit_scale=True, disable=not progress)
+
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets
+
+    def encode(batch):
+        texts, hashes = batch
+        return texts, hashes, encode_batch(texts, add_special_tokens=False)
+
+    def write(texts, hashes, encodings):
+        is_val = [h % 1000 < permille for h in hashes]  # == is_validation(text), hash computed once
+        for split, want in (("train", False), ("val", True)):
+            picked = [(t, e) for t, e, v in zip(texts, encodings, is_val) if v is want]
+            if picked:
+                ids = np.fromiter(chain.from_iterable(e.ids + [eos] for _, e in picked), dtype=dtype)
+                writers[split].write(ids)
+                n_chars = sum(len(t) + 1 for t, _ in picked)
+                chars[split] += n_chars
+                documents[split] += len(picked)
+                bar.update(n_chars)
+
+    # The main thread writes batch i while a worker encodes batch i + 1 and the reader prepares i + 2.
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for batch in _prefetch(norm.batches(docs, BATCH_DOCS), PREFETCH_BATCHES):
+            nxt = pool.submit(encode, batch)
+            if pending is not None:
+                write(*pending.result())
+            pending = nxt
+        if pending is not None:
+            write(*pending.result())
     bar.close()
+    seconds = time.time() - start
     index = {
-        "format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "eos_id": eos,
+        "format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos,
         "train": writers["train"].close(), "val": writers["val"].close(),
-        "chars": dict(chars), "filters": dict(norm.counts), "seconds": round(time.time() - start, 2),
+        "chars": dict(chars), "documents": dict(documents), "filters": dict(norm.counts),
+        "seconds": round(seconds, 2), "chars_per_second": round(sum(chars.values()) / max(seconds, 1e-9)),
     }
     index["tokens"] = {s: sum(x["tokens"] for x in index[s]) for s in ("train", "val")}
     if index["tokens"]["train"] == 0:
@@ -197,4 +301,3 @@ def tokenizer_fingerprint(tok_dir: Path) -> str:
 
 def shard_path_ok(path: Path, entry: dict, itemsize: int) -> bool:
     return path.is_file() and path.stat().st_size == entry["tokens"] * itemsize
-

@@ -1,18 +1,21 @@
 """Byte-level BPE for Chinese: train on a bounded, evenly spread sample, or load an existing one.
 
 Why not the usual recipe (ByteLevel pre-tokenizer + BpeTrainer over every text): the trainer keeps
-every distinct pre-token ("word") with its pair positions in memory. Unspaced Chinese makes words of
-whole clauses, nearly all distinct, so memory grows with the corpus (5.4 GB for 26 M characters of
-poetry). Here:
-  * Han runs are cut into pre-tokens of at most `max_token_length` characters, so distinct words
-    are bounded by the vocabulary of short Han strings, not by the number of clauses;
-  * digits are split singly (numbers compose from digits instead of wasting the vocabulary);
-  * Latin words, punctuation and whitespace are separate pre-tokens, as in GPT-2/4;
+every distinct pre-token ("word") in memory, as a vector of 32-byte symbols (one per byte) plus the
+set of words each byte pair occurs in. Unspaced Chinese makes words of whole clauses, nearly all
+distinct, so memory grows with the corpus (5.4 GB for 26 M characters of poetry). Here:
   * training reads at most `tokenizer.sample_bytes` of text, sampled evenly across all files in one
-    streaming pass (bottom-k by document hash: deterministic, memory bounded by the sample).
-`max_token_length` (in characters; a Han character is 3 UTF-8 bytes, so the trainer's limit is 3x
-this in byte symbols) stops the vocabulary memorising whole lines: classical Chinese words are one
-or two characters, set phrases four; longer tokens mostly copy frequent titles and lines.
+    streaming pass (bottom-k by document hash: deterministic, memory bounded by the sample). The
+    trainer's memory is about 100 bytes per sampled byte of Chinese, whatever the corpus size;
+  * Han runs are cut into pre-tokens of at most `han_chunk_chars(max_token_length)` characters, so
+    no pre-token is a whole paragraph, and a chunk still holds several tokens so that BPE, not the
+    regex, decides where most word boundaries fall;
+  * digits are split singly (numbers compose from digits instead of wasting the vocabulary);
+  * Latin words, punctuation and whitespace are separate pre-tokens as in GPT-4's pattern, and a
+    punctuation run takes the newlines after it ("。\\n" is one token: one per line of poetry saved);
+  * `max_token_length` (characters of Han; the trainer counts byte symbols, 3 per Han character)
+    stops the vocabulary memorising titles and lines: classical words are one or two characters,
+    set phrases four. docs/tokenizer.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import heapq
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -40,86 +44,111 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-PRETOKENIZER_VERSION = "zh-v1"  # bump when the pre-tokenization changes (part of the tokenizer hash)
+PRETOKENIZER_VERSION = "zh-v2"  # bump when the pre-tokenization changes (part of the tokenizer hash)
+HAN_CHUNK_TOKENS = 4  # a Han pre-token is this many max-length tokens long (docs/tokenizer.md)
+HELDOUT_BYTES = 2_000_000  # held-out text kept to measure compression in the report
 
 
-def pretokenizer_pattern(max_han: int) -> str:
-    """Han runs in pieces of <= max_han characters, other letters as words (with a leading space),
-    single digits, punctuation runs, newlines and spaces."""
-    return (rf"\p{{Han}}{{1,{max_han}}}|"
+def han_chunk_chars(max_token_length: int) -> int:
+    """Longest Han pre-token. 4 tokens' worth: shorter chunks force token boundaries at fixed
+    offsets (chunk 6 loses 2% compression on poetry against 16), longer ones gain nothing."""
+    return HAN_CHUNK_TOKENS * max_token_length
+
+
+def pretokenizer_pattern(han_chunk: int) -> str:
+    """Han runs in pieces of <= han_chunk characters, other letters as words (with a leading space),
+    single digits, punctuation runs with the newlines after them, newlines, spaces."""
+    return (rf"\p{{Han}}{{1,{han_chunk}}}|"
             r" ?[\p{L}\p{M}&&[^\p{Han}]]{1,32}|"
             r"\p{N}|"
             r" ?[^\s\p{L}\p{N}]{1,16}[\r\n]*|"
             r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def build_pretokenizer(max_han: int):
+def build_pretokenizer(han_chunk: int):
     from tokenizers import Regex, pre_tokenizers
 
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pretokenizer_pattern(max_han)), behavior="isolated"),
+        pre_tokenizers.Split(Regex(pretokenizer_pattern(han_chunk)), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 
 
+def trainer_max_length(max_token_length: int) -> int:
+    """BpeTrainer's max_token_length for tokens of up to `max_token_length` Han characters.
+
+    The trainer counts byte-level symbols (a Han character is 3) and only forms a merge whose length
+    is strictly below its limit (tokenizers/src/models/bpe/word.rs, `Word::merge`), so 3 * n alone
+    would stop at n - 1 characters. Latin tokens may be up to 3 * n letters.
+    """
+    return 3 * max_token_length + 1
+
+
 def tokenizer_hash(cfg: Config, corpus_fp: str) -> str:
-    """Identifies a trained tokenizer: corpus listing, normalisation and every training setting."""
+    """Identifies a trained tokenizer: corpus listing, which documents it sees, and every setting."""
     t, d = cfg.tokenizer, cfg.data
     key = json.dumps({
         "corpus": corpus_fp, "vocab_size": t.vocab_size, "max_token_length": t.max_token_length,
         "min_frequency": t.min_frequency, "sample_bytes": t.sample_bytes, "pre": PRETOKENIZER_VERSION,
         "text_field": d.text_field, "nfkc": d.nfkc, "to_simplified": d.to_simplified,
+        "min_chars": d.min_chars, "max_chars": d.max_chars, "val_permille": d.val_permille,
     }, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def hash_bytes(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def doc_hash(text: str) -> int:
     """64-bit content hash of a document (sampling, validation split, dedup)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return hash_bytes(text.encode("utf-8"))
 
 
-def sample_documents(docs: Iterable[str], sample_bytes: int) -> list[str]:
-    """Bottom-k sample by document hash, capped at sample_bytes of UTF-8: one pass, even across
-    files (the hash ignores position), deterministic, and never more than the cap in memory."""
+def sample_documents(docs: Iterable[str], sample_bytes: int, seen: Counter | None = None) -> list[str]:
+    """The documents of smallest hash, in hash order, up to the first that would take the total
+    past sample_bytes of UTF-8. One streaming pass holding at most the cap; the result depends on
+    the set of documents only (not on file or line order), spreads evenly over the files (a hash
+    ignores position) and nests (a smaller cap keeps a subset). `seen` counts what was read."""
     heap: list[tuple[int, int, str]] = []  # max-heap on hash via negation: (-hash, size, text)
-    total = 0
+    total = n_docs = n_bytes = 0
+    bound = 1 << 64  # every document with this hash or above is out, whatever comes later
     for text in docs:
-        size = len(text.encode("utf-8"))
-        h = doc_hash(text)
-        if total + size <= sample_bytes:
-            heapq.heappush(heap, (-h, size, text))
-            total += size
+        data = text.encode("utf-8")
+        size, h = len(data), hash_bytes(data)
+        n_docs += 1
+        n_bytes += size
+        if h >= bound:
             continue
-        # Over budget: the new document goes in only if its hash is smaller than the largest kept.
-        if heap and h < -heap[0][0]:
-            heapq.heappush(heap, (-h, size, text))
-            total += size
-            while total > sample_bytes and heap:
-                _, s, _ = heapq.heappop(heap)
-                total -= s
-    heap.sort(key=lambda e: -e[0])  # hash order: deterministic regardless of file order
+        heapq.heappush(heap, (-h, size, text))
+        total += size
+        while total > sample_bytes:  # evict from the top: more documents only make prefixes longer
+            neg_h, s, _ = heapq.heappop(heap)
+            total -= s
+            bound = -neg_h
+    if seen is not None:
+        seen.update(documents=n_docs, bytes=n_bytes)
+    heap.sort(key=lambda e: -e[0])
     return [text for _, _, text in heap]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, min_frequency: int = 2,
-                    threads_batch: int = 1000):
-    """Train the byte-level BPE on `texts`; returns a `tokenizers.Tokenizer`."""
+                    han_chunk: int | None = None):
+    """Train the byte-level BPE on `texts`; returns a `tokenizers.Tokenizer`. `han_chunk` overrides
+    han_chunk_chars(max_token_length) (scripts/bench_tokenizer.py --sweep measures the choice)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = build_pretokenizer(max_token_length)
+    tok.pre_tokenizer = build_pretokenizer(han_chunk or han_chunk_chars(max_token_length))
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        max_token_length=3 * max_token_length, show_progress=False,
+        max_token_length=trainer_max_length(max_token_length), show_progress=False,
     )
-
-    def batches() -> Iterator[list[str]]:
-        for i in range(0, len(texts), threads_batch):
-            yield texts[i:i + threads_batch]
-
-    tok.train_from_iterator(batches(), trainer=trainer, length=len(texts))
+    # One text per item: the binding copies 256 items at a time into Rust, so batching here would
+    # only copy more of the sample at once; the Rust side spreads pre-tokenization over all cores.
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return tok
 
 
@@ -135,6 +164,7 @@ def wrap_fast(tok):
 
 
 def save_tokenizer(tok, out_dir: Path) -> None:
+    """tokenizer.json, tokenizer_config.json (special tokens, chat template): AutoTokenizer loads it."""
     wrap_fast(tok).save_pretrained(str(out_dir))
 
 
@@ -145,62 +175,94 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def backend_of(tok):
+    """The `tokenizers.Tokenizer` inside a transformers tokenizer (or the argument itself)."""
+    return tok.backend_tokenizer if hasattr(tok, "backend_tokenizer") else tok
+
+
 def chars_per_token(tok, texts: list[str]) -> float:
     """Compression on held-out text (higher is better); counts characters, not bytes."""
-    enc = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else None
-    n_tokens = sum(len(e.ids) for e in enc) if enc is not None else sum(len(tok(t)["input_ids"]) for t in texts)
-    return sum(len(t) for t in texts) / max(1, n_tokens)
+    enc = backend_of(tok).encode_batch(texts, add_special_tokens=False)
+    return sum(len(t) for t in texts) / max(1, sum(len(e.ids) for e in enc))
 
 
-def longest_tokens(tok, k: int = 20) -> list[str]:
+def token_strings(tok) -> list[str]:
+    """Readable text of every non-special token (byte-level symbols decoded). A token holding
+    only part of a character's bytes decodes to U+FFFD."""
     from tokenizers import decoders
 
     dec = decoders.ByteLevel()
-    vocab = tok.get_vocab()
-    words = [dec.decode([t]) for t in vocab if t not in SPECIAL_TOKENS]
-    return sorted(words, key=len, reverse=True)[:k]
+    return [dec.decode([t]) for t in backend_of(tok).get_vocab() if t not in SPECIAL_TOKENS]
+
+
+def longest_tokens(tok, k: int = 20) -> list[str]:
+    words = [w for w in token_strings(tok) if "\ufffd" not in w]
+    return sorted(words, key=lambda w: (-len(w), w))[:k]
+
+
+def token_length_histogram(tok) -> dict[str, int]:
+    """How many tokens have 1, 2, 3... characters (partial characters counted as 0)."""
+    counts = Counter(0 if "\ufffd" in w else len(w) for w in token_strings(tok))
+    return {str(n): counts[n] for n in sorted(counts)}
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_report(tok, sample: list[str], heldout: list[str], seconds: float, cfg: Config, extra: dict) -> dict:
+    t = cfg.tokenizer
+    backend = backend_of(tok)
     return {
-        "vocab_size": tok.get_vocab_size(), "requested_vocab_size": cfg.tokenizer.vocab_size,
-        "max_token_length": cfg.tokenizer.max_token_length, "pretokenizer": PRETOKENIZER_VERSION,
-        "sample_documents": len(sample), "sample_bytes": sum(len(t.encode()) for t in sample),
-        "heldout_documents": len(heldout), "chars_per_token_heldout": round(chars_per_token(tok, heldout), 4),
-        "longest_tokens": longest_tokens(tok, 20), "seconds": round(seconds, 2),
-        "peak_rss_bytes": peak_rss_bytes(), **extra,
+        "vocab_size": backend.get_vocab_size(), "requested_vocab_size": t.vocab_size,
+        "max_token_length": t.max_token_length, "han_chunk_chars": han_chunk_chars(t.max_token_length),
+        "min_frequency": t.min_frequency, "pretokenizer": PRETOKENIZER_VERSION,
+        "special_tokens": {s: backend.token_to_id(s) for s in SPECIAL_TOKENS},
+        "sample_documents": len(sample), "sample_bytes": sum(len(x.encode()) for x in sample),
+        "sample_bytes_cap": t.sample_bytes, "heldout_documents": len(heldout),
+        "chars_per_token_heldout": round(chars_per_token(backend, heldout), 4),
+        "longest_tokens": longest_tokens(backend, 20), "token_length_histogram": token_length_histogram(backend),
+        "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss_bytes(), **extra,
     }
 
 
 def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldout) -> dict:
-    """Sample, train, save to out_dir, and return the report (also written as report.json)."""
+    """Sample, train, save to out_dir, and return the report (also written as report.json).
+
+    `docs` is read once, as a stream; documents for which `is_heldout(text)` is true never reach
+    training, and the first HELDOUT_BYTES of them measure compression in the report."""
     start = time.time()
     heldout: list[str] = []
     heldout_bytes = 0
+    seen: Counter = Counter()
 
-    def train_docs():
+    def train_docs() -> Iterator[str]:
         nonlocal heldout_bytes
         for text in docs:
             if is_heldout(text):
-                if heldout_bytes < 2_000_000:  # enough to measure compression
+                seen["heldout_documents"] += 1
+                if heldout_bytes < HELDOUT_BYTES:
                     heldout.append(text)
                     heldout_bytes += len(text.encode())
                 continue
             yield text
 
-    sample = sample_documents(train_docs(), cfg.tokenizer.sample_bytes)
+    sample = sample_documents(train_docs(), cfg.tokenizer.sample_bytes, seen)
     if not sample:
         raise ValueError("no documents to train the tokenizer on (every document was filtered or held out)")
+    sampled = time.time()
     tok = train_tokenizer(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.max_token_length,
                           cfg.tokenizer.min_frequency)
+    trained = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, out_dir)
-    report = build_report(tok, sample, heldout or sample[:100], time.time() - start, cfg, {})
+    extra = {"corpus_documents": seen["documents"] + seen["heldout_documents"], "corpus_train_bytes": seen["bytes"],
+             "seconds_sampling": round(sampled - start, 2), "seconds_training": round(trained - sampled, 2)}
+    report = build_report(tok, sample, heldout or sample[:100], time.time() - start, cfg, extra)
+    if not heldout:
+        report["heldout_note"] = "no held-out documents (data.val_permille): compression measured on training text"
     (out_dir / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     return report

@@ -1,0 +1,223 @@
+"""The tokenizer: special tokens and chat template through AutoTokenizer, the Chinese-aware
+pre-tokenization and its length bounds, the bounded sample, the hash, normalisation, token width.
+Every tokenizer here is trained inside the test on a few thousand poems (well under a second each)."""
+
+import dataclasses
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from trainer.config import load_config
+from trainer.prepare import Normalizer, SeenHashes, data_hash, prepare_shards, token_dtype
+from trainer.tokenizer import (EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, build_pretokenizer, chars_per_token,
+                               doc_hash, han_chunk_chars, load_tokenizer, sample_documents, save_tokenizer,
+                               token_strings, tokenizer_hash, train_from_corpus, train_tokenizer)
+
+from conftest import read_sample_docs
+
+
+@pytest.fixture(scope="module")
+def poems() -> list[str]:
+    return read_sample_docs(3000)  # ~240k characters
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, poems):
+    out = tmp_path_factory.mktemp("tok")
+    save_tokenizer(train_tokenizer(poems, 1024, 4), out)
+    return out
+
+
+def cfg_with(**overrides):
+    return load_config(None, overrides, env={})
+
+
+def han_tokens(tok) -> list[str]:
+    return [w for w in token_strings(tok) if w and all("\u4e00" <= c <= "\u9fff" for c in w)]
+
+
+# Special tokens, chat template, loading --------------------------------------------------------
+
+def test_special_tokens_and_chat_template_through_autotokenizer(tok_dir):
+    tok = load_tokenizer(tok_dir)  # AutoTokenizer.from_pretrained(dir)
+    assert [tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert (tok.eos_token, tok.pad_token, tok.eos_token_id, tok.pad_token_id) == (EOS, PAD, 0, 1)
+    assert tok.bos_token is None  # documents are separated by EOS only
+    messages = [{"role": "system", "content": "你是詩人。"}, {"role": "user", "content": "寫一首詩"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\n你是詩人。<|im_end|>\n<|im_start|>user\n寫一首詩<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids(IM_START)) == 3 and ids.count(tok.convert_tokens_to_ids(IM_END)) == 2
+    assert tok.decode(ids) == text
+
+
+def test_round_trip_of_mixed_text(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    text = "床前明月光，疑是地上霜。\nHello, world! 2026年11月28日 ½ 🙂\t  end\n\n"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("vocab", [300, 2048, 4096])
+def test_vocab_size_is_what_was_asked(poems, vocab):
+    tok = train_tokenizer(poems, vocab, 4)
+    assert tok.get_vocab_size() == vocab
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == [0, 1, 2, 3]
+
+
+# Pre-tokenization and token length -------------------------------------------------------------
+
+def test_digits_are_split_singly(poems):
+    docs = poems[:500] + [f"第{n}首，共{n * 7}字。" for n in range(100, 400)] * 3
+    tok = train_tokenizer(docs, 1024, 4)
+    enc = tok.encode("2026年第123首")
+    pieces = [tok.decode([i]) for i in enc.ids]
+    digit_tokens = [p for p in pieces if any(c in "0123456789" for c in p)]
+    assert digit_tokens == list("2026123")  # ...though "123" is frequent in the training text
+
+
+def test_han_tokens_stop_at_max_token_length(poems):
+    phrase = "春眠不覺曉處處聞啼鳥"  # ten characters, repeated far more often than anything else
+    tok = train_tokenizer(poems[:1000] + [phrase] * 200, 2048, 3)
+    lengths = Counter(len(w) for w in han_tokens(tok))
+    assert max(lengths) == 3  # never longer, and the bound itself is reached (trainer limit is exclusive)
+    pre = build_pretokenizer(han_chunk_chars(3))
+    pieces = [p for p, _ in pre.pre_tokenize_str("一二三四五六七八九十" * 3)]
+    assert len(pieces) == 3 and all(len(p) == 3 * 12 for p in pieces[:2])  # 12 characters of 3 bytes each
+
+
+def test_pretokenizer_separates_scripts_and_keeps_newline_with_punctuation():
+    from tokenizers import decoders
+
+    pre = build_pretokenizer(16)
+    dec = decoders.ByteLevel()
+    pieces = [dec.decode([p]) for p, _ in pre.pre_tokenize_str("明月光。\nGPT-4 模型2026")]
+    assert pieces == ["明月光", "。\n", "GPT", "-", "4", " ", "模型", "2", "0", "2", "6"]
+
+
+# The sample ------------------------------------------------------------------------------------
+
+def synthetic_files(n_files=4, n_docs=500):
+    rng = random.Random(0)
+    return [[f"file{f} doc{i} " + "字" * rng.randint(10, 200) for i in range(n_docs)] for f in range(n_files)]
+
+
+def test_sample_is_bounded_deterministic_nested_and_even_across_files():
+    files = synthetic_files()
+    docs = [d for f in files for d in f]
+    cap = sum(len(d.encode()) for d in docs) // 5
+    seen = Counter()
+    sample = sample_documents(iter(docs), cap, seen)
+    assert cap - 1000 < sum(len(d.encode()) for d in sample) <= cap  # filled up to the last document that fits
+    assert seen == Counter(documents=len(docs), bytes=sum(len(d.encode()) for d in docs))
+    shuffled = docs[:]
+    random.Random(1).shuffle(shuffled)
+    assert sample_documents(iter(shuffled), cap) == sample  # order of files and documents does not matter
+    assert set(sample_documents(iter(docs), cap // 2)) <= set(sample)  # a smaller cap keeps a subset
+    per_file = Counter(d.split()[0] for d in sample)
+    assert len(per_file) == 4 and max(per_file.values()) < 1.5 * min(per_file.values())  # ~1/4 each, no file skipped
+    assert sample_documents(iter(docs), 10) == []  # every document is larger than the cap
+
+
+def test_train_from_corpus_writes_report_and_holds_out(tmp_path, poems):
+    cfg = cfg_with(**{"tokenizer.vocab_size": 1024, "tokenizer.max_token_length": 4, "tokenizer.sample_bytes": 300_000})
+    is_heldout = lambda t: doc_hash(t) % 10 == 0  # noqa: E731
+    report = train_from_corpus(cfg, iter(poems), tmp_path, is_heldout)
+    assert json.loads((tmp_path / "report.json").read_text(encoding="utf-8")) == report
+    assert report["vocab_size"] == 1024 and report["han_chunk_chars"] == 16
+    assert report["heldout_documents"] == sum(map(is_heldout, poems))
+    assert report["corpus_documents"] == len(poems)
+    assert report["sample_bytes"] <= 300_000 < report["corpus_train_bytes"]
+    heldout = [p for p in poems if is_heldout(p)]
+    assert report["chars_per_token_heldout"] == round(chars_per_token(load_tokenizer(tmp_path), heldout), 4)
+    han = [w for w in report["longest_tokens"] if "\u4e00" <= w[0] <= "\u9fff"]
+    assert len(report["longest_tokens"]) == 20 and han and all(len(w) <= 4 for w in han)
+    assert report["peak_rss_bytes"] > 10_000_000 and report["seconds"] > 0
+    assert sum(report["token_length_histogram"].values()) == 1024 - len(SPECIAL_TOKENS)
+    assert load_tokenizer(tmp_path).eos_token == EOS
+
+
+def test_hash_follows_every_setting_that_changes_the_tokenizer():
+    base = cfg_with()
+    h = tokenizer_hash(base, "corpus-a")
+    assert tokenizer_hash(cfg_with(), "corpus-a") == h
+    assert tokenizer_hash(cfg_with(**{"train.lr": 0.5, "data.dedup": False}), "corpus-a") == h  # not inputs
+    assert tokenizer_hash(base, "corpus-b") != h
+    changed = {"tokenizer.vocab_size": 8000, "tokenizer.max_token_length": 3, "tokenizer.min_frequency": 5,
+               "tokenizer.sample_bytes": 1234567, "data.nfkc": True, "data.to_simplified": True,
+               "data.min_chars": 5, "data.max_chars": 100, "data.val_permille": 20, "data.text_field": "content"}
+    hashes = {tokenizer_hash(cfg_with(**{k: v}), "corpus-a") for k, v in changed.items()}
+    assert len(hashes) == len(changed) and h not in hashes
+    assert data_hash(base, "c", "tok") != data_hash(cfg_with(**{"data.dedup": False}), "c", "tok")
+
+
+# Normalisation ---------------------------------------------------------------------------------
+
+def test_normalisation_filters_and_counts():
+    cfg = cfg_with(**{"data.nfkc": True, "data.to_simplified": True, "data.min_chars": 3, "data.max_chars": 6})
+    docs = ["歷史與傳統", "ＡＢＣ１２３", "短", "歷史與傳統", "历史与传统", "漢字很長很長很長很長"]
+    norm = Normalizer(cfg.data)
+    assert list(norm(iter(docs))) == ["历史与传统", "ABC123", "汉字很长很长"]
+    assert norm.counts == Counter(documents_read=6, documents_kept=3, removed_too_short=1, removed_duplicate=2,
+                                  truncated_too_long=1)  # the two traditional copies dedup after conversion
+    plain = Normalizer(dataclasses.replace(cfg.data, nfkc=False, to_simplified=False, dedup=False, min_chars=1,
+                                           max_chars=0))
+    assert list(plain(iter(docs))) == docs and plain.counts == Counter(documents_read=6, documents_kept=6)
+
+
+def test_dedup_set_is_exact_across_merges():
+    seen = SeenHashes()
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 2**63, 70_000, dtype=np.uint64).tolist() + [2**64 - 1]
+    assert all(seen.add_batch(first))  # more than 65536: merged into the sorted array
+    assert len(seen._recent) == 0 and len(seen) == len(first)
+    again = first[::1000] + [5, 5, 2**64 - 1]
+    assert seen.add_batch(again) == [False] * (len(again) - 3) + [True, False, False]
+
+
+# Token width and special-token text in documents ------------------------------------------------
+
+def big_vocab_tokenizer(n_filler: int):
+    """A real byte-level BPE with n_filler unused tokens and one merge ("月光") whose id is the last,
+    returned with that id: built directly, since training a 65k+ vocabulary would take minutes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + sorted(alphabet) + [f"filler{i}" for i in range(n_filler)])}
+    moon, light = (pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(c)[0][0] for c in "月光")
+    merges = [(moon[0], moon[1]), (moon[:2], moon[2]), (light[0], light[1]), (light[:2], light[2])]
+    for a, b in merges + [(moon, light)]:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab, merges + [(moon, light)]))
+    tok.pre_tokenizer = build_pretokenizer(16)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok, vocab[moon + light]
+
+
+@pytest.mark.parametrize("n_filler, dtype", [(1000, "uint16"), (70_000, "uint32")])
+def test_token_width_follows_the_vocabulary(tmp_path, n_filler, dtype):
+    tok, moonlight = big_vocab_tokenizer(n_filler)
+    assert moonlight == tok.get_vocab_size() - 1
+    cfg = cfg_with(**{"data.val_permille": 0})
+    index = prepare_shards(cfg, iter(["床前明月光", "月光"]), tok, tmp_path, progress=False)
+    assert index["dtype"] == dtype == token_dtype(tok.get_vocab_size()).name
+    ids = np.fromfile(tmp_path / "train-00000.bin", dtype=dtype)
+    assert ids.tolist().count(moonlight) == 2 and ids[-1] == 0  # the id past 65535 kept its value
+    assert tok.decode([int(i) for i in ids if i != 0]) == "床前明月光月光"
+
+
+def test_token_dtype_boundary():
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+def test_special_token_text_inside_a_document_is_not_a_separator(tmp_path, tok_dir):
+    docs = ["這篇文章提到 <|endoftext|> 與 <|im_start|> 字樣", "第二篇"]
+    index = prepare_shards(cfg_with(**{"data.val_permille": 0}), iter(docs), load_tokenizer(tok_dir), tmp_path,
+                           progress=False)
+    ids = np.fromfile(tmp_path / "train-00000.bin", dtype=index["dtype"]).tolist()
+    assert ids.count(0) == 2 and ids[-1] == 0 and 2 not in ids  # EOS only as the two separators
+    assert load_tokenizer(tok_dir).decode(ids[: ids.index(0)]) == docs[0]
