@@ -1,0 +1,133 @@
+"""`chat`: talk to a model in the terminal, each reply streamed as it is generated.
+
+Keeps the conversation (an optional system prompt, then user and assistant turns), renders it with
+the tokenizer's chat template every turn, and ends a reply at <|im_end|> or end of text. When the
+conversation outgrows the model's context, the oldest exchanges are dropped (and it says so).
+Reads lines from stdin, so it also runs piped: `printf '你好\\n/exit\\n' | entrypoint.py chat ...`.
+Commands: /reset forgets the conversation, /exit (or the end of the input) quits.
+Sampling settings are sample.* (temperature, top_k, top_p, repetition_penalty, max_new_tokens).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, TextIO
+
+import torch
+
+from trainer.config import Config, SampleConfig
+
+HELP = "commands: /reset forgets the conversation, /exit quits"
+
+
+def _streamer(tok, out: TextIO):
+    """A TextStreamer writing to `out` (it prints to stdout) and keeping the reply's text. It holds
+    back incomplete characters: a byte-level token can end mid-way through a Han character."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def __init__(self):
+            super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+            self.parts: list[str] = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            self.parts.append(text)
+            out.write(text)
+            out.flush()
+
+    return Streamer()
+
+
+def prompt_ids(tok, turns: list[dict], context: int, room: int) -> tuple[torch.Tensor | None, int]:
+    """(prompt token ids, exchanges dropped) leaving `room` tokens to generate within `context`:
+    the oldest user/assistant exchanges go first (a system prompt stays). None when even the last
+    message alone does not fit."""
+    system = turns[:1] if turns and turns[0]["role"] == "system" else []
+    rest = turns[len(system):]
+    dropped = 0
+    while True:
+        text = tok.apply_chat_template(system + rest, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        if ids.shape[1] + room <= context:
+            return ids, dropped
+        if len(rest) <= 1:
+            return (ids, dropped) if ids.shape[1] < context else (None, dropped)
+        rest = rest[2:]
+        dropped += 1
+
+
+@torch.no_grad()
+def chat_loop(model, tok, s: SampleConfig, system: str = "", lines: Iterable[str] | None = None,
+              out: TextIO = sys.stdout, seed: int = 0) -> list[dict]:
+    """Answer each line of `lines` (default: stdin, with a prompt when it is a terminal); returns
+    the conversation as it stands at the end."""
+    from trainer.sft import stop_token_ids
+
+    torch.manual_seed(seed)
+    interactive = lines is None and sys.stdin.isatty()
+    if lines is None:
+        lines = _terminal_lines() if interactive else sys.stdin
+    start = [{"role": "system", "content": system}] if system else []
+    turns = list(start)
+    context = model.config.max_position_embeddings
+    stop = stop_token_ids(tok)
+    greedy = s.temperature == 0
+    out.write(HELP + "\n")
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if not interactive:
+            out.write(f"> {text}\n")
+        if text == "/exit":
+            break
+        if text == "/reset":
+            turns = list(start)
+            out.write("(conversation cleared)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text}; {HELP}\n")
+            continue
+        turns.append({"role": "user", "content": text})
+        ids, dropped = prompt_ids(tok, turns, context, s.max_new_tokens)
+        if ids is None:
+            turns.pop()
+            out.write(f"(that message does not fit the model's context of {context} tokens)\n")
+            continue
+        if dropped:
+            start_at = len(start)
+            turns = start + turns[start_at + 2 * dropped:]
+            out.write(f"(dropped the oldest {dropped} exchange(s) to fit the context of {context} tokens)\n")
+        streamer = _streamer(tok, out)
+        ids = ids.to(model.device)
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+            max_new_tokens=min(s.max_new_tokens, context - ids.shape[1]), do_sample=not greedy,
+            temperature=None if greedy else s.temperature, top_k=None if greedy or not s.top_k else s.top_k,
+            top_p=None if greedy else s.top_p, repetition_penalty=s.repetition_penalty,
+            eos_token_id=stop, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
+        )
+        out.write("\n")
+        out.flush()
+        turns.append({"role": "assistant", "content": "".join(streamer.parts).strip()})
+    return turns
+
+
+def _terminal_lines():
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print()
+            return
+
+
+def chat_cli(checkpoint: str, system: str, cfg: Config) -> None:
+    """`entrypoint.py chat`: load the model at `checkpoint` (an export or checkpoint folder, local
+    or s3://) and chat on the terminal."""
+    from trainer.generate import load_for_generation
+    from trainer.sft import load_chat_tokenizer, model_folder
+
+    folder = model_folder(str(checkpoint), cfg, say=lambda m: print(m, file=sys.stderr))
+    model, _ = load_for_generation(str(folder), cfg)
+    chat_loop(model, load_chat_tokenizer(folder), cfg.sample, system=str(system or ""))
