@@ -50,6 +50,17 @@ def write_manifest(local_dir: Path, step: int) -> dict:
 def publish(store: Storage, run_id: str, local_dir: Path, step: int) -> str:
     """Upload a staged checkpoint folder (which already holds its manifest) in the safe order."""
     prefix = join(checkpoints_prefix(run_id), step_name(step))
+    if store.exists(join(prefix, MANIFEST)):
+        # Saving a step again (after a fallback from a corrupt copy, or a rollback): retract the old
+        # manifest first, so no folder of mixed old and new files ever counts, and move LATEST off it.
+        latest_key = join(checkpoints_prefix(run_id), LATEST)
+        if (store.read_text_or_none(latest_key) or "").strip() == step_name(step):
+            older = [s for s in complete_steps(store, run_id) if s < step]
+            if older:
+                store.write_text(latest_key, step_name(older[0]))
+            else:
+                store.delete(latest_key)
+        store.delete(join(prefix, MANIFEST))
     store.upload_dir(local_dir, prefix, skip=(MANIFEST,))
     store.upload_file(local_dir / MANIFEST, join(prefix, MANIFEST))
     store.write_text(join(checkpoints_prefix(run_id), LATEST), step_name(step))

@@ -37,6 +37,7 @@ class StorageConfig:
     local_dir: str = "./work"  # scratch folder on this machine: pulled corpus, shards, staged checkpoints
     max_concurrency: int = 8  # parallel transfers for pull and uploads
     retries: int = 8  # attempts per S3 request (botocore standard retry mode, with backoff)
+    timeout_seconds: int = 60  # connect and read timeout of one S3 request; a stalled request is retried
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,17 @@ class DataConfig:
 class TokenizerConfig:
     path: str = ""  # load this Hugging Face tokenizer (folder, local or s3://) instead of training
     vocab_size: int = 32000  # target vocabulary size including special and byte tokens
-    max_token_length: int = 8  # longest token in characters (CJK: ~4 characters per word pair)
+    max_token_length: int = 4  # longest token in characters: past 4 Han characters merges memorise phrases,
+    # not words (docs/tokenizer.md: 4 gives the best held-out chars/token at 32k on classical poetry)
     min_frequency: int = 2  # a merge must occur at least this often in the sample
-    sample_bytes: int = 200_000_000  # cap on text read for training, sampled evenly across shards
+    sample_bytes: int = 10_000_000  # cap on text read for training, sampled evenly across shards in one pass;
+    # peak RSS scales with it (docs/tokenizer.md: 10 MB of Chinese is past where chars/token stops improving)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # named shape from trainer/model.py PRESETS (tiny, 25m, 124m, 350m, 760m, 1b)
-    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed, else sdpa), sdpa, eager
+    attn_implementation: str = "auto"  # training attention: auto (flash_attention_2 if installed, else sdpa_causal), sdpa, eager
     tie_embeddings: bool = False  # share input embedding and lm_head weights
 
 
@@ -94,7 +97,8 @@ class TrainConfig:
     device: str = "auto"  # auto, cuda or cpu
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     compile: str = "auto"  # torch.compile the model: auto (on GPU), on, off
-    on_nonfinite: str = "skip"  # non-finite loss/grad: skip the update (counted) or fail
+    on_nonfinite: str = "skip"  # non-finite loss/grad: skip the update (counted), rollback to last checkpoint, fail
+    spike_factor: float = 0.0  # logged loss > this x running mean: a spike (counted; on_nonfinite rollback/fail); 0=off
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,27 @@ class SampleConfig:
     top_k: int = 50  # keep this many most likely tokens; 0 = off
     top_p: float = 0.95  # nucleus sampling mass; 1 = off
     repetition_penalty: float = 1.1  # >1 discourages repeating earlier tokens
+    at_checkpoints: bool = True  # generate sample.prompts at every checkpoint (rank 0) into runs/<id>/samples.jsonl
+    heldout_prompts: int = 32  # eval/report: continue this many held-out documents from their first prompt_chars
+    prompt_chars: int = 5  # ... characters, and compare the degeneration metrics with the human continuations
+    eval_chars: int = 200_000  # eval/report: held-out characters scored for bits per character
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    """Supervised fine-tuning (`entrypoint.py sft`). Settings not here (schedule, min_lr_ratio, betas,
+    weight decay, clipping, seed, device, dtype, compile, micro_batch_size) come from train.*."""
+    init: str = ""  # model to start from: export or checkpoint folder, local or s3://; "" = runs/<run.id>/final
+    run_id: str = ""  # outputs go to <bucket>/runs/<sft.run_id>/; "" = <run.id>-sft; rerunning the same id resumes
+    sources: tuple[str, ...] = ("data/sft-sample",)  # conversations (jsonl/json/parquet): files, folders, globs, s3://
+    messages_field: str = "messages"  # record field holding the turns: [{"role": ..., "content": ...}, ...]
+    seq_len: int = 0  # tokens per packed sequence; 0 = the model's context (max_position_embeddings)
+    batch_sequences: int = 16  # packed sequences per optimizer step (all ranks, all micro-batches)
+    max_steps: int = 100  # optimizer steps of fine-tuning (the conversations repeat as epochs)
+    lr: float = 1e-4  # peak learning rate
+    warmup_steps: int = 10  # linear warmup from 0 to sft.lr
+    checkpoint_every_steps: int = 50  # save and publish a checkpoint this often (and at the end)
+    after_pretrain: bool = False  # `run` fine-tunes right after pretraining and export
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
 
 
 # Environment variables that set config keys (containers and launchers pass settings this way).
@@ -137,12 +163,12 @@ ENV_KEYS = {
 
 CHOICES = {
     "data.on_error": ("fail", "skip"),
-    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "model.attn_implementation": ("auto", "sdpa_causal", "sdpa", "eager", "flash_attention_2"),
     "train.schedule": ("cosine", "wsd", "multistep"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.dtype": ("auto", "bf16", "fp32"),
     "train.compile": ("auto", "on", "off"),
-    "train.on_nonfinite": ("skip", "fail"),
+    "train.on_nonfinite": ("skip", "rollback", "fail"),
 }
 
 
@@ -180,6 +206,11 @@ def _coerce(value, hint, key: str, problems: list[str]):
         problems.append(f"{key}: expected an integer, got {value!r}")
         return None
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         problems.append(f"{key}: expected a number, got {value!r}")
@@ -240,17 +271,28 @@ def load_config(path: str | None = None, overrides: dict | None = None, env: dic
             if name not in hints[section]:
                 problems.append(f"{key}: unknown key (from {source}); known in {section}: {', '.join(hints[section])}")
                 continue
-            values[section][name] = _coerce(raw, hints[section][name], key, problems)
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+            before = len(problems)
+            value = _coerce(raw, hints[section][name], key, problems)
+            if len(problems) == before:  # a value that doesn't parse keeps the default (and its problem)
+                values[section][name] = value
+    # Check the values that parsed too, so one error lists every problem, not the first kind only.
     sections = {s: _resolve(Config, s)(**values[s]) for s in hints}
     cfg = Config(**sections)
-    validate(cfg)
+    problems += check(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg
 
 
 def validate(cfg: Config) -> None:
     """Check values and relations between them; raise ConfigError listing every problem."""
+    problems = check(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def check(cfg: Config) -> list[str]:
+    """Every problem with the values of cfg and the relations between them, each naming its key."""
     problems = []
     for key, allowed in CHOICES.items():
         value = get(cfg, key)
@@ -269,6 +311,7 @@ def validate(cfg: Config) -> None:
          "s3:// needs a bucket name")
     need(cfg.storage.max_concurrency >= 1, "storage.max_concurrency", "must be at least 1")
     need(cfg.storage.retries >= 1, "storage.retries", "must be at least 1")
+    need(cfg.storage.timeout_seconds >= 1, "storage.timeout_seconds", "must be at least 1")
     need(len(cfg.data.sources) > 0, "data.sources", "must list at least one file, folder or glob")
     need(0 <= cfg.data.val_permille < 1000, "data.val_permille", "must be in [0, 1000)")
     need(cfg.data.shard_tokens >= 1024, "data.shard_tokens", "must be at least 1024")
@@ -302,15 +345,29 @@ def validate(cfg: Config) -> None:
     need(t.eval_batches >= 1, "train.eval_batches", "must be at least 1")
     need(t.log_every_steps >= 1, "train.log_every_steps", "must be at least 1")
     need(1 <= t.grace_seconds <= 3600, "train.grace_seconds", "must be between 1 and 3600")
+    need(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor", "must be 0 (off) or greater than 1")
     need(t.nproc >= 0, "train.nproc", "must be >= 0 (0 = automatic)")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     need(cfg.sample.max_new_tokens >= 1, "sample.max_new_tokens", "must be at least 1")
-    need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0")
-    need(cfg.sample.top_k >= 0, "sample.top_k", "must be >= 0")
+    need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0 (0 = greedy)")
+    need(cfg.sample.top_k >= 0, "sample.top_k", "must be >= 0 (0 = off)")
     need(0 < cfg.sample.top_p <= 1, "sample.top_p", "must be in (0, 1]")
-    need(cfg.sample.repetition_penalty > 0, "sample.repetition_penalty", "must be > 0")
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    need(cfg.sample.repetition_penalty > 0, "sample.repetition_penalty", "must be > 0 (1 = off)")
+    need(cfg.sample.heldout_prompts >= 0, "sample.heldout_prompts", "must be >= 0")
+    need(cfg.sample.prompt_chars >= 1, "sample.prompt_chars", "must be at least 1")
+    need(cfg.sample.eval_chars >= 0, "sample.eval_chars", "must be >= 0 (0 = no bits-per-character score)")
+    sft = cfg.sft
+    need(sft.run_id == "" or all(c.isalnum() or c in "-_." for c in sft.run_id), "sft.run_id",
+         "must be letters, digits, '-', '_' or '.' (or empty for <run.id>-sft)")
+    need(len(sft.sources) > 0, "sft.sources", "must list at least one conversation file, folder or glob")
+    need(bool(sft.messages_field), "sft.messages_field", "must be set")
+    need(sft.seq_len == 0 or sft.seq_len >= 8, "sft.seq_len", "must be 0 (the model's context) or at least 8")
+    need(sft.batch_sequences >= 1, "sft.batch_sequences", "must be at least 1")
+    need(sft.max_steps >= 1, "sft.max_steps", "must be at least 1")
+    need(0 < sft.lr < 1, "sft.lr", "must be in (0, 1)")
+    need(0 <= sft.warmup_steps < max(1, sft.max_steps), "sft.warmup_steps", "must be in [0, sft.max_steps)")
+    need(sft.checkpoint_every_steps >= 1, "sft.checkpoint_every_steps", "must be at least 1")
+    return problems
 
 
 def get(cfg: Config, key: str):

@@ -8,13 +8,14 @@ record (or the unreadable rest of a corrupt file) is skipped and counted instead
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import gzip
 import hashlib
 import io
 import json
 import os
+import re
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +62,31 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as glob.glob(recursive=True) reads it, for object keys: * and ? stay inside one path
+    segment, ** spans segments (fnmatch's * would cross '/', unlike the same glob on a local disk)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
 def resolve_sources(cfg: Config) -> list[CorpusFile]:
     """Expand data.sources (files, folders, globs; local or s3://) into a sorted file listing.
 
@@ -99,7 +125,8 @@ def _resolve_s3(source: str, cfg: Config) -> list[CorpusFile]:
     if _has_magic(pattern):
         head = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)]
         prefix = head.rsplit("/", 1)[0] + "/" if "/" in head else ""
-        objs = [o for o in store.list(prefix) if fnmatch.fnmatchcase(o.key, pattern)]
+        match = _glob_regex(pattern).match
+        objs = [o for o in store.list(prefix) if match(o.key)]
     else:
         exact = store.info(pattern) if pattern else None
         objs = [exact] if exact else store.list(pattern.rstrip("/") + "/" if pattern else "")
@@ -147,14 +174,61 @@ def corpus_fingerprint(files: list[CorpusFile]) -> str:
 
 # Reading documents ---------------------------------------------------------------------------
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames. zstandard's stream_reader stops
+    silently where a truncated file ends (dropping the rest of the corpus without a word); here a
+    file that ends inside a frame raises EOFError, and corrupt data raises ValueError."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._f = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._zstd_error = zstandard.ZstdError
+        self._frame = self._dctx.decompressobj()
+        self._in_frame = False  # bytes of the current frame have been fed, its end not yet seen
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self._pos == len(self._out):
+            chunk = self._f.read(1 << 16)  # small: text can expand 10-1000x
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out, self._pos = self._feed(chunk), 0
+        n = min(len(buf), len(self._out) - self._pos)
+        buf[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            self._in_frame = True
+            try:
+                out.append(self._frame.decompress(data))
+            except self._zstd_error as e:
+                raise ValueError(f"zstd: {e}") from None
+            if not self._frame.eof:
+                break
+            data, self._frame, self._in_frame = self._frame.unused_data, self._dctx.decompressobj(), False
+        return b"".join(out)
+
+    def close(self):
+        if hasattr(self, "_f"):  # not when open() failed in __init__
+            self._f.close()
+        super().close()
+
+
 def _open_binary(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        import zstandard
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+        return io.BufferedReader(_ZstdFrames(path), 1 << 20)
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -181,6 +255,7 @@ class DocumentReader:
         if f.size == 0 or os.path.getsize(path) == 0:
             self._bad(f.url, "empty file", "empty file")
             return
+        self._lines_read = 0  # where a corrupt stream broke off, for the message
         try:
             if fmt == ".parquet":
                 yield from self._parquet(f, path)
@@ -190,8 +265,9 @@ class DocumentReader:
                 yield from self._jsonl(f, path)
         except DataError:
             raise
-        except (EOFError, OSError, ValueError) as e:  # corrupt or truncated compressed stream
-            self._bad(f.url, "unreadable file", f"cannot read ({type(e).__name__}: {e}); the file is corrupt "
+        except (EOFError, OSError, ValueError, zlib.error) as e:  # corrupt or truncated compressed stream
+            after = f" after line {self._lines_read}" if fmt != ".parquet" else ""
+            self._bad(f.url, "unreadable file", f"cannot read{after} ({type(e).__name__}: {e}); the file is corrupt "
                                                 f"or truncated")
 
     def _jsonl(self, f: CorpusFile, path: str) -> Iterator[str]:
@@ -199,6 +275,7 @@ class DocumentReader:
         with _open_binary(path) as fh:
             line_no = 0
             for line_no, raw in enumerate(fh, 1):
+                self._lines_read = line_no
                 if not raw.strip():
                     continue
                 where = f"{f.url}:{line_no}"
@@ -223,6 +300,7 @@ class DocumentReader:
         with _open_binary(path) as fh:
             lines: list[str] = []
             for line_no, raw in enumerate(fh, 1):
+                self._lines_read = line_no
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:

@@ -13,6 +13,7 @@ Degeneration metrics run over characters, since Chinese has no spaces to split w
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 
@@ -57,6 +58,14 @@ def bits_per_character(total_nll_nats: float, n_characters: int) -> float:
     if n_characters <= 0:
         raise ValueError(f"n_characters must be positive (got {n_characters})")
     return total_nll_nats / math.log(2) / n_characters
+
+
+def val_chars_per_token(index: dict) -> float:
+    """Characters per token of the validation split, from a data folder's index.json, counting the
+    texts' characters only. prepare counts one more per document (its <eos>, like a newline); that
+    one is left out so that training's val_bpc and evaluate_bpc's bits_per_char mean the same thing."""
+    chars = index["chars"].get("val", 0) - index.get("documents", {}).get("val", 0)
+    return max(0, chars) / max(1, index["tokens"].get("val", 0))
 
 
 def degeneration_report(prompts: Sequence[str] | None, continuations: Sequence[str]) -> dict:
@@ -147,3 +156,96 @@ def evaluate_bpc(model, tokenizer, texts: Sequence[str], seq_len: int, device, b
         "chars": chars,
         "nll_nats": total,
     }
+
+
+# Evaluating a model folder: `entrypoint.py eval` and the run report -------------------------------
+
+def heldout_documents(cfg, files, max_chars: int, min_docs: int = 0) -> list[str]:
+    """Held-out documents of the corpus (the validation split, chosen by document hash exactly as
+    prepare chooses it), in corpus order, until they hold max_chars characters and number at least
+    min_docs. Reads only as far into the corpus as that needs."""
+    import dataclasses
+
+    from trainer.data import DocumentReader, iter_documents
+    from trainer.prepare import Normalizer, is_validation
+
+    if cfg.data.val_permille == 0:
+        return []
+    norm = Normalizer(dataclasses.replace(cfg.data, dedup=False))
+    docs, chars = [], 0
+    for text in norm(iter_documents(cfg.data, files, DocumentReader(cfg.data))):
+        if not is_validation(text, cfg.data.val_permille):
+            continue
+        docs.append(text)
+        chars += len(text)
+        if chars >= max_chars and len(docs) >= min_docs:
+            break
+    return docs
+
+
+def continuation(prompt: str, generated: str) -> str:
+    """The generated text after the prompt (generate.sample returns both)."""
+    return generated[len(prompt):] if generated.startswith(prompt) else generated
+
+
+def compare_with_human(model, tok, docs: Sequence[str], s) -> dict:
+    """Continue held-out documents from their first s.prompt_chars characters and score the model's
+    continuations and the human ones, each human continuation cut to the length of the model's,
+    so that distinct-n (which falls as texts grow) compares like with like."""
+    from trainer.generate import sample
+
+    docs = [d for d in docs if len(d) >= s.prompt_chars + 16][:s.heldout_prompts]
+    prompts = [d[:s.prompt_chars] for d in docs]
+    model_cont = [continuation(p, g) for p, g in zip(prompts, sample(model, tok, prompts, s, seed=1))]
+    human_cont = [d[s.prompt_chars:s.prompt_chars + max(1, len(c))] for d, c in zip(docs, model_cont)]
+    return {"model": degeneration_report(prompts, model_cont), "human": degeneration_report(None, human_cont),
+            "examples": [{"prompt": p, "text": c, "human": h} for p, c, h in zip(prompts, model_cont, human_cont)][:8]}
+
+
+def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Sequence[str]] | None = None) -> dict:
+    """Bits per character on held-out text (and on each extra named text set), samples from
+    cfg.sample.prompts, and degeneration metrics against the human held-out text."""
+    from trainer.generate import sample
+
+    s, seq_len = cfg.sample, model.config.max_position_embeddings
+    result: dict = {}
+    if heldout and s.eval_chars:
+        scored, chars = [], 0
+        for text in heldout:
+            if chars >= s.eval_chars:
+                break
+            scored.append(text)
+            chars += len(text)
+        result["heldout"] = evaluate_bpc(model, tok, scored, seq_len, model.device)
+    for name, texts in (extra or {}).items():
+        result[name] = evaluate_bpc(model, tok, texts, seq_len, model.device)
+    prompts = list(s.prompts)
+    result["samples"] = [{"prompt": p, "text": continuation(p, g)} for p, g in zip(prompts, sample(model, tok, prompts, s))]
+    if result["samples"]:
+        result["prompts_degeneration"] = degeneration_report(prompts, [x["text"] for x in result["samples"]])
+    if heldout and s.heldout_prompts:
+        result["vs_human"] = compare_with_human(model, tok, heldout, s)
+    return result
+
+
+def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
+    """`entrypoint.py eval`: load an export or checkpoint (local or s3://) and evaluate it on the
+    held-out split of cfg.data.sources and on text_files (any corpus format data.* reads)."""
+    from trainer.data import DataError, iter_documents, local_files
+    from trainer.generate import load_for_generation
+    from trainer.launch import stage_pull
+    from trainer.sft import model_folder
+
+    extra = {}
+    for path in text_files:
+        if not Path(path).is_file():
+            raise DataError(f"eval --text {path}: no such file")
+        texts = list(iter_documents(cfg.data, local_files([path])))
+        if not texts:
+            raise DataError(f"{path}: no text to evaluate on")
+        extra[str(path)] = texts
+    folder = model_folder(str(url), cfg)
+    model, tok = load_for_generation(str(folder), cfg)
+    s = cfg.sample
+    heldout = heldout_documents(cfg, stage_pull(cfg), s.eval_chars, s.heldout_prompts)
+    return {"model": str(url), **evaluate_model(model, tok, cfg, heldout, extra)}

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import checkpoint as ckpt
-from trainer.config import Config, to_yaml
+from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
 from trainer.storage import Storage, is_s3, join, open_storage, split_url
 
 ROOT = Path(__file__).resolve().parent.parent
+EXIT_PREEMPTED = 75  # as trainer.train.EXIT_PREEMPTED (not imported from there: train.py imports torch)
+PREEMPTED_MARKER = "preempted.json"  # local_dir/runs/<id>/: the workers' final checkpoint is published
 
 
 def log(msg: str):
@@ -94,9 +96,10 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     # dedup is left to prepare (it doesn't change which strings are frequent enough to merge).
     norm = Normalizer(dataclasses.replace(cfg.data, dedup=False))
     docs = norm(iter_documents(cfg.data, files, reader))
-    log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.0f} MB")
+    log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.1f} MB")
     report = train_from_corpus(cfg, docs, out, lambda t: is_validation(t, cfg.data.val_permille))
     report["skipped_records"] = dict(reader.skipped)
+    report["filters"] = dict(norm.counts)
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     ckpt.write_manifest(out, 0)
     store.upload_dir(out, key, skip=(ckpt.MANIFEST,))
@@ -191,8 +194,21 @@ def default_nproc(cfg: Config) -> int:
     return 1
 
 
-def stage_pretrain(cfg: Config, arts: Artifacts | None = None) -> int:
-    """Launch torchrun with the resolved config; returns the workers' exit code (75 = preempted)."""
+def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> int:
+    """Launch torchrun with the resolved config; returns 0, 75 (preempted: rerun to resume) or the
+    failure code. Holds the run's lease on node 0 unless the caller (`run`) already does."""
+    done = ckpt.complete_steps(bucket(cfg), cfg.run.id)
+    if done and done[0] >= cfg.train.max_steps:
+        log(f"pretrain: {ckpt.step_name(done[0])} is published (train.max_steps={cfg.train.max_steps}); "
+            f"nothing to train")
+        return 0
+    if lease is None and node_rank() == 0:  # `pretrain` alone: check and hold the lease here
+        check_before_start(cfg)
+        lease = hold_lease(cfg)
+        try:
+            return stage_pretrain(cfg, arts, lease)
+        finally:
+            lease.release()
     arts = arts or stage_prepare(cfg)
     run_local = Path(cfg.storage.local_dir) / "runs" / cfg.run.id
     run_local.mkdir(parents=True, exist_ok=True)
@@ -212,17 +228,98 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None) -> int:
     cmd += [str(ROOT / "entrypoint.py"), "worker", f"--config={cfg_path}", f"--artifacts={arts_path}"]
     log(f"pretrain: {' '.join(cmd[2:5])} ... ({nnodes} node(s) x {nproc} process(es))")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    # torchrun SIGKILLs workers this long after passing on a SIGTERM (torch >= 2.8 reads it; before, 30 s).
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(cfg.train.grace_seconds + 5))
+    (run_local / PREEMPTED_MARKER).unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, env=env)
+    signalled = []
 
     def forward(signum, frame):  # torchrun forwards to its workers, which checkpoint and exit 75
+        signalled.append(signum)
         proc.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        while True:
+            try:
+                code = proc.wait(timeout=2)
+                break
+            except subprocess.TimeoutExpired:
+                if lease is not None and lease.lost.is_set():
+                    log("pretrain: another job took this run over: killing the workers without a checkpoint")
+                    _kill_tree(proc.pid)
+                    proc.wait()
+                    lease.check()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    return pretrain_exit_code(cfg, code, bool(signalled))
+
+
+def pretrain_exit_code(cfg: Config, code: int, signalled: bool) -> int:
+    """torchrun exits 1 when its workers exit 75 after a SIGTERM (it counts them as failed), so the
+    workers leave a marker once their final checkpoint is published, and this checks the bucket."""
+    marker = Path(cfg.storage.local_dir) / "runs" / cfg.run.id / PREEMPTED_MARKER
+    if code == 0:
+        return 0
+    if marker.is_file():
+        step = json.loads(marker.read_text())["step"]
+        store = bucket(cfg)
+        steps = ckpt.complete_steps(store, cfg.run.id)
+        latest = (store.read_text_or_none(join(ckpt.checkpoints_prefix(cfg.run.id), ckpt.LATEST)) or "").strip()
+        if steps and steps[0] == step and latest == ckpt.step_name(step):
+            log(f"pretrain: preempted; checkpoint {ckpt.step_name(step)} is published and LATEST names it")
+            return EXIT_PREEMPTED
+        log(f"pretrain: the workers stopped at step {step} but the bucket's newest checkpoint is "
+            f"{ckpt.step_name(steps[0]) if steps else 'none'} (LATEST {latest or 'absent'})")
+        return code if code > 0 else 1
+    if signalled:
+        log("pretrain: stopped by a signal before a final checkpoint; the rerun resumes from the newest "
+            "complete one")
+        return EXIT_PREEMPTED
+    return code if code > 0 else 1
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts workers in sessions of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def hold_lease(cfg: Config):
+    """Node 0 takes runs/<id>/lease.json (waiting out a holder that stopped renewing, refusing a
+    live one unless run.takeover); other nodes follow node 0 and hold nothing."""
+    if node_rank() != 0:
+        return None
+    from trainer.lease import Lease
+
+    return Lease(bucket(cfg), cfg.run.id, cfg.run.lease_seconds, log=log).acquire(takeover=cfg.run.takeover)
+
+
+def check_before_start(cfg: Config) -> None:
+    """Settings that depend on this machine (the process count) are checked before any download."""
+    from trainer.train import check_batch_geometry
+
+    try:
+        check_batch_geometry(cfg, default_nproc(cfg) * int(os.environ.get("NNODES", "1") or 1))
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration:\n  {e}") from None
+
+
+def _preempted_between_stages(signum, frame):
+    log(f"received signal {signum} between stages: exiting with {EXIT_PREEMPTED} (rerun to continue; "
+        f"finished stages are reused)")
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 def worker(cfg: Config, arts: Artifacts) -> dict:
@@ -283,23 +380,92 @@ def stage_export(cfg: Config, arts: Artifacts | None = None) -> str:
 
 
 def run(cfg: Config) -> int:
-    """The whole job. Returns the process exit code (0 done, 75 preempted: rerun to resume)."""
+    """The whole job. Returns the process exit code (0 done, 75 preempted: rerun to resume).
+    Node 0 holds the run's lease throughout; SIGTERM outside pretraining exits 75 at once."""
+    check_before_start(cfg)
+    old = {s: signal.signal(s, _preempted_between_stages) for s in (signal.SIGTERM, signal.SIGINT)}
+    lease = hold_lease(cfg)
+    try:
+        return run_stages(cfg, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_stages(cfg: Config, lease=None) -> int:
     files = stage_pull(cfg)
     tok_key = stage_tokenizer(cfg, files)
     arts = stage_prepare(cfg, files, tok_key)
-    code = stage_pretrain(cfg, arts)
+    code = stage_pretrain(cfg, arts, lease)
     if code != 0:
         log(f"pretrain exited with {code}" + (" (preempted: run the same command again to resume)" if code == 75 else ""))
         return code
     if node_rank() != 0:
         return 0
+    lease.check()
     key = stage_export(cfg, arts)
-    from trainer.generate import load_for_generation, sample
+    report_key = stage_report(cfg, files)
+    store = bucket(cfg)
+    log(f"done. bucket: {store.url()}  run: {store.url(f'runs/{cfg.run.id}')}  model: {store.url(key)}  "
+        f"report: {store.url(join(report_key, 'report.md'))}")
+    if cfg.sft.after_pretrain:
+        from trainer.sft import stage_sft
+
+        return stage_sft(cfg)
+    return 0
+
+
+# Stage 6: report -------------------------------------------------------------------------------
+
+def stage_report(cfg: Config, files=None) -> str:
+    """runs/<id>/report/: report.md with plots of the logged metrics, an evaluation of the export
+    (held-out bits per character, samples, degeneration metrics beside the human text's), the
+    samples taken at checkpoints, and TensorBoard event files. Rewritten on every call."""
+    from trainer.evaluate import evaluate_model, heldout_documents
+    from trainer.generate import load_for_generation
+    from trainer.report import parse_metrics, write_report, write_tensorboard
 
     store = bucket(cfg)
-    model, tok = load_for_generation(store.url(key), cfg)
-    log("samples from the exported model:")
-    for prompt, text in zip(cfg.sample.prompts, sample(model, tok, list(cfg.sample.prompts), cfg.sample)):
-        print(f"--- {prompt}\n{text}\n", flush=True)
-    log(f"done. bucket: {store.url()}  run: {store.url(f'runs/{cfg.run.id}')}  model: {store.url(key)}")
-    return 0
+    key = f"runs/{cfg.run.id}/report"
+    out = Path(cfg.storage.local_dir) / key
+    shutil.rmtree(out, ignore_errors=True)
+    metrics = store.read_text_or_none(f"runs/{cfg.run.id}/metrics.jsonl") or ""
+    summary = {"run": cfg.run.id, "model": cfg.model.preset, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
+               "steps": cfg.train.max_steps, "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
+    samples = []
+    if store.exists(join(final_key(cfg), ckpt.MANIFEST)):
+        model, tok = load_for_generation(store.url(final_key(cfg)), cfg)
+        s = cfg.sample
+        files = files if files is not None else stage_pull(cfg)
+        ev = evaluate_model(model, tok, cfg, heldout_documents(cfg, files, s.eval_chars, s.heldout_prompts))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
+        if "heldout" in ev:
+            summary["final held-out bits/char (export)"] = round(ev["heldout"]["bits_per_char"], 4)
+        for who in ("model", "human"):
+            if "vs_human" in ev:
+                r = ev["vs_human"][who]
+                summary[f"{who} continuations: distinct-1 / distinct-2 / repeated 4-grams"] = (
+                    f"{r['distinct_1']:.3f} / {r['distinct_2']:.3f} / {r['repeated_4gram_fraction']:.3f}")
+        samples = ev["samples"] + [{"prompt": x["prompt"], "text": x["text"], "human": x["human"]}
+                                   for x in ev.get("vs_human", {}).get("examples", [])[:4]]
+    at_checkpoints = store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or ""
+    rows = [json.loads(line) for line in at_checkpoints.splitlines() if line.strip()]
+    if rows:
+        by_step = {r["step"]: r for r in rows}  # the metrics are per step (pooled over its prompts)
+        summary["checkpoint samples distinct-2 by step"] = ", ".join(
+            f"{s}: {r['distinct_2']:.2f}" for s, r in sorted(by_step.items()))
+        last = rows[-1]["step"]
+        samples += [r for r in rows if r["step"] == last]
+    write_report(metrics, out, samples, summary)
+    write_tensorboard(parse_metrics(metrics)[0], out / "tensorboard")
+    store.delete_prefix(key + "/")
+    store.upload_dir(out, key)
+    log(f"report: {store.url(join(key, 'report.md'))}")
+    if samples:
+        log("samples from the exported model:")
+    for x in samples[:len(cfg.sample.prompts)]:
+        print(f"--- {x['prompt']}\n{x['prompt']}{x['text']}\n", flush=True)
+    return key

@@ -50,8 +50,32 @@ def llama_config(preset: str, vocab_size: int, seq_len: int, tie_embeddings: boo
     )
 
 
+# Training attention for packed, unpadded sequences: SDPA with is_causal=True and no mask tensor.
+# Under torch.compile, transformers (5.x with torch < 2.14) builds an explicit (B, 1, T, T) mask for
+# plain "sdpa", which keeps SDPA off its flash/cuDNN kernels. Registering our own name through
+# transformers' AttentionInterface / AttentionMaskInterface keeps the stock model and skips the mask.
+CAUSAL_SDPA = "sdpa_causal"
+
+
+def register_causal_sdpa() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, **kwargs):  # query (B, H, Tq, D), key (B, Hkv, Tk, D)
+        kwargs.pop("is_causal", None)
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len != kv_len and q_len != 1:
+            raise NotImplementedError(f"{CAUSAL_SDPA}: {q_len} queries over {kv_len} cached keys needs a mask; "
+                                      f"use attn_implementation='sdpa' for chunked prefill")
+        # Training and prefill: causal. Decoding one token against the cache: it sees every key.
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=q_len > 1, **kwargs)
+
+    AttentionInterface.register(CAUSAL_SDPA, attention)
+    AttentionMaskInterface.register(CAUSAL_SDPA, lambda *args, **kwargs: None)
+
+
 def pick_attention(requested: str, device_type: str) -> str:
-    """flash_attention_2 when installed on a GPU, else PyTorch SDPA (cuDNN/flash kernels on Hopper)."""
+    """For training: flash_attention_2 when installed on a GPU, else causal SDPA without a mask."""
     if requested != "auto":
         return requested
     if device_type == "cuda":
@@ -61,13 +85,15 @@ def pick_attention(requested: str, device_type: str) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return CAUSAL_SDPA
 
 
 def build_model(config, attn_implementation: str = "sdpa"):
     """A freshly initialised LlamaForCausalLM in float32 (autocast supplies bf16 on GPU)."""
     from transformers import LlamaForCausalLM
 
+    if attn_implementation == CAUSAL_SDPA:
+        register_causal_sdpa()
     config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -188,6 +189,20 @@ class LocalStorage(Storage):
         return src.stat().st_size
 
 
+_SIGNED = re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=|Credential=|Signature=)[^&\s,\"'<]+")
+
+
+def redact(text: str) -> str:
+    """`text` without AWS credentials: the values of the credential variables boto3 reads, and the
+    credential and signature parts of signed URLs and Authorization headers, become ***. Storage
+    error messages pass through this, since botocore and endpoints may echo a request back."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(name, "")
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _SIGNED.sub(r"\1***", text)
+
+
 # Errors worth another try on top of botocore's own retries (which cover 5xx, throttling and
 # connection errors per request, but not a stream that breaks half way through a body).
 def _transient(exc: BaseException) -> bool:
@@ -230,7 +245,7 @@ class S3Storage(Storage):
                     "s3", endpoint_url=endpoint, region_name=region,
                     config=BotoConfig(
                         retries={"max_attempts": self._cfg.retries, "mode": "standard"},
-                        connect_timeout=10, read_timeout=60,
+                        connect_timeout=self._cfg.timeout_seconds, read_timeout=self._cfg.timeout_seconds,
                         max_pool_connections=max(10, 2 * self._cfg.max_concurrency),
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",
@@ -256,8 +271,8 @@ class S3Storage(Storage):
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified below
                 if not _transient(e) or attempt == attempts - 1:
-                    raise StorageError(f"{what} {self.url(key)} failed after {attempt + 1} attempt(s): "
-                                       f"{type(e).__name__}: {e}") from None
+                    raise StorageError(redact(f"{what} {self.url(key)} failed after {attempt + 1} attempt(s): "
+                                              f"{type(e).__name__}: {e}")) from None
                 time.sleep(min(20.0, 0.2 * 2**attempt) * (0.5 + random.random()))
 
     def read_bytes(self, key: str) -> bytes:
