@@ -422,50 +422,39 @@ def run_stages(cfg: Config, lease=None) -> int:
 def stage_report(cfg: Config, files=None) -> str:
     """runs/<id>/report/: report.md with plots of the logged metrics, an evaluation of the export
     (held-out bits per character, samples, degeneration metrics beside the human text's), the
-    samples taken at checkpoints, and TensorBoard event files. Rewritten on every call."""
+    samples taken at checkpoints, and TensorBoard event files. Rewritten on every call; the
+    evaluation is reused while the export it judged is still the newest."""
     from trainer.evaluate import evaluate_model, heldout_documents
     from trainer.generate import load_for_generation
-    from trainer.report import parse_metrics, write_report, write_tensorboard
+    from trainer.report import write_run_report
 
     store = bucket(cfg)
     key = f"runs/{cfg.run.id}/report"
     out = Path(cfg.storage.local_dir) / key
     shutil.rmtree(out, ignore_errors=True)
-    metrics = store.read_text_or_none(f"runs/{cfg.run.id}/metrics.jsonl") or ""
+    out.mkdir(parents=True)
     summary = {"run": cfg.run.id, "model": cfg.model.preset, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
                "steps": cfg.train.max_steps, "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
-    samples = []
-    if store.exists(join(final_key(cfg), ckpt.MANIFEST)):
-        model, tok = load_for_generation(store.url(final_key(cfg)), cfg)
-        s = cfg.sample
-        files = files if files is not None else stage_pull(cfg)
-        ev = evaluate_model(model, tok, cfg, heldout_documents(cfg, files, s.eval_chars, s.heldout_prompts))
-        out.mkdir(parents=True, exist_ok=True)
+    ev = None
+    export = store.read_text_or_none(join(final_key(cfg), ckpt.MANIFEST))
+    if export:
+        export_step = json.loads(export)["step"]
+        old = store.read_text_or_none(join(key, "eval.json"))
+        ev = json.loads(old) if old else None
+        if not ev or ev.get("export_step") != export_step:
+            model, tok = load_for_generation(store.url(final_key(cfg)), cfg)
+            s = cfg.sample
+            files = files if files is not None else stage_pull(cfg)
+            docs = heldout_documents(cfg, files, s.eval_chars, s.heldout_prompts)
+            ev = {"export_step": export_step, **evaluate_model(model, tok, cfg, docs)}
         (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
-        if "heldout" in ev:
-            summary["final held-out bits/char (export)"] = round(ev["heldout"]["bits_per_char"], 4)
-        for who in ("model", "human"):
-            if "vs_human" in ev:
-                r = ev["vs_human"][who]
-                summary[f"{who} continuations: distinct-1 / distinct-2 / repeated 4-grams"] = (
-                    f"{r['distinct_1']:.3f} / {r['distinct_2']:.3f} / {r['repeated_4gram_fraction']:.3f}")
-        samples = ev["samples"] + [{"prompt": x["prompt"], "text": x["text"], "human": x["human"]}
-                                   for x in ev.get("vs_human", {}).get("examples", [])[:4]]
-    at_checkpoints = store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or ""
-    rows = [json.loads(line) for line in at_checkpoints.splitlines() if line.strip()]
-    if rows:
-        by_step = {r["step"]: r for r in rows}  # the metrics are per step (pooled over its prompts)
-        summary["checkpoint samples distinct-2 by step"] = ", ".join(
-            f"{s}: {r['distinct_2']:.2f}" for s, r in sorted(by_step.items()))
-        last = rows[-1]["step"]
-        samples += [r for r in rows if r["step"] == last]
-    write_report(metrics, out, samples, summary)
-    write_tensorboard(parse_metrics(metrics)[0], out / "tensorboard")
+    write_run_report(out, store.read_text_or_none(f"runs/{cfg.run.id}/metrics.jsonl") or "", summary, ev,
+                     store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or "")
     store.delete_prefix(key + "/")
     store.upload_dir(out, key)
     log(f"report: {store.url(join(key, 'report.md'))}")
-    if samples:
+    if ev and ev.get("samples"):
         log("samples from the exported model:")
-    for x in samples[:len(cfg.sample.prompts)]:
-        print(f"--- {x['prompt']}\n{x['prompt']}{x['text']}\n", flush=True)
+        for x in ev["samples"]:
+            print(f"--- {x['prompt']}\n{x['prompt']}{x['text']}\n", flush=True)
     return key

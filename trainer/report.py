@@ -97,8 +97,9 @@ def write_report(metrics_jsonl_text: str, out_dir: Path, samples: list[dict] | N
                  summary: dict | None = None) -> list[Path]:
     """Write report.md and the PNG plots there is data for into out_dir; return the paths written.
 
-    `samples`: dicts with `prompt` and `text` (generated continuation), optionally `step` and
-    metric keys (shown under the sample). `summary`: key/value pairs for the top table
+    `samples`: dicts with `prompt` and `text` (generated continuation), optionally `step`, `human`
+    (the human continuation of the same prompt, shown beside it) and metric keys (shown under the
+    sample). `summary`: key/value pairs for the top table
     (config highlights, final bits per character, degeneration metrics, ...).
     """
     out_dir = Path(out_dir)
@@ -147,7 +148,9 @@ def write_report(metrics_jsonl_text: str, out_dir: Path, samples: list[dict] | N
             step = f" (step {sample['step']})" if "step" in sample else ""
             md.append(f"### {i}. {sample.get('prompt', '')}{step}")
             md += ["", "```text", f"{sample.get('prompt', '')}{sample.get('text', '')}", "```"]
-            extra = {k: v for k, v in sample.items() if k not in ("prompt", "text", "step")}
+            if sample.get("human") is not None:  # the held-out document's own continuation, same length
+                md += ["", "human continuation:", "", "```text", f"{sample.get('prompt', '')}{sample['human']}", "```"]
+            extra = {k: v for k, v in sample.items() if k not in ("prompt", "text", "step", "human")}
             if extra:
                 md += ["", ", ".join(f"{k}: {_fmt(v)}" for k, v in extra.items())]
             md.append("")
@@ -185,3 +188,28 @@ def write_tensorboard(metrics_rows: list[dict], log_dir: Path) -> list[Path]:
     finally:
         writer.close()
     return sorted(log_dir.glob("events.out.tfevents.*.metrics"))
+
+
+def write_run_report(out_dir: Path, metrics_jsonl_text: str, summary: dict, evaluation: dict | None = None,
+                     checkpoint_samples_jsonl: str = "") -> list[Path]:
+    """The run report of `entrypoint.py run` / `report`: write_report plus TensorBoard events, with
+    the export's evaluation (evaluate.evaluate_model's dict: held-out bits/char, samples, model vs
+    human continuations) and the samples taken at checkpoints (train.py's samples.jsonl) folded in."""
+    summary, samples = dict(summary), []
+    if evaluation:
+        if "heldout" in evaluation:
+            summary["final held-out bits/char (export)"] = round(evaluation["heldout"]["bits_per_char"], 4)
+        for who in ("model", "human"):
+            if "vs_human" in evaluation:
+                r = evaluation["vs_human"][who]
+                summary[f"{who} continuations: distinct-1 / distinct-2 / repeated 4-grams"] = (
+                    f"{r['distinct_1']:.3f} / {r['distinct_2']:.3f} / {r['repeated_4gram_fraction']:.3f}")
+        samples = list(evaluation.get("samples", [])) + list(evaluation.get("vs_human", {}).get("examples", [])[:4])
+    rows = [json.loads(line) for line in checkpoint_samples_jsonl.splitlines() if line.strip()]
+    if rows:
+        by_step = {r["step"]: r for r in rows}  # the metrics are per step (pooled over its prompts)
+        summary["checkpoint samples distinct-2 by step"] = ", ".join(
+            f"{s}: {r['distinct_2']:.2f}" for s, r in sorted(by_step.items()))
+        samples += [r for r in rows if r["step"] == rows[-1]["step"]]
+    written = write_report(metrics_jsonl_text, out_dir, samples, summary)
+    return written + write_tensorboard(parse_metrics(metrics_jsonl_text)[0], Path(out_dir) / "tensorboard")
