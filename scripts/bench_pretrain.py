@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Pretraining throughput: transformers.Trainer (what users run today) vs our `pretrain` loop,
+same model shapes, same packed token shards, same card, one process, one run.
+
+    python scripts/bench_pretrain.py --models 124m:32,350m:16 --steps 30
+    python scripts/bench_pretrain.py --scaling 1,2,4 --models 124m:32      # DDP efficiency
+
+Prints a table (tok/s, MFU, peak memory, data-wait fraction, ratio to the baseline) and writes
+JSON under bench/results/. Ours runs through trainer.train.train(), the function `run` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def prepare_data(args) -> tuple[Path, Path, dict, object]:
+    """Tokenizer + packed shards from the given corpus, through the job's own stages."""
+    from trainer.config import load_config
+    from trainer.launch import bucket, fetch_folder, stage_prepare
+
+    work = Path(args.workdir)
+    cfg = load_config(None, {"data.sources": args.corpus, "tokenizer.vocab_size": args.vocab,
+                             "tokenizer.sample_bytes": 50_000_000, "storage.bucket": str(work / "bucket"),
+                             "storage.local_dir": str(work / "local")}, env={})
+    arts = stage_prepare(cfg)
+    store = bucket(cfg)
+    data_dir = fetch_folder(store, arts.data_key, work / "local")
+    tok_dir = fetch_folder(store, arts.tokenizer_key, work / "local")
+    index = json.loads((data_dir / "index.json").read_text())
+    return data_dir, tok_dir, index, cfg
+
+
+def mfu_of(tok_s: float, preset: str, vocab: int, seq_len: int, gpus: int = 1) -> float | None:
+    import torch
+
+    from trainer.model import PRESETS, flops_per_token, padded_vocab, peak_flops
+
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    if not peak:
+        return None
+    return tok_s * flops_per_token(PRESETS[preset], padded_vocab(vocab), seq_len) / (peak * gpus)
+
+
+def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict) -> dict:
+    """transformers.Trainer on LlamaForCausalLM: bf16, adamw_torch_fused, SDPA (GPU_NOTES baseline)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from trainer.dataset import TokenSamples
+    from trainer.model import build_model, llama_config
+
+    samples = TokenSamples(data_dir, index, "train", args.seq_len)
+
+    class Packed(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, i):
+            ids = torch.from_numpy(samples.get([i])[0, :-1])
+            return {"input_ids": ids, "labels": ids}
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    torch.manual_seed(0)
+    model = build_model(llama_config(preset, index["vocab_size"], args.seq_len), "sdpa")
+    torch.cuda.reset_peak_memory_stats()
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=args.warmup + args.steps,
+        bf16=True, optim="adamw_torch_fused", learning_rate=3e-4, weight_decay=0.1, warmup_steps=10,
+        lr_scheduler_type="cosine", logging_steps=10_000, save_strategy="no", report_to=[],
+        dataloader_num_workers=2, dataloader_pin_memory=True, disable_tqdm=True, max_grad_norm=1.0)
+    Trainer(model=model, args=targs, train_dataset=Packed(), callbacks=[Clock()]).train()
+    steps = [b - a for a, b in zip(times[args.warmup:], times[args.warmup + 1:])]
+    tok_s = batch * args.seq_len / statistics.median(steps)
+    out = {"setup": "transformers.Trainer", "tok_per_s": tok_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+           "data_wait": None, "mfu": mfu_of(tok_s, preset, index["vocab_size"], args.seq_len)}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, index: dict, base_cfg,
+               compile_mode: str, label: str, nproc: int = 1) -> dict:
+    """trainer.train.train() with the given settings; tok/s is the median logged window after warm-up."""
+    import torch
+
+    from trainer.config import replace
+
+    run_id = f"bench-{preset}-{label}-{nproc}".replace(" ", "").replace(",", "")
+    log_every = 5
+    cfg = replace(base_cfg, **{
+        "run.id": run_id, "model.preset": preset, "train.seq_len": args.seq_len,
+        "train.batch_tokens": batch * args.seq_len * nproc, "train.micro_batch_size": batch,
+        "train.max_steps": args.warmup + args.steps, "train.warmup_steps": 10, "train.lr": 3e-4,
+        "train.log_every_steps": log_every, "train.eval_every_steps": 0, "train.eval_batches": 1,
+        "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode,
+        "checkpoint.upload_async": False})
+    if nproc == 1:
+        from trainer.train import train
+        from trainer.launch import bucket
+
+        torch.cuda.reset_peak_memory_stats()
+        train(cfg, bucket(cfg), data_dir, index, tok_dir, log=lambda m, **k: print(m, flush=True))
+        torch.cuda.empty_cache()
+    else:
+        from trainer.config import to_yaml
+        from trainer.launch import Artifacts
+
+        path = Path(args.workdir) / f"{run_id}.yaml"
+        path.write_text(to_yaml(cfg))
+        arts_path = Path(args.workdir) / "artifacts.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        str(ROOT / "entrypoint.py"), "worker", f"--config={path}", f"--artifacts={arts_path}"],
+                       check=True)
+    metrics = Path(cfg.storage.local_dir) / "runs" / run_id / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steady = [r for r in rows if r["step"] > args.warmup]
+    tok_s = statistics.median(r["tok_per_s"] for r in steady)
+    return {"setup": f"ours ({label})", "tok_per_s": tok_s, "gpus": nproc,
+            "peak_mem_gb": max(r.get("peak_mem_gb", 0) for r in rows),
+            "data_wait": statistics.median(r["data_wait"] for r in steady),
+            "mfu": mfu_of(tok_s, preset, index["vocab_size"], args.seq_len, nproc),
+            "final_loss": rows[-1]["loss"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="124m:32,350m:16", help="preset:batch per GPU, comma separated")
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps (compile, allocator)")
+    p.add_argument("--corpus", default=str(ROOT / "data/sample/*.jsonl.zst"))
+    p.add_argument("--variants", default="hf,eager,compile", help="hf, eager, compile")
+    p.add_argument("--scaling", default="", help="GPU counts for DDP scaling of ours, e.g. 1,2,4")
+    p.add_argument("--workdir", default=tempfile.mkdtemp(prefix="bench-pretrain-"))
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    args = p.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_pretrain needs a CUDA GPU")
+    card = torch.cuda.get_device_name()
+    data_dir, tok_dir, index, base_cfg = prepare_data(args)
+    (Path(args.workdir) / "artifacts.json").write_text(json.dumps({
+        "tokenizer_key": str(tok_dir.relative_to(Path(base_cfg.storage.local_dir))),
+        "data_key": str(data_dir.relative_to(Path(base_cfg.storage.local_dir)))}))
+    results = []
+    variants = args.variants.split(",")
+    for spec in args.models.split(","):
+        preset, batch = spec.split(":")
+        batch = int(batch)
+        rows = []
+        if args.scaling:
+            for n in (int(x) for x in args.scaling.split(",")):
+                rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile", n))
+        else:
+            if "hf" in variants:
+                rows.append(bench_hf_trainer(preset, batch, args, data_dir, index))
+            if "eager" in variants:
+                rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "off", "eager"))
+            if "compile" in variants:
+                rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile"))
+        base = rows[0]["tok_per_s"]
+        for r in rows:
+            r.update(model=preset, batch=batch, seq_len=args.seq_len, vocab=index["vocab_size"],
+                     ratio=r["tok_per_s"] / base)
+            if args.scaling:
+                r["scaling_efficiency"] = r["tok_per_s"] / (base * r["gpus"])
+        results += rows
+
+    print(f"\n{card}, torch {torch.__version__}, seq {args.seq_len}, vocab {index['vocab_size']}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'model':6} {'batch':>5} {'setup':24} {'gpus':>4} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} "
+          f"{'data wait':>9} {'ratio':>6}")
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        wait = f"{100 * r['data_wait']:.2f}%" if r.get("data_wait") is not None else "-"
+        print(f"{r['model']:6} {r['batch']:>5} {r['setup']:24} {r.get('gpus', 1):>4} {r['tok_per_s']:>10,.0f} "
+              f"{mfu:>6} {r['peak_mem_gb']:>8.1f} {wait:>9} {r['ratio']:>5.2f}x")
+    out = Path(os.environ.get("OUT", args.out))
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "scaling" if args.scaling else "pretrain"
+    name = f"{tag}-{card.replace(' ', '_')}-{time.strftime('%Y-%m-%d')}.json"
+    (out / name).write_text(json.dumps({"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                        "command": " ".join(sys.argv), "results": results}, indent=1))
+    print(f"wrote {out / name}")
+
+
+if __name__ == "__main__":
+    main()
