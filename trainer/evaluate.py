@@ -164,14 +164,12 @@ def heldout_documents(cfg, files, max_chars: int, min_docs: int = 0) -> list[str
     """Held-out documents of the corpus (the validation split, chosen by document hash exactly as
     prepare chooses it), in corpus order, until they hold max_chars characters and number at least
     min_docs. Reads only as far into the corpus as that needs."""
-    import dataclasses
-
     from trainer.data import DocumentReader, iter_documents
     from trainer.prepare import Normalizer, is_validation
 
     if cfg.data.val_permille == 0:
         return []
-    norm = Normalizer(dataclasses.replace(cfg.data, dedup=False))
+    norm = Normalizer(cfg.data)  # dedup as prepare does it, so a repeated document counts once
     docs, chars = [], 0
     for text in norm(iter_documents(cfg.data, files, DocumentReader(cfg.data))):
         if not is_validation(text, cfg.data.val_permille):
