@@ -316,7 +316,7 @@ def test_two_processes_train_as_one(tmp_path, chat_model, single_process, cli):
     two = sft_config(tmp_path / "two", chat_model, [SAMPLE], **{**overrides, "train.nproc": 2})
     result = cli.run("sft", cli.write_config(two, tmp_path / "two.yaml"))
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "torchrun 1 node(s) x 2 process(es)" in result.stdout
+    assert "sft: torch.distributed.run --nproc_per_node=2 --standalone ... (1 node(s) x 2 process(es))" in result.stdout
     assert "(1 per micro-batch, 2 accumulation)" in result.stdout
     one = sft_config(tmp_path / "one", chat_model, [SAMPLE], **overrides)
     store = open_storage(one.storage.bucket)

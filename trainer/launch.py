@@ -218,6 +218,17 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
     bucket(cfg).write_text(f"runs/{cfg.run.id}/config.yaml", to_yaml(cfg))
     nproc = default_nproc(cfg)
     nnodes = int(os.environ.get("NNODES", "1") or 1)
+    (run_local / PREEMPTED_MARKER).unlink(missing_ok=True)
+    code, signalled = torchrun(nproc, nnodes, [str(ROOT / "entrypoint.py"), "worker", f"--config={cfg_path}",
+                                               f"--artifacts={arts_path}"], lease, cfg.train.grace_seconds, "pretrain")
+    return pretrain_exit_code(cfg, code, signalled)
+
+
+def torchrun(nproc: int, nnodes: int, tail: list[str], lease, grace_seconds: int, what: str) -> tuple[int, bool]:
+    """Run `python -m torch.distributed.run ... <tail>` (standalone, or the multi-node rendezvous
+    of NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT) until it exits; return (exit code, whether a
+    SIGTERM/SIGINT was forwarded). Signals go to torchrun, which passes them to its workers; they
+    checkpoint and exit 75. If another job takes the run's lease, the workers are killed at once."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes > 1 or os.environ.get("MASTER_ADDR"):
         cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank()}",
@@ -225,13 +236,11 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
                 f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
     else:
         cmd += ["--standalone"]
-    cmd += [str(ROOT / "entrypoint.py"), "worker", f"--config={cfg_path}", f"--artifacts={arts_path}"]
-    log(f"pretrain: {' '.join(cmd[2:5])} ... ({nnodes} node(s) x {nproc} process(es))")
+    log(f"{what}: {' '.join(cmd[2:5])} ... ({nnodes} node(s) x {nproc} process(es))")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     # torchrun SIGKILLs workers this long after passing on a SIGTERM (torch >= 2.8 reads it; before, 30 s).
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(cfg.train.grace_seconds + 5))
-    (run_local / PREEMPTED_MARKER).unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, env=env)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace_seconds + 5))
+    proc = subprocess.Popen(cmd + tail, env=env)
     signalled = []
 
     def forward(signum, frame):  # torchrun forwards to its workers, which checkpoint and exit 75
@@ -246,14 +255,14 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
                 break
             except subprocess.TimeoutExpired:
                 if lease is not None and lease.lost.is_set():
-                    log("pretrain: another job took this run over: killing the workers without a checkpoint")
+                    log(f"{what}: another job took this run over: killing the workers without a checkpoint")
                     _kill_tree(proc.pid)
                     proc.wait()
                     lease.check()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return pretrain_exit_code(cfg, code, bool(signalled))
+    return code, bool(signalled)
 
 
 def pretrain_exit_code(cfg: Config, code: int, signalled: bool) -> int:

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -794,7 +793,7 @@ def _train(cfg: Config, store: Storage, run_id: str, nproc: int, nnodes: int, le
         finetune(cfg, store, data_dir, init_dir, log=lambda m, **k: log(m), lease=lease)
         return 0
     return _torchrun(nproc, nnodes, ["-m", "trainer.sft", f"--config={cfg_path}", f"--data={data_dir}",
-                                     f"--init={init_dir}"], lease)
+                                     f"--init={init_dir}"], lease, cfg.train.grace_seconds)
 
 
 def _hold_lease(cfg: Config, store: Storage, run_id: str):
@@ -806,43 +805,13 @@ def _hold_lease(cfg: Config, store: Storage, run_id: str):
     return Lease(store, run_id, cfg.run.lease_seconds, log=log).acquire(takeover=cfg.run.takeover)
 
 
-def _torchrun(nproc: int, nnodes: int, tail: list[str], lease) -> int:
-    """torchrun as stage_pretrain starts it: signals are forwarded (the workers checkpoint and exit
-    75; torchrun itself then exits 1, so a forwarded signal makes the result 75), and the workers
-    are killed if another job takes the lease."""
-    from trainer.launch import _kill_tree
+def _torchrun(nproc: int, nnodes: int, tail: list[str], lease, grace_seconds: int) -> int:
+    """torchrun as stage_pretrain starts it (launch.torchrun); torchrun exits 1 when its workers exit
+    75 after a forwarded signal, so a forwarded signal makes the result 75."""
+    from trainer.launch import torchrun
     from trainer.train import EXIT_PREEMPTED
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    if nnodes > 1 or os.environ.get("MASTER_ADDR"):
-        cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank()}",
-                f"--master_addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
-                f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
-    else:
-        cmd += ["--standalone"]
-    log(f"sft: torchrun {nnodes} node(s) x {nproc} process(es)")
-    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.Popen(cmd + tail, env={**os.environ, "OMP_NUM_THREADS": threads})
-    signalled = []
-
-    def forward(signum, frame):
-        signalled.append(signum)
-        proc.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while True:
-            try:
-                code = proc.wait(timeout=2)
-                break
-            except subprocess.TimeoutExpired:
-                if lease is not None and lease.lost.is_set():
-                    _kill_tree(proc.pid)
-                    proc.wait()
-                    lease.check()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    code, signalled = torchrun(nproc, nnodes, tail, lease, grace_seconds, "sft")
     return EXIT_PREEMPTED if code and signalled else code
 
 
