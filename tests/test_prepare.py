@@ -178,3 +178,30 @@ def test_unfinished_or_changed_prepare_is_redone(bucket, store, tmp_path, tiny_c
     # Other validation documents: the tokenizer is retrained without them (no leak into val loss).
     assert changed.tokenizer_key != arts.tokenizer_key
     assert store.exists(f"{arts.data_key}/index.json")
+
+
+def test_long_documents_encode_in_pieces_to_the_same_tokens(tmp_path, tiny_docs, monkeypatch):
+    """A document past LONG_DOC_CHARS is cut after line breaks and its pieces encoded in one batch
+    (on every core); the tokens written are exactly those of encoding the whole document."""
+    import trainer.prepare as prepare
+
+    monkeypatch.setattr(prepare, "LONG_DOC_CHARS", 2_000)
+    monkeypatch.setattr(prepare, "PIECE_CHARS", 500)
+    tok = train_tokenizer(tiny_docs, 512, 8, 2)
+    eos = tok.token_to_id(EOS)
+    long_doc = "\n\n".join(tiny_docs[:200]) + "\n  indented line, spaces kept\n\t\nabc 123\n"
+    assert len(long_doc) > 5 * 2_000 and len(prepare.line_pieces(long_doc, 500)) > 5
+    assert "".join(prepare.line_pieces(long_doc, 500)) == long_doc
+    docs = [long_doc, tiny_docs[100], long_doc[:1_500]]  # one long, two short in the same batch
+    index = prepare_shards(data_cfg(val_permille=0, dedup=False), iter(docs), tok, tmp_path, progress=False)
+    got = split_docs(shard_tokens(tmp_path, index, "train"), eos)
+    assert got == [tok.encode(d, add_special_tokens=False).ids for d in docs]
+
+
+def test_line_pieces_cut_only_after_a_newline_before_text():
+    from trainer.prepare import line_pieces
+
+    text = "a" * 10 + "\n" + "b" * 10 + "\n\n" + "c" * 10
+    assert line_pieces(text, 5) == ["a" * 10 + "\n", "b" * 10 + "\n\n", "c" * 10]
+    assert line_pieces("x" * 50, 5) == ["x" * 50]  # no line break: one piece
+    assert line_pieces("short", 100) == ["short"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import re
 import threading
 import time
 import unicodedata
@@ -35,6 +36,24 @@ from trainer.tokenizer import EOS, backend_of, doc_hash
 
 FORMAT_VERSION = 2  # 2: special-token strings inside documents are encoded as plain text
 BATCH_DOCS = 2048  # documents per encode_batch call: enough to keep every core busy
+LONG_DOC_CHARS = 1_000_000  # longer documents are encoded in pieces, in parallel (one encode is one core)
+PIECE_CHARS = 100_000  # ... of about this many characters, cut after line breaks
+_LINE_START = re.compile(r"\n(?=\S)")
+
+
+def line_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` in pieces of about `size` characters, each cut right after a newline that a
+    non-space character follows. Our pre-tokenizer isolates runs of whitespace, so the pieces
+    encode to exactly the tokens of the whole text (tested); a text without such a newline stays whole."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        m = _LINE_START.search(text, start + size)
+        if not m:
+            break
+        pieces.append(text[start:m.end()])
+        start = m.end()
+    pieces.append(text[start:])
+    return pieces
 PREFETCH_BATCHES = 4  # normalised batches the reader thread may run ahead
 
 
@@ -256,14 +275,18 @@ def prepare_shards(cfg: Config, docs: Iterable[str], tokenizer, out_dir: Path, p
 
     def encode(batch):
         texts, hashes = batch
-        return texts, hashes, encode_batch(texts, add_special_tokens=False)
+        if max(map(len, texts), default=0) <= LONG_DOC_CHARS:
+            return texts, hashes, [e.ids for e in encode_batch(texts, add_special_tokens=False)]
+        pieces = [line_pieces(t) if len(t) > LONG_DOC_CHARS else [t] for t in texts]
+        encodings = iter(encode_batch([p for ps in pieces for p in ps], add_special_tokens=False))
+        return texts, hashes, [[i for _ in ps for i in next(encodings).ids] for ps in pieces]
 
-    def write(texts, hashes, encodings):
+    def write(texts, hashes, token_ids):
         is_val = [h % 1000 < permille for h in hashes]  # == is_validation(text), hash computed once
         for split, want in (("train", False), ("val", True)):
-            picked = [(t, e) for t, e, v in zip(texts, encodings, is_val) if v is want]
+            picked = [(t, ids) for t, ids, v in zip(texts, token_ids, is_val) if v is want]
             if picked:
-                ids = np.fromiter(chain.from_iterable(e.ids + [eos] for _, e in picked), dtype=dtype)
+                ids = np.fromiter(chain.from_iterable(chain(doc, (eos,)) for _, doc in picked), dtype=dtype)
                 writers[split].write(ids)
                 n_chars = sum(len(t) + 1 for t, _ in picked)
                 chars[split] += n_chars
