@@ -311,3 +311,24 @@ def test_report_cli_rewrites_the_report(trained, capsys, clean_env):
     assert store.exists(f"{report}/report.md") and not store.exists(f"{report}/stale.txt")
     after = json.loads(store.read_text(f"{report}/eval.json"))
     assert after["heldout"] == pytest.approx(before["heldout"])  # the same export, scored the same way
+
+
+def test_report_lists_what_the_corpus_filters_removed_and_the_skipped_records(tmp_path):
+    """The report names the skipped bad records (data.on_error=skip) from the run's data index,
+    found through runs/<id>/artifacts.json, also with no export yet (no evaluation then)."""
+    from trainer.launch import Artifacts, stage_report
+
+    cfg = load_config(None, {"run.id": "r", "storage.bucket": str(tmp_path / "bucket"),
+                             "storage.local_dir": str(tmp_path / "work")}, env={})
+    store = open_storage(cfg.storage.bucket)
+    store.write_text("runs/r/artifacts.json", Artifacts("tokenizers/t", "data/d").to_json())
+    store.write_text("data/d/index.json", json.dumps({
+        "filters": {"documents_read": 1200, "documents_kept": 1150, "removed_duplicate": 50},
+        "skipped_records": {"invalid_json": 3, "missing_text_field": 2}}))
+    store.write_text("runs/r/metrics.jsonl", '{"step": 1, "loss": 5.0}\n')
+    key = stage_report(cfg)
+    md = store.read_text(f"{key}/report.md")
+    assert "| corpus documents: read / kept | 1,200 / 1,150 |" in md
+    assert "| documents removed by filters | removed_duplicate: 50 |" in md
+    assert "| bad records skipped | invalid_json: 3, missing_text_field: 2 |" in md
+    assert "held-out bits/char" not in md  # no export: nothing evaluated

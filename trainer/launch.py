@@ -216,6 +216,7 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
     cfg_path.write_text(to_yaml(cfg), encoding="utf-8")
     arts_path.write_text(arts.to_json())
     bucket(cfg).write_text(f"runs/{cfg.run.id}/config.yaml", to_yaml(cfg))
+    bucket(cfg).write_text(f"runs/{cfg.run.id}/artifacts.json", arts.to_json())  # for the report
     nproc = default_nproc(cfg)
     nnodes = int(os.environ.get("NNODES", "1") or 1)
     (run_local / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -444,6 +445,16 @@ def stage_report(cfg: Config, files=None) -> str:
     out.mkdir(parents=True)
     summary = {"run": cfg.run.id, "model": cfg.model.preset, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
                "steps": cfg.train.max_steps, "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
+    arts = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
+    index = store.read_text_or_none(join(Artifacts.from_json(arts).data_key, "index.json")) if arts else None
+    if index:  # what the corpus filters removed and which bad records data.on_error=skip skipped
+        index = json.loads(index)
+        summary["corpus documents: read / kept"] = (f"{index['filters'].get('documents_read', 0):,} / "
+                                                    f"{index['filters'].get('documents_kept', 0):,}")
+        removed = {k: v for k, v in index["filters"].items() if k.startswith("removed")}
+        summary["documents removed by filters"] = ", ".join(f"{k}: {v:,}" for k, v in removed.items()) or "none"
+        summary["bad records skipped"] = ", ".join(f"{k}: {v:,}" for k, v in
+                                                   index.get("skipped_records", {}).items()) or "none"
     ev = None
     export = store.read_text_or_none(join(final_key(cfg), ckpt.MANIFEST))
     if export:
