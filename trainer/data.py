@@ -270,10 +270,8 @@ class DocumentReader:
             self._bad(f.url, "unreadable file", f"cannot read{after} ({type(e).__name__}: {e}); the file is corrupt "
                                                 f"or truncated")
 
-    def _jsonl(self, f: CorpusFile, path: str) -> Iterator[str]:
-        field = self.cfg.text_field
+    def _jsonl(self, f: CorpusFile, path: str) -> Iterator:
         with _open_binary(path) as fh:
-            line_no = 0
             for line_no, raw in enumerate(fh, 1):
                 self._lines_read = line_no
                 if not raw.strip():
@@ -287,14 +285,19 @@ class DocumentReader:
                 except ValueError as e:
                     self._bad(where, "invalid JSON", f"invalid JSON: {e}")
                     continue
-                if not isinstance(rec, dict) or field not in rec:
-                    self._bad(where, "missing text field", f"record has no '{field}' field (data.text_field)")
-                    continue
-                text = rec[field]
-                if not isinstance(text, str):
-                    self._bad(where, "non-string text", f"'{field}' is {type(text).__name__}, not a string")
-                    continue
-                yield text
+                yield from self._checked(where, rec)
+
+    def _checked(self, where: str, rec) -> Iterator[str]:
+        """The document of one parsed record (none if it is bad); subclasses read other records."""
+        field = self.cfg.text_field
+        if not isinstance(rec, dict) or field not in rec:
+            self._bad(where, "missing text field", f"record has no '{field}' field (data.text_field)")
+            return
+        text = rec[field]
+        if not isinstance(text, str):
+            self._bad(where, "non-string text", f"'{field}' is {type(text).__name__}, not a string")
+            return
+        yield text
 
     def _txt(self, f: CorpusFile, path: str) -> Iterator[str]:
         with _open_binary(path) as fh:

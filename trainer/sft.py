@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, from_dict, load_config, to_yaml
-from trainer.data import DataError, DocumentReader, _open_binary, corpus_fingerprint, pull, resolve_sources
+from trainer.data import DataError, DocumentReader, corpus_fingerprint, pull, resolve_sources
 from trainer.launch import bucket, default_nproc, log, node_rank
 from trainer.storage import Storage, is_s3, join, open_storage, split_url
 
@@ -117,22 +117,6 @@ class ConversationReader(DocumentReader):
             self._bad(where, problem[0], problem[1])
             return
         yield where, [{"role": t["role"], "content": t["content"]} for t in record[field]]
-
-    def _jsonl(self, f, path: str):
-        with _open_binary(path) as fh:
-            for line_no, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                where = f"{f.url}:{line_no}"
-                try:
-                    record = json.loads(raw)
-                except UnicodeDecodeError as e:
-                    self._bad(where, "invalid UTF-8", f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                    continue
-                except ValueError as e:
-                    self._bad(where, "invalid JSON", f"invalid JSON: {e}")
-                    continue
-                yield from self._checked(where, record)
 
     def _parquet(self, f, path: str):
         import pyarrow.parquet as pq
