@@ -47,6 +47,18 @@ def write_manifest(local_dir: Path, step: int) -> dict:
     return manifest
 
 
+def publish_folder(store: Storage, local_dir: Path, key: str, step: int = 0, replace: bool = False) -> str:
+    """Write local_dir's manifest, upload its files to `key`, and the manifest last, so that a
+    reader who finds the manifest finds every file (tokenizers, exports). replace: delete what is
+    under `key` first (an export of a newer step)."""
+    write_manifest(local_dir, step)
+    if replace:
+        store.delete_prefix(key + "/")
+    store.upload_dir(local_dir, key, skip=(MANIFEST,))
+    store.upload_file(local_dir / MANIFEST, join(key, MANIFEST))
+    return store.url(key)
+
+
 def publish(store: Storage, run_id: str, local_dir: Path, step: int) -> str:
     """Upload a staged checkpoint folder (which already holds its manifest) in the safe order."""
     prefix = join(checkpoints_prefix(run_id), step_name(step))

@@ -101,9 +101,7 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     report["skipped_records"] = dict(reader.skipped)
     report["filters"] = dict(norm.counts)
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    ckpt.write_manifest(out, 0)
-    store.upload_dir(out, key, skip=(ckpt.MANIFEST,))
-    store.upload_file(out / ckpt.MANIFEST, join(key, ckpt.MANIFEST))
+    ckpt.publish_folder(store, out, key)
     log(f"tokenizer: vocab {report['vocab_size']}, {report['chars_per_token_heldout']} chars/token held out, "
         f"{report['seconds']}s -> {store.url(key)}")
     return key
@@ -131,9 +129,7 @@ def import_tokenizer(cfg: Config, store: Storage) -> str:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(local.rglob("*")) if p.is_file())).hexdigest()
     key = f"tokenizers/import-{digest[:16]}"
     if not store.exists(join(key, ckpt.MANIFEST)):
-        ckpt.write_manifest(local, 0)
-        store.upload_dir(local, key, skip=(ckpt.MANIFEST,))
-        store.upload_file(local / ckpt.MANIFEST, join(key, ckpt.MANIFEST))
+        ckpt.publish_folder(store, local, key)
     log(f"tokenizer: using {src} -> {store.url(key)}")
     return key
 
@@ -381,10 +377,7 @@ def stage_export(cfg: Config, arts: Artifacts | None = None) -> str:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    ckpt.write_manifest(out, step)
-    store.delete_prefix(key + "/")
-    store.upload_dir(out, key, skip=(ckpt.MANIFEST,))
-    store.upload_file(out / ckpt.MANIFEST, join(key, ckpt.MANIFEST))
+    ckpt.publish_folder(store, out, key, step, replace=True)
     log(f"export: step {step} -> {store.url(key)}")
     return key
 

@@ -687,10 +687,7 @@ def export_sft(cfg: Config, say=log) -> str:
     for path in src.iterdir():
         if path.is_file() and path.name not in TRAINING_FILES:
             shutil.copy2(path, out / path.name)
-    ckpt.write_manifest(out, step)
-    store.delete_prefix(key + "/")
-    store.upload_dir(out, key, skip=(ckpt.MANIFEST,))
-    store.upload_file(out / ckpt.MANIFEST, join(key, ckpt.MANIFEST))
+    ckpt.publish_folder(store, out, key, step, replace=True)
     say(f"sft export: step {step} -> {store.url(key)}")
     return key
 
