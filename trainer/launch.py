@@ -330,14 +330,17 @@ def _preempted_between_stages(signum, frame):
 
 def worker(cfg: Config, arts: Artifacts) -> dict:
     """One torchrun process: fetch the shards to this machine, then train."""
-    from trainer.train import train
+    from trainer.train import shutdown_distributed, train
 
     store = bucket(cfg)
     local_root = Path(cfg.storage.local_dir)
     data_dir = fetch_folder(store, arts.data_key, local_root)
     tok_dir = fetch_folder(store, arts.tokenizer_key, local_root)
     index = json.loads((data_dir / "index.json").read_text())
-    return train(cfg, store, data_dir, index, tok_dir, log=lambda m, **k: log(m))
+    try:
+        return train(cfg, store, data_dir, index, tok_dir, log=lambda m, **k: log(m))
+    finally:
+        shutdown_distributed()
 
 
 # Stage 5: export -------------------------------------------------------------------------------

@@ -803,7 +803,12 @@ def _worker(argv: list[str]) -> None:
         parser.add_argument(name, required=True)
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    finetune(cfg, bucket(cfg), Path(args.data), Path(args.init), log=lambda m, **k: log(m))
+    from trainer.train import shutdown_distributed
+
+    try:
+        finetune(cfg, bucket(cfg), Path(args.data), Path(args.init), log=lambda m, **k: log(m))
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

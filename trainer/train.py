@@ -94,6 +94,14 @@ def check_batch_geometry(cfg: Config, world: int) -> tuple[int, int, int]:
     return samples, micro, samples // world // micro
 
 
+def shutdown_distributed() -> None:
+    """Tear the process groups down before the interpreter exits. Left to interpreter shutdown,
+    gloo's threads can be destroyed while joinable, and a rank dies with SIGABRT ("terminate called
+    without an active exception") after its work is done, failing the whole torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
