@@ -165,6 +165,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def _send_xml(self, status: int, data: bytes):
+        """An S3-style XML error reply (HEAD gets the status alone, as S3 sends it)."""
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
     def _reset(self):
         """Close with SO_LINGER 0: the client sees a connection reset, not a clean close."""
         with contextlib.suppress(OSError):
@@ -182,26 +191,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             status, code, message = _ERRORS[fault]
             data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
                     f"<RequestId>fault-proxy</RequestId></Error>").encode()
-            self.send_response_only(status)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-            return
+            return self._send_xml(status, data)
         if fault == "echo":
             auth = self.headers.get("Authorization", "")
             key_id = re.search(r"Credential=([^/]+)/", auth)
             data = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Slow down; '
                     f"request {self.command} {self.path} Authorization: {auth}</Message>"
                     f"<AWSAccessKeyId>{key_id.group(1) if key_id else ''}</AWSAccessKeyId></Error>").encode()
-            self.send_response_only(503)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-            return
+            return self._send_xml(503, data)
         if fault == "reset":
             return self._reset()
         if fault == "stall":
