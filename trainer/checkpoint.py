@@ -59,6 +59,16 @@ def publish_folder(store: Storage, local_dir: Path, key: str, step: int = 0, rep
     return store.url(key)
 
 
+def newest_to_export(store: Storage, run_id: str, export_key: str, what: str) -> int | None:
+    """The newest complete step of run_id, or None when the folder at export_key already holds
+    it (its manifest names that step). Raises FileNotFoundError when the run has no checkpoint."""
+    steps = complete_steps(store, run_id)
+    if not steps:
+        raise FileNotFoundError(f"{what}: no complete checkpoint under {store.url(checkpoints_prefix(run_id))}")
+    done = store.read_text_or_none(join(export_key, MANIFEST))
+    return None if done and json.loads(done)["step"] == steps[0] else steps[0]
+
+
 def publish(store: Storage, run_id: str, local_dir: Path, step: int) -> str:
     """Upload a staged checkpoint folder (which already holds its manifest) in the safe order."""
     prefix = join(checkpoints_prefix(run_id), step_name(step))

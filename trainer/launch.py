@@ -358,12 +358,8 @@ def stage_export(cfg: Config, arts: Artifacts | None = None) -> str:
 
     store = bucket(cfg)
     key = final_key(cfg)
-    steps = ckpt.complete_steps(store, cfg.run.id)
-    if not steps:
-        raise FileNotFoundError(f"export: no complete checkpoint under {store.url(ckpt.checkpoints_prefix(cfg.run.id))}")
-    done = store.read_text_or_none(join(key, ckpt.MANIFEST))
-    if done and json.loads(done)["step"] == steps[0]:
-        log(f"export: {store.url(key)} is up to date (step {steps[0]})")
+    if ckpt.newest_to_export(store, cfg.run.id, key, "export") is None:
+        log(f"export: {store.url(key)} is up to date")
         return key
     arts = arts or stage_prepare(cfg)
     local_root = Path(cfg.storage.local_dir)

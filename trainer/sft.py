@@ -672,12 +672,8 @@ def export_sft(cfg: Config, say=log) -> str:
     """runs/<sft run>/final from its newest checkpoint: the checkpoint's HF files (manifest last)."""
     store, run_id = bucket(cfg), sft_run_id(cfg)
     key = f"runs/{run_id}/final"
-    steps = ckpt.complete_steps(store, run_id)
-    if not steps:
-        raise FileNotFoundError(f"sft export: no complete checkpoint in {store.url(ckpt.checkpoints_prefix(run_id))}")
-    done = store.read_text_or_none(join(key, ckpt.MANIFEST))
-    if done and json.loads(done)["step"] == steps[0]:
-        say(f"sft export: {store.url(key)} is up to date (step {steps[0]})")
+    if ckpt.newest_to_export(store, run_id, key, "sft export") is None:
+        say(f"sft export: {store.url(key)} is up to date")
         return key
     local_root = Path(cfg.storage.local_dir)
     step, src = ckpt.fetch_newest(store, run_id, local_root / "runs" / run_id / "export-src", log=say)
