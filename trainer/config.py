@@ -4,13 +4,19 @@ Precedence: defaults in code < YAML file < environment (a few keys containers ne
 Every problem (unknown key, wrong type, bad value) is collected and raised together in one
 ConfigError, each line naming the key to change. Nothing heavy happens before this passes.
 
-Each field's comment is the documentation of the option (docs/config.md is generated from it).
+Each field's docstring (the string literal under it) is the documentation of the option:
+`entrypoint.py <command> --help` and docs/config.md are generated from it (field_docs, markdown).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import json
 import os
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,122 +30,218 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    id: str = "demo"  # run name; outputs go to <bucket>/runs/<id>/; rerunning the same id resumes
-    takeover: bool = False  # start even if another job holds this run's lease in the bucket
-    lease_seconds: int = 120  # a job's lease on run.id expires this long after its last renewal
+    """Which run this is: its id names its folder in the bucket."""
+
+    id: str = "demo"
+    """run name; outputs go to <bucket>/runs/<id>/; rerunning the same id resumes"""
+    takeover: bool = False
+    """start even if another job holds this run's lease in the bucket"""
+    lease_seconds: int = 120
+    """a job's lease on run.id expires this long after its last renewal"""
 
 
 @dataclass(frozen=True)
 class StorageConfig:
-    bucket: str = "./bucket"  # root for all outputs: a local folder or s3://bucket/prefix
-    endpoint_url: str = ""  # S3 endpoint (MinIO, R2); empty = AWS_ENDPOINT_URL or AWS itself
-    region: str = ""  # S3 region; empty = AWS_REGION / AWS_DEFAULT_REGION or us-east-1
-    local_dir: str = "./work"  # scratch folder on this machine: pulled corpus, shards, staged checkpoints
-    max_concurrency: int = 8  # parallel transfers for pull and uploads
-    retries: int = 8  # attempts per S3 request (botocore standard retry mode, with backoff)
-    timeout_seconds: int = 60  # connect and read timeout of one S3 request; a stalled request is retried
+    """Where outputs go (a local folder or S3) and how transfers behave."""
+
+    bucket: str = "./bucket"
+    """root for all outputs: a local folder or s3://bucket/prefix"""
+    endpoint_url: str = ""
+    """S3 endpoint (MinIO, R2); empty = AWS_ENDPOINT_URL or AWS itself"""
+    region: str = ""
+    """S3 region; empty = AWS_REGION / AWS_DEFAULT_REGION or us-east-1"""
+    local_dir: str = "./work"
+    """scratch folder on this machine: pulled corpus, shards, staged checkpoints"""
+    max_concurrency: int = 8
+    """parallel transfers for pull and uploads"""
+    retries: int = 8
+    """attempts per S3 request (botocore standard retry mode, with backoff)"""
+    timeout_seconds: int = 60
+    """connect and read timeout of one S3 request; a stalled request is retried"""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[str, ...] = ("data/sample",)  # files, folders or globs; local or s3://...
-    text_field: str = "text"  # field holding the document in jsonl/json/parquet records
-    on_error: str = "fail"  # bad records: fail (error names file and line) or skip (counted)
-    val_permille: int = 5  # documents held out for validation, per thousand, chosen by text hash
-    shard_tokens: int = 50_000_000  # tokens per packed shard file
-    nfkc: bool = False  # apply Unicode NFKC normalisation to every document
-    to_simplified: bool = False  # convert traditional to simplified Chinese (OpenCC t2s)
-    min_chars: int = 1  # drop documents shorter than this (after normalisation)
-    max_chars: int = 0  # cut documents longer than this many characters; 0 = no limit
-    dedup: bool = True  # drop exact duplicate documents (by text hash)
+    """The pretraining corpus: where it is, how records are read, cleaned and split."""
+
+    sources: tuple[str, ...] = ("data/sample",)
+    """files, folders or globs; local or s3://..."""
+    text_field: str = "text"
+    """field holding the document in jsonl/json/parquet records"""
+    on_error: str = "fail"
+    """bad records: fail (error names file and line) or skip (counted)"""
+    val_permille: int = 5
+    """documents held out for validation, per thousand, chosen by text hash"""
+    shard_tokens: int = 50_000_000
+    """tokens per packed shard file"""
+    nfkc: bool = False
+    """apply Unicode NFKC normalisation to every document"""
+    to_simplified: bool = False
+    """convert traditional to simplified Chinese (OpenCC t2s)"""
+    min_chars: int = 1
+    """drop documents shorter than this (after normalisation)"""
+    max_chars: int = 0
+    """cut documents longer than this many characters; 0 = no limit"""
+    dedup: bool = True
+    """drop exact duplicate documents (by text hash)"""
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    path: str = ""  # load this Hugging Face tokenizer (folder, local or s3://) instead of training
-    vocab_size: int = 32000  # target vocabulary size including special and byte tokens
-    max_token_length: int = 4  # longest token in characters: past 4 Han characters merges memorise phrases,
-    # not words (docs/tokenizer.md: 4 gives the best held-out chars/token at 32k on classical poetry)
-    min_frequency: int = 2  # a merge must occur at least this often in the sample
-    sample_bytes: int = 10_000_000  # cap on text read for training, sampled evenly across shards in one pass;
-    # peak RSS scales with it (docs/tokenizer.md: 10 MB of Chinese is past where chars/token stops improving)
+    """The byte-level BPE tokenizer trained on the corpus (or an existing one loaded)."""
+
+    path: str = ""
+    """load this Hugging Face tokenizer (folder, local or s3://) instead of training"""
+    vocab_size: int = 32000
+    """target vocabulary size including special and byte tokens"""
+    max_token_length: int = 4
+    """longest token in characters"""
+    # Past 4 Han characters merges memorise phrases, not words (docs/tokenizer.md: 4 gives the best
+    # held-out chars/token at 32k on classical poetry).
+    min_frequency: int = 2
+    """a merge must occur at least this often in the sample"""
+    sample_bytes: int = 10_000_000
+    """cap on text read for training (bytes), sampled evenly across shards in one pass; peak RSS scales with it"""
+    # docs/tokenizer.md: 10 MB of Chinese is past where chars/token stops improving.
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "tiny"  # named shape from trainer/model.py PRESETS (tiny, 25m, 124m, 350m, 760m, 1b)
-    attn_implementation: str = "auto"  # training attention: auto (flash_attention_2 if installed, else sdpa_causal), sdpa, eager
-    tie_embeddings: bool = False  # share input embedding and lm_head weights
+    """The model's shape and attention implementation."""
+
+    preset: str = "tiny"
+    """named shape from trainer/model.py PRESETS (tiny, 25m, 124m, 350m, 760m, 1b)"""
+    attn_implementation: str = "auto"
+    """training attention: auto (flash_attention_2 if installed, else sdpa_causal), sdpa, eager"""
+    tie_embeddings: bool = False
+    """share input embedding and lm_head weights"""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 200  # optimizer steps in the whole run
-    seq_len: int = 256  # tokens per training sequence
-    batch_tokens: int = 8192  # global batch in tokens per optimizer step (all ranks, all micro-batches)
-    micro_batch_size: int = 0  # sequences per rank per forward pass; 0 = as many as the batch allows, up to 16
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
-    warmup_steps: int = 20  # linear warmup from 0 to lr
-    schedule: str = "cosine"  # cosine, wsd or multistep (DeepSeek LLM 80/90% steps)
-    decay_fraction: float = 0.2  # wsd: fraction of steps spent in the final decay
-    weight_decay: float = 0.1  # AdamW weight decay on matrices (not on norms or biases)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
-    seed: int = 1234  # seeds weights, data order and every rank's RNG
-    checkpoint_every_steps: int = 100  # save and publish a checkpoint this often (and at the end)
-    eval_every_steps: int = 100  # validation loss this often (and at the end); 0 = only at the end
-    eval_batches: int = 8  # validation micro-batches per evaluation
-    log_every_steps: int = 10  # metrics line this often (the only host-device sync in the loop)
-    grace_seconds: int = 25  # on SIGTERM, finish the step, checkpoint and exit within this
-    nproc: int = 0  # processes per node for torchrun; 0 = all local GPUs (1 on CPU)
-    device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
-    compile: str = "auto"  # torch.compile the model: auto (on GPU), on, off
-    on_nonfinite: str = "skip"  # non-finite loss/grad: skip the update (counted), rollback to last checkpoint, fail
-    spike_factor: float = 0.0  # logged loss > this x running mean: a spike (counted; on_nonfinite rollback/fail); 0=off
+    """Pretraining: batch, optimizer, schedule, checkpoints, failure handling, devices."""
+
+    max_steps: int = 200
+    """optimizer steps in the whole run"""
+    seq_len: int = 256
+    """tokens per training sequence"""
+    batch_tokens: int = 8192
+    """global batch in tokens per optimizer step (all ranks, all micro-batches)"""
+    micro_batch_size: int = 0
+    """sequences per rank per forward pass; 0 = as many as the batch allows, up to 16"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    min_lr_ratio: float = 0.1
+    """final learning rate as a fraction of lr"""
+    warmup_steps: int = 20
+    """linear warmup from 0 to lr"""
+    schedule: str = "cosine"
+    """cosine, wsd or multistep (DeepSeek LLM 80/90% steps)"""
+    decay_fraction: float = 0.2
+    """wsd: fraction of steps spent in the final decay"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms or biases)"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0 = off"""
+    seed: int = 1234
+    """seeds weights, data order and every rank's RNG"""
+    checkpoint_every_steps: int = 100
+    """save and publish a checkpoint this often (and at the end)"""
+    eval_every_steps: int = 100
+    """validation loss this often (and at the end); 0 = only at the end"""
+    eval_batches: int = 8
+    """validation micro-batches per evaluation"""
+    log_every_steps: int = 10
+    """metrics line this often (the only host-device sync in the loop)"""
+    grace_seconds: int = 25
+    """on SIGTERM, finish the step, checkpoint and exit within this"""
+    nproc: int = 0
+    """processes per node for torchrun; 0 = all local GPUs (1 on CPU)"""
+    device: str = "auto"
+    """where to train and generate: auto (cuda when available), cuda or cpu"""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"""
+    compile: str = "auto"
+    """torch.compile the model: auto (on GPU), on, off"""
+    on_nonfinite: str = "skip"
+    """non-finite loss/grad: skip the update (counted), rollback to last checkpoint, fail"""
+    spike_factor: float = 0.0
+    """logged loss > this x running mean: a spike (counted; on_nonfinite rollback/fail); 0=off"""
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    keep_last: int = 3  # keep this many newest checkpoints in the bucket, plus the final one
-    upload_async: bool = True  # upload in a background thread while training goes on
+    """How many checkpoints are kept and how they are uploaded."""
+
+    keep_last: int = 3
+    """keep this many newest checkpoints in the bucket, plus the final one"""
+    upload_async: bool = True
+    """upload in a background thread while training goes on"""
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    prompts: tuple[str, ...] = ("床前明月光", "春眠不覺曉", "白日依山盡")  # shown after export
-    max_new_tokens: int = 64  # tokens generated per prompt
-    temperature: float = 0.8  # sampling temperature; 0 = greedy
-    top_k: int = 50  # keep this many most likely tokens; 0 = off
-    top_p: float = 0.95  # nucleus sampling mass; 1 = off
-    repetition_penalty: float = 1.1  # >1 discourages repeating earlier tokens
-    at_checkpoints: bool = True  # generate sample.prompts at every checkpoint (rank 0) into runs/<id>/samples.jsonl
-    heldout_prompts: int = 32  # eval/report: continue this many held-out documents from their first prompt_chars
-    prompt_chars: int = 5  # ... characters, and compare the degeneration metrics with the human continuations
-    eval_chars: int = 200_000  # eval/report: held-out characters scored for bits per character
+    """Text generation: prompts and sampling settings for samples, generate, chat and eval."""
+
+    prompts: tuple[str, ...] = ("床前明月光", "春眠不覺曉", "白日依山盡")
+    """prompts sampled after export and at checkpoints; each must hold text"""
+    max_new_tokens: int = 64
+    """tokens generated per prompt"""
+    temperature: float = 0.8
+    """sampling temperature; 0 = greedy"""
+    top_k: int = 50
+    """keep this many most likely tokens; 0 = off"""
+    top_p: float = 0.95
+    """nucleus sampling mass; 1 = off"""
+    repetition_penalty: float = 1.1
+    """above 1 discourages repeating earlier tokens; 1 = off"""
+    at_checkpoints: bool = True
+    """generate sample.prompts at every checkpoint (rank 0) into runs/<id>/samples.jsonl"""
+    heldout_prompts: int = 32
+    """eval/report: continue this many held-out documents from their first sample.prompt_chars characters"""
+    prompt_chars: int = 5
+    """eval/report: prompt length in characters of those continuations, compared with the human text"""
+    eval_chars: int = 200_000
+    """eval/report: held-out characters scored for bits per character"""
 
 
 @dataclass(frozen=True)
 class SftConfig:
     """Supervised fine-tuning (`entrypoint.py sft`). Settings not here (schedule, min_lr_ratio, betas,
     weight decay, clipping, seed, device, dtype, compile, micro_batch_size) come from train.*."""
-    init: str = ""  # model to start from: export or checkpoint folder, local or s3://; "" = runs/<run.id>/final
-    run_id: str = ""  # outputs go to <bucket>/runs/<sft.run_id>/; "" = <run.id>-sft; rerunning the same id resumes
-    sources: tuple[str, ...] = ("data/sft-sample",)  # conversations (jsonl/json/parquet): files, folders, globs, s3://
-    messages_field: str = "messages"  # record field holding the turns: [{"role": ..., "content": ...}, ...]
-    seq_len: int = 0  # tokens per packed sequence; 0 = the model's context (max_position_embeddings)
-    batch_sequences: int = 16  # packed sequences per optimizer step (all ranks, all micro-batches)
-    max_steps: int = 100  # optimizer steps of fine-tuning (the conversations repeat as epochs)
-    lr: float = 1e-4  # peak learning rate
-    warmup_steps: int = 10  # linear warmup from 0 to sft.lr
-    checkpoint_every_steps: int = 50  # save and publish a checkpoint this often (and at the end)
-    after_pretrain: bool = False  # `run` fine-tunes right after pretraining and export
+
+    init: str = ""
+    """model to start from: export or checkpoint folder, local or s3://; "" = runs/<run.id>/final"""
+    run_id: str = ""
+    """outputs go to <bucket>/runs/<sft.run_id>/; "" = <run.id>-sft; rerunning the same id resumes"""
+    sources: tuple[str, ...] = ("data/sft-sample",)
+    """conversations (jsonl/json/parquet): files, folders, globs, s3://"""
+    messages_field: str = "messages"
+    """record field holding the turns: [{"role": ..., "content": ...}, ...]"""
+    seq_len: int = 0
+    """tokens per packed sequence; 0 = the model's context (max_position_embeddings)"""
+    batch_sequences: int = 16
+    """packed sequences per optimizer step (all ranks, all micro-batches)"""
+    max_steps: int = 100
+    """optimizer steps of fine-tuning (the conversations repeat as epochs)"""
+    lr: float = 1e-4
+    """peak learning rate"""
+    warmup_steps: int = 10
+    """linear warmup from 0 to sft.lr"""
+    checkpoint_every_steps: int = 50
+    """save and publish a checkpoint this often (and at the end)"""
+    after_pretrain: bool = False
+    """`run` fine-tunes right after pretraining and export"""
 
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration: one section per concern."""
+
     run: RunConfig = field(default_factory=RunConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -356,6 +458,9 @@ def check(cfg: Config) -> list[str]:
     need(cfg.sample.heldout_prompts >= 0, "sample.heldout_prompts", "must be >= 0")
     need(cfg.sample.prompt_chars >= 1, "sample.prompt_chars", "must be at least 1")
     need(cfg.sample.eval_chars >= 0, "sample.eval_chars", "must be >= 0 (0 = no bits-per-character score)")
+    for i, prompt in enumerate(cfg.sample.prompts):  # an empty prompt gives the model 0 tokens to continue
+        if not prompt.strip():
+            problems.append(f"sample.prompts[{i}]: must hold text, not only whitespace (got {prompt!r})")
     sft = cfg.sft
     need(sft.run_id == "" or all(c.isalnum() or c in "-_." for c in sft.run_id), "sft.run_id",
          "must be letters, digits, '-', '_' or '.' (or empty for <run.id>-sft)")
@@ -404,3 +509,110 @@ def replace(cfg: Config, **dotted) -> Config:
         section, _, name = key.partition(".")
         tree[section][name] = value
     return load_config_tree(tree)
+
+
+# Documentation generated from the dataclasses ---------------------------------------------------
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its docstring} for a config dataclass: the string literal right under each
+    field (as LitGPT and jsonargparse document options). Raises ValueError naming a field without one."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
+    if missing:
+        raise ValueError(f"{cls.__name__}: fields without a docstring: {', '.join(missing)}")
+    return docs
+
+
+def section_doc(section: str) -> str:
+    """The section's class docstring, on one line."""
+    return " ".join((_resolve(Config, section).__doc__ or "").split())
+
+
+def sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def type_name(key: str) -> str:
+    """How a key's value is written: int, float, true|false, list of str, or its choices a|b|c."""
+    if key in CHOICES:
+        return "|".join(CHOICES[key])
+    section, _, name = key.partition(".")
+    hint = typing.get_type_hints(_resolve(Config, section))[name]
+    if typing.get_origin(hint) is tuple:
+        return "list of str"
+    return "true|false" if hint is bool else hint.__name__
+
+
+def format_value(value) -> str:
+    """A value as it would be written in YAML or on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return json.dumps(list(value), ensure_ascii=False)
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def key_rows(section: str) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every key of a section, in declaration order."""
+    cls = _resolve(Config, section)
+    docs = field_docs(cls)
+    return [(f"{section}.{f.name}", type_name(f"{section}.{f.name}"), format_value(getattr(cls(), f.name)),
+             docs[f.name]) for f in dataclasses.fields(cls)]
+
+
+def help_text(names: list[str]) -> str:
+    """`--help`'s list of config keys: `names` are sections ("train", every key) or keys
+    ("train.device"), grouped by section, each key with its default, type and one-line doc."""
+    lines = []
+    for section in sections():
+        wanted = section in names
+        rows = [r for r in key_rows(section) if wanted or r[0] in names]
+        if rows:
+            lines.append(f"  {section}: {section_doc(section)}")
+        for key, kind, default, doc in rows:
+            lines.append(f"    --{key}={default}  ({kind})")
+            lines.append(f"        {doc}")
+    return "\n".join(lines)
+
+
+def markdown() -> str:
+    """docs/config.md: every section and key with its type, default and docstring."""
+    env = {key: name for name, key in ENV_KEYS.items()}
+    out = ["# Configuration", "",
+           "<!-- Generated from trainer/config.py by `python entrypoint.py config-docs > docs/config.md`; "
+           "tests/test_cli_help.py fails when this file is not current. -->", "",
+           "Values come from, in order: the defaults below, the YAML file (`--config` or `CONFIG`), environment "
+           "variables, then `--section.key=value` overrides. Unknown keys, wrong types and bad values are all "
+           "reported together, each with its key. `python entrypoint.py <command> --help` lists the keys a "
+           "command uses.", ""]
+    for section in sections():
+        out += [f"## {section}", "", section_doc(section), "", "| key | type | default | |", "|---|---|---|---|"]
+        for key, kind, default, doc in key_rows(section):
+            doc = doc + (f" (environment: `{env[key]}`)" if key in env else "")
+            doc = doc.replace("|", "\\|").replace("<", "\\<")  # a table cell; <bucket> is not an HTML tag
+            cells = [f"`{key}`", kind.replace("|", " \\| "), f"`{default}`", doc]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def summary(cfg: Config) -> str:
+    """Two or three lines for the start of a command: the run, the bucket, and every key whose value
+    differs from its default (the full resolved config is saved with the run as config.yaml)."""
+    default = _flatten(to_dict(Config()))
+    changed = [f"{k}={format_value(v)}" for k, v in _flatten(to_dict(cfg)).items()
+               if v != default[k] and k not in ("run.id", "storage.bucket")]
+    changed = [c if len(c) <= 80 else c[:77] + "..." for c in changed]
+    head = f"config: run.id={cfg.run.id} storage.bucket={cfg.storage.bucket} model.preset={cfg.model.preset}"
+    body = textwrap.wrap("set: " + (", ".join(changed) or "(all defaults)"), 110, subsequent_indent="  ",
+                         break_long_words=False, break_on_hyphens=False)
+    return "\n".join([head, *body])
