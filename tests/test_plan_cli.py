@@ -120,7 +120,8 @@ def test_out_keeps_the_rest_of_config(tmp_path, capsys):
     entrypoint.main(["plan", "--preset=124m", "--json", f"--config={base}", f"--out={out}"])
     p = json.loads(capsys.readouterr().out)
     cfg = load_config(str(out), {}, env={})
-    assert (cfg.run.id, cfg.tokenizer.vocab_size, cfg.train.schedule) == ("mine", 8000, "wsd")
+    assert (cfg.tokenizer.vocab_size, cfg.train.schedule) == (8000, "wsd")
+    assert cfg.run.id.startswith("124m-")  # a run of its own, not base's "mine" (tests/test_cli_errors.py)
     assert cfg.model.preset == "124m" == p["model"]["preset"] and cfg.train.max_steps == p["steps"]
 
 

@@ -20,6 +20,8 @@ C = 6 N D) is shown beside it for comparison; it does not drive the plan.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -283,14 +285,35 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
 
 def plan_to_config(plan: Plan, base: dict) -> dict:
     """A copy of the config tree `base` (as config.to_dict gives, or a YAML file's) with the plan's
-    model.preset, train.max_steps, batch_tokens, lr, seq_len and warmup_steps set."""
+    model.preset, train.max_steps, batch_tokens, lr, seq_len and warmup_steps set, and a run.id of
+    its own (planned_run_id): a planned model must not resume, or overwrite, base's run."""
     tree = copy.deepcopy(base)
     tree.setdefault("model", {})["preset"] = plan.preset
     tree.setdefault("train", {}).update({
         "max_steps": plan.steps, "batch_tokens": plan.batch_tokens, "lr": plan.lr,
         "seq_len": plan.seq_len, "warmup_steps": plan.warmup_steps,
     })
+    tree.setdefault("run", {})["id"] = planned_run_id(plan, tree)
     return tree
+
+
+def planned_run_id(plan: Plan, tree: dict) -> str:
+    """`<preset>-<tokens>-<6 hex digits>`, e.g. `124m-2.6b-3f9a1c`: the model and tokens to read at a
+    glance, and a hash of the whole config tree without run.id, so the same plan of the same base
+    gets the same id (rerunning it resumes) and any other plan or base gets another."""
+    rest = {section: {k: v for k, v in body.items() if (section, k) != ("run", "id")} if isinstance(body, dict)
+            else body for section, body in tree.items()}
+    digest = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{plan.preset}-{short_count(plan.tokens)}-{digest}"
+
+
+def short_count(n: float) -> str:
+    """1234 -> 1.2k, 2.6e9 -> 2.6b (two significant figures; k, m, b, t for 1e3, 1e6, 1e9, 1e12)."""
+    n = float(f"{n:.2g}")  # round first, so 999_999 reads 1m, not 1e+03k
+    for unit, scale in (("t", 1e12), ("b", 1e9), ("m", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n:g}"
 
 
 def plan_json(plan: Plan) -> dict:
