@@ -9,10 +9,16 @@ The S3 client is created lazily, uses the endpoint from config or AWS_ENDPOINT_U
 botocore's "standard" retry mode with backoff, multipart transfers for large files, and checksums
 only when required (MinIO and R2 reject or ignore the newer default CRC trailers on some versions).
 Credentials come from boto3's usual chain and are never stored or printed by this module.
+
+A local write that fails (a full disk) removes its temporary file; deleting a folder prefix of a
+local bucket also removes temporaries that a killed process left there, and the emptied folders.
+Missing or refused credentials and a missing bucket are StorageAccessError: not retried, and a
+ConfigError too, so the CLI exits 2 (retrying cannot fix them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -22,11 +28,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import StorageConfig
+from trainer.config import ConfigError, StorageConfig
 
 
 class StorageError(RuntimeError):
     """A storage operation failed after all retries; the message names the URL."""
+
+
+class StorageAccessError(StorageError, ConfigError):
+    """The bucket cannot be used as configured: no or partial credentials, keys or a token the
+    endpoint refuses, access denied, no such bucket. Never retried; being a ConfigError, the CLI
+    exits 2 with its one line (fix the configuration, do not retry)."""
+
+
+_TEMPORARY = re.compile(r"\..+\.\d+\.\d+\.part")  # .<name>.<pid>.<thread id>.part, as the writes below name them
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,7 @@ class Storage:
         """Download to a temporary name, verify the size, then rename. Returns bytes written."""
         local_path = Path(local_path)
         local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local_path.with_name(f".{local_path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        tmp = _temporary(local_path)
         try:
             expected = self._download(key, tmp)
             got = tmp.stat().st_size
@@ -136,15 +155,29 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise StorageError(f"not found: {self.url(key)}") from None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def _write_via_temporary(self, key: str, write) -> None:
+        """write(tmp) fills a temporary next to the destination, which is then renamed over it. On
+        any failure (a full disk, a signal) the temporary is removed; an OSError becomes a
+        StorageError naming the URL."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = _temporary(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise StorageError(f"write {self.url(key)} failed: {type(e).__name__}: {e}") from e
+            raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        def write(tmp: Path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        self._write_via_temporary(key, write)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -174,12 +207,25 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under prefix; for a folder prefix ("runs/x/step-8/") also the write
+        temporaries left in it by a killed process and the folders emptied, the folder included.
+        Returns the number of objects deleted."""
+        n = super().delete_prefix(prefix)
+        folder = self._path(prefix.rstrip("/"))
+        if prefix.endswith("/") and folder.is_dir():
+            for path in sorted(folder.rglob("*"), reverse=True):  # a folder's contents before the folder
+                if path.is_dir():
+                    with contextlib.suppress(OSError):  # not empty: something else lives there
+                        path.rmdir()
+                elif _TEMPORARY.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return n
+
     def upload_file(self, local_path: str | Path, key: str) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, dest)
+        self._write_via_temporary(key, lambda tmp: shutil.copyfile(local_path, tmp))
 
     def _download(self, key: str, tmp: Path) -> int:
         src = self._path(key)
@@ -203,6 +249,32 @@ def redact(text: str) -> str:
     return _SIGNED.sub(r"\1***", text)
 
 
+# Error codes that say the configuration, not the moment, is wrong: credentials, permissions, bucket.
+_ACCESS_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                 "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "InvalidBucketName", "AccountProblem",
+                 "AuthorizationHeaderMalformed"}
+
+
+def _access_problem(exc: BaseException) -> str | None:
+    """What to fix when `exc` is a credentials, permission or bucket error (None otherwise)."""
+    from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, (S3UploadFailedError, S3TransferFailedError)) and exc.__context__ is not None:
+        exc = exc.__context__  # boto3's transfers wrap the ClientError they got
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or give the "
+                "machine a role)")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket" or code == "InvalidBucketName":
+            return "no such bucket (storage.bucket)"
+        if code in _ACCESS_CODES or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403:
+            return ("access refused: check the credentials and their permissions, storage.endpoint_url and "
+                    "storage.region")
+    return None
+
+
 # Errors worth another try on top of botocore's own retries (which cover 5xx, throttling and
 # connection errors per request, but not a stream that breaks half way through a body).
 def _transient(exc: BaseException) -> bool:
@@ -210,6 +282,8 @@ def _transient(exc: BaseException) -> bool:
         IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from boto3.exceptions import S3UploadFailedError
 
+    if isinstance(exc, StorageAccessError) or _access_problem(exc):
+        return False
     if isinstance(exc, (BotoConnectionError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError,
                         ConnectionError, TimeoutError, S3UploadFailedError, StorageError)):
         return True
@@ -270,6 +344,10 @@ class S3Storage(Storage):
             try:
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified below
+                problem = _access_problem(e)
+                if problem:
+                    raise StorageAccessError(redact(f"{what} {self.url(key)}: {problem} ({type(e).__name__}: "
+                                                    f"{e})")) from None
                 if not _transient(e) or attempt == attempts - 1:
                     raise StorageError(redact(f"{what} {self.url(key)} failed after {attempt + 1} attempt(s): "
                                               f"{type(e).__name__}: {e}")) from None
