@@ -1,18 +1,29 @@
 """Corpus files: resolve sources, pull them into the local cache, and read documents out of them.
 
-Formats (by file name): .jsonl / .json (one JSON object per line, text in `data.text_field`),
-.parquet (column `data.text_field`), .txt (documents separated by blank lines); each optionally
-compressed as .gz or .zst. Errors name the file and line; with `data.on_error: skip` the bad
-record (or the unreadable rest of a corrupt file) is skipped and counted instead.
+Formats (by file name, any letter case): .jsonl / .ndjson (one JSON object per line, text in
+`data.text_field`), .json (one JSON array of such objects, read a record at a time, or JSON Lines),
+.parquet (column `data.text_field`), .txt (documents separated by blank lines); all but parquet
+optionally compressed as .gz, .zst (.zstd), .bz2 or .xz. A folder source reads every such file under
+it except hidden ones (a name part starting with '.', as `datasets` does) and logs which files it
+skipped and why. A source path that exists is taken literally even if it holds glob characters.
+
+Every reader strips a UTF-8 byte-order mark and turns CRLF and CR line ends into LF, inside JSON and
+parquet text too. Errors name the file and line (or array index, or parquet row); with
+`data.on_error: skip` the bad record (or the unreadable rest of a corrupt file) is skipped and counted
+instead. Text that is not valid Unicode (bytes that are not UTF-8, an unpaired surrogate escape such
+as "\\ud83d" in JSON) is a bad record like any other.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import hashlib
 import io
 import json
+import logging
+import lzma
 import os
 import re
 import zlib
@@ -25,9 +36,43 @@ from typing import Iterator
 from trainer.config import Config, DataConfig
 from trainer.storage import is_s3, open_storage
 
-FORMATS = (".jsonl", ".json", ".parquet", ".txt")
-COMPRESSIONS = ("", ".gz", ".zst")
-SUFFIXES = tuple(f + c for f in FORMATS for c in COMPRESSIONS)
+logger = logging.getLogger(__name__)
+
+# File name endings, matched case-insensitively: a format (aliases map to one reader), then an
+# optional compression. Parquet compresses inside the file, so a compressed .parquet is not read.
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
+COMPRESSIONS = {"": "", ".gz": "gz", ".zst": "zst", ".zstd": "zst", ".bz2": "bz2", ".xz": "xz"}
+SUPPORTED = ".jsonl, .ndjson, .json, .txt (each optionally .gz, .zst, .zstd, .bz2 or .xz) and .parquet"
+SHOW_SKIPPED = 10  # skipped files named in a log line or error; the rest are counted
+
+
+def file_kind(name: str) -> tuple[str, str] | None:
+    """(format, compression) of a corpus file name, e.g. 'part-1.JSONL.zstd' -> ('jsonl', 'zst');
+    None when the name is not a corpus file type."""
+    low = name.lower()
+    for ext, compression in COMPRESSIONS.items():
+        if not low.endswith(ext):
+            continue
+        base = low[: len(low) - len(ext)]
+        for fext, fmt in FORMATS.items():
+            if base.endswith(fext) and not (fmt == "parquet" and compression):
+                return fmt, compression
+    return None
+
+
+def _skip_reason(rel_path: str) -> str | None:
+    """Why a file found under a folder source is not read (None: it is read)."""
+    parts = rel_path.split("/")
+    if any(p.startswith(".") for p in parts):
+        return "hidden"
+    if file_kind(parts[-1]) is None:
+        return "not a corpus file type"
+    return None
+
+
+def _skipped_text(skipped: list[tuple[str, str]]) -> str:
+    shown = ", ".join(f"{name} ({why})" for name, why in skipped[:SHOW_SKIPPED])
+    return shown + (f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else "")
 
 
 class DataError(ValueError):
@@ -90,47 +135,96 @@ def _glob_regex(pattern: str) -> re.Pattern:
 def resolve_sources(cfg: Config) -> list[CorpusFile]:
     """Expand data.sources (files, folders, globs; local or s3://) into a sorted file listing.
 
-    A source that matches no corpus file is an error naming it (a typo must not train on nothing).
+    A path (or key, or folder prefix) that exists is taken as named, glob characters and all; only
+    otherwise is a source with *, ? or [ a glob. Files a folder or glob finds but does not read
+    (hidden, or not a corpus file type) are logged as a warning, naming each and why. A source that
+    matches no corpus file is a DataError naming it (a typo must not train on nothing).
     """
     files: dict[str, CorpusFile] = {}
     for i, source in enumerate(cfg.data.sources):
-        found = _resolve_s3(source, cfg) if is_s3(source) else _resolve_local(source)
+        found, skipped = _resolve_s3(source, cfg) if is_s3(source) else _resolve_local(source)
         if not found:
-            raise DataError(f"data.sources[{i}]: {source!r} matches no corpus file "
-                            f"(supported: {', '.join(FORMATS)}, optionally .gz/.zst)")
+            why = f"; skipped {_skipped_text(skipped)}" if skipped else ""
+            raise DataError(f"data.sources[{i}]: {source!r} matches no corpus file (supported: {SUPPORTED}){why}")
+        if skipped:
+            logger.warning("data.sources[%d] %r: read %d file(s), skipped %d: %s", i, source, len(found),
+                           len(skipped), _skipped_text(skipped))
         for f in found:
             files.setdefault(f.url, f)
     return sorted(files.values(), key=lambda f: f.url)
 
 
-def _resolve_local(source: str) -> list[CorpusFile]:
+def _literal_glob(path: Path) -> str:
+    """`path` as a glob whose leading components that exist on disk are escaped: in
+    '中文 语料 [清洗后]/*.jsonl' the folder is itself, not a character class."""
+    base, parts = Path(), path.parts
+    i = 0
+    while i < len(parts) and (base / parts[i]).exists():
+        base, i = base / parts[i], i + 1
+    return os.path.join(glob.escape(str(base)), *parts[i:]) if i else str(path)
+
+
+def _local_file(p: Path) -> CorpusFile:
+    p = p.resolve()
+    return CorpusFile(str(p), p.stat().st_size, _local_fingerprint(p), local=str(p))
+
+
+def _resolve_local(source: str) -> tuple[list[CorpusFile], list[tuple[str, str]]]:
+    """(files to read, [(path, why skipped)]) for one local source."""
     path = Path(source).expanduser()
-    if _has_magic(source):
-        paths = [Path(p) for p in glob.glob(str(path), recursive=True)]
-    elif path.is_dir():
-        paths = [p for p in path.rglob("*")]
-    else:
-        paths = [path] if path.exists() else []
-    out = []
-    for p in paths:
-        if p.is_file() and p.name.endswith(SUFFIXES):
-            p = p.resolve()
-            out.append(CorpusFile(str(p), p.stat().st_size, _local_fingerprint(p), local=str(p)))
-    return out
+    if path.is_file():  # named explicitly: read whatever its name, if it is a corpus type
+        kind = file_kind(path.name)
+        return ([_local_file(path)], []) if kind else ([], [(path.name, "not a corpus file type")])
+    if path.is_dir():
+        found, skipped = [], []
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(path).as_posix()
+                why = _skip_reason(rel)
+                if why:
+                    skipped.append((rel, why))
+                else:
+                    found.append(_local_file(p))
+        return found, skipped
+    if not _has_magic(source):
+        return [], []
+    found, skipped = [], []
+    for name in sorted(glob.glob(_literal_glob(path), recursive=True)):
+        p = Path(name)
+        if p.is_file():
+            if file_kind(p.name):
+                found.append(_local_file(p))
+            else:
+                skipped.append((name, "not a corpus file type"))
+    return found, skipped
 
 
-def _resolve_s3(source: str, cfg: Config) -> list[CorpusFile]:
+def _resolve_s3(source: str, cfg: Config) -> tuple[list[CorpusFile], list[tuple[str, str]]]:
+    """(files to read, [(key, why skipped)]) for one s3:// source: an object, a folder prefix, or a glob."""
     bucket, _, pattern = source[len("s3://"):].partition("/")
     store = open_storage(f"s3://{bucket}", cfg.storage)
-    if _has_magic(pattern):
-        head = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)]
-        prefix = head.rsplit("/", 1)[0] + "/" if "/" in head else ""
-        match = _glob_regex(pattern).match
-        objs = [o for o in store.list(prefix) if match(o.key)]
+    exact = store.info(pattern) if pattern and not pattern.endswith("/") else None
+    if exact:
+        objs, root = [exact], None
     else:
-        exact = store.info(pattern) if pattern else None
-        objs = [exact] if exact else store.list(pattern.rstrip("/") + "/" if pattern else "")
-    return [CorpusFile(f"s3://{bucket}/{o.key}", o.size, o.etag) for o in objs if o.key.endswith(SUFFIXES)]
+        root = pattern.rstrip("/") + "/" if pattern else ""
+        objs = store.list(root)
+        if not objs and _has_magic(pattern):  # nothing exists under that literal name: a glob
+            head = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)]
+            prefix = head.rsplit("/", 1)[0] + "/" if "/" in head else ""
+            match = _glob_regex(pattern).match
+            objs, root = [o for o in store.list(prefix) if match(o.key)], None
+    found, skipped = [], []
+    for o in objs:
+        if o.key.endswith("/"):  # a folder marker some tools write
+            continue
+        why = _skip_reason(o.key[len(root):]) if root is not None else (
+            None if file_kind(o.key.rsplit("/", 1)[-1]) else "not a corpus file type")
+        if why:
+            skipped.append((o.key, why))
+        else:
+            found.append(CorpusFile(f"s3://{bucket}/{o.key}", o.size, o.etag))
+    return found, skipped
 
 
 def pull(cfg: Config, files: list[CorpusFile], progress: bool = True) -> list[CorpusFile]:
@@ -224,17 +318,125 @@ class _ZstdFrames(io.RawIOBase):
         super().close()
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
+def _open_binary(path: str, compression: str | None = None) -> io.BufferedIOBase:
+    """The decompressed bytes of a corpus file; `compression` as file_kind gives it (default: from the name)."""
+    if compression is None:
+        compression = (file_kind(path) or ("", ""))[1]
+    if compression == "gz":
         return gzip.open(path, "rb")
-    if path.endswith(".zst"):
+    if compression == "zst":
         return io.BufferedReader(_ZstdFrames(path), 1 << 20)
+    if compression == "bz2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
     return open(path, "rb", buffering=1 << 20)
 
 
-def _format(path: str) -> str:
-    name = path[:-3] if path.endswith(".gz") else path[:-4] if path.endswith(".zst") else path
-    return Path(name).suffix
+def _lines(fh) -> Iterator[bytes]:
+    """The lines of a binary stream without their ends: LF, CRLF and a lone CR each end a line.
+    (No UTF-8 sequence holds the bytes of CR or LF, so splitting bytes is safe.)"""
+    for raw in fh:
+        if b"\r" in raw:
+            pieces = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            if not pieces[-1]:
+                pieces.pop()
+            yield from pieces
+        else:
+            yield raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def clean_text(text: str) -> str:
+    """A document without a leading byte-order mark, with CRLF and CR line ends made LF."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_NON_SPACE = re.compile(r"[^ \t\n\r]")
+
+
+def lone_surrogate(record) -> str | None:
+    """'U+D83D' for the first unpaired surrogate in any string of a parsed JSON record, else None.
+    json.loads joins an escaped pair into one character but keeps a lone "\\ud83d" as is, and such a
+    string cannot be encoded as UTF-8 (the tokenizer would raise UnicodeEncodeError)."""
+    m = _SURROGATE.search(json.dumps(record, ensure_ascii=False))
+    return f"U+{ord(m.group()):04X}" if m else None
+
+
+class JSONArrayError(ValueError):
+    """Where a stream stops being one JSON array; `line` is 1-based."""
+
+    def __init__(self, line: int, msg: str):
+        super().__init__(f"line {line}: {msg}")
+        self.line, self.msg = line, msg
+
+
+def iter_json_array(text: io.TextIOBase, head: str = "", chunk_chars: int = 1 << 20
+                    ) -> Iterator[tuple[int, int, object, str]]:
+    """(line, index, value, source text) of each element of the one JSON array that `head` + the
+    rest of `text` hold, decoded an element at a time with json.JSONDecoder.raw_decode: memory is
+    about twice the largest element plus a read buffer, whatever the file size. Raises
+    JSONArrayError naming the line where the text stops being a JSON array (nothing after that
+    point can be found reliably). `datasets` reads such a file with one json.load; this streams."""
+    decoder = json.JSONDecoder()
+    buf, pos, line, eof = head, 0, 1, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        chunk = text.read(max(chunk_chars, len(buf) - pos))  # doubles while one element is pending
+        buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+        return bool(chunk)
+
+    def next_char() -> str:  # the next non-space character ("" at the end), at buf[pos]
+        nonlocal pos, line
+        while True:
+            m = _NON_SPACE.search(buf, pos)
+            if m:
+                line += buf.count("\n", pos, m.start())
+                pos = m.start()
+                return buf[pos]
+            line += buf.count("\n", pos)
+            pos = len(buf)
+            if not more():
+                return ""
+
+    def incomplete(e: json.JSONDecodeError) -> bool:  # the error may be where the buffer ends
+        return e.pos >= len(buf) - 6 or e.msg.startswith("Unterminated string")
+
+    if next_char() != "[":
+        raise JSONArrayError(line, "not a JSON array")
+    pos += 1
+    index, c = 0, next_char()
+    while c != "]":
+        if index and c != ",":
+            raise JSONArrayError(line, f"expected ',' or ']' after array index {index - 1}")
+        if index:
+            pos += 1
+            next_char()
+        while True:  # decode the element at pos, reading more while it may continue past the buffer
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                if eof or not incomplete(e):
+                    raise JSONArrayError(line + buf.count("\n", pos, e.pos), e.msg) from None
+            else:
+                if end < len(buf) or eof:
+                    break
+            more()
+        yield line, index, value, buf[pos:end]
+        line += buf.count("\n", pos, end)
+        pos, index = end, index + 1
+        c = next_char()
+        if not c:
+            raise JSONArrayError(line, "the file ends inside the array")
+    pos += 1
+    if next_char():
+        raise JSONArrayError(line, "more data after the array")
 
 
 class DocumentReader:
@@ -251,41 +453,89 @@ class DocumentReader:
 
     def iter_file(self, f: CorpusFile) -> Iterator[str]:
         path = f.local or f.url
-        fmt = _format(path)
+        kind = file_kind(f.name) or file_kind(path)
+        if kind is None:
+            self._bad(f.url, "unsupported file type", f"not a corpus file type (supported: {SUPPORTED})")
+            return
+        fmt, compression = kind
         if f.size == 0 or os.path.getsize(path) == 0:
             self._bad(f.url, "empty file", "empty file")
             return
         self._lines_read = 0  # where a corrupt stream broke off, for the message
         try:
-            if fmt == ".parquet":
+            if fmt == "parquet":
                 yield from self._parquet(f, path)
-            elif fmt == ".txt":
-                yield from self._txt(f, path)
+            elif fmt == "txt":
+                yield from self._txt(f, path, compression)
+            elif fmt == "json":
+                yield from self._json(f, path, compression)
             else:
-                yield from self._jsonl(f, path)
+                yield from self._jsonl(f, path, compression)
         except DataError:
             raise
-        except (EOFError, OSError, ValueError, zlib.error) as e:  # corrupt or truncated compressed stream
-            after = f" after line {self._lines_read}" if fmt != ".parquet" else ""
+        except (EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:  # corrupt or truncated stream
+            after = f" after line {self._lines_read}" if fmt != "parquet" else ""
             self._bad(f.url, "unreadable file", f"cannot read{after} ({type(e).__name__}: {e}); the file is corrupt "
                                                 f"or truncated")
 
-    def _jsonl(self, f: CorpusFile, path: str) -> Iterator:
-        with _open_binary(path) as fh:
-            for line_no, raw in enumerate(fh, 1):
-                self._lines_read = line_no
-                if not raw.strip():
+    def _decoded_lines(self, f: CorpusFile, fh) -> Iterator[tuple[int, str]]:
+        """(line number, text) of each line that is valid UTF-8, without its line end or a BOM."""
+        for line_no, raw in enumerate(_lines(fh), 1):
+            self._lines_read = line_no
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self._bad(f"{f.url}:{line_no}", "invalid UTF-8", f"invalid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            yield line_no, line[1:] if line_no == 1 and line.startswith("\ufeff") else line
+
+    def _jsonl(self, f: CorpusFile, path: str, compression: str | None = None, hint: str = "") -> Iterator:
+        with _open_binary(path, compression) as fh:
+            for line_no, line in self._decoded_lines(f, fh):
+                if not line.strip():
                     continue
                 where = f"{f.url}:{line_no}"
                 try:
-                    rec = json.loads(raw)
-                except UnicodeDecodeError as e:
-                    self._bad(where, "invalid UTF-8", f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                    continue
+                    rec = json.loads(line)
                 except ValueError as e:
-                    self._bad(where, "invalid JSON", f"invalid JSON: {e}")
+                    self._bad(where, "invalid JSON", f"invalid JSON: {e}" + (hint if line_no == 1 else ""))
+                    continue
+                if "\\u" in line and _SURROGATE_ESCAPE.search(line) and (bad := lone_surrogate(rec)):
+                    self._bad(where, "invalid Unicode", f"invalid Unicode: an unpaired surrogate escape ({bad}) "
+                                                        f"cannot be encoded as UTF-8")
                     continue
                 yield from self._checked(where, rec)
+
+    def _json(self, f: CorpusFile, path: str, compression: str) -> Iterator:
+        """A .json file: one array of records if it starts with '[' (compact or pretty-printed),
+        else JSON Lines, as `datasets` reads it."""
+        # Undecodable bytes become lone surrogates (U+DC80-U+DCFF): they make their record bad, not the file.
+        with io.TextIOWrapper(_open_binary(path, compression), encoding="utf-8-sig", errors="surrogateescape",
+                              newline="") as text:
+            head = text.read(1 << 16)
+            is_array = head.lstrip(" \t\r\n").startswith("[")
+            if is_array:
+                yield from self._json_array(f, text, head)
+        if not is_array:
+            yield from self._jsonl(f, path, compression,
+                                   hint=" (a .json file holds JSON Lines or one JSON array of records)")
+
+    def _json_array(self, f: CorpusFile, text: io.TextIOBase, head: str) -> Iterator:
+        try:
+            for line, index, rec, source in iter_json_array(text, head):
+                self._lines_read = line
+                where = f"{f.url}:{line} (array index {index})"
+                if _SURROGATE.search(source):
+                    self._bad(where, "invalid UTF-8", "invalid UTF-8 (bytes that are not UTF-8 in the record)")
+                    continue
+                if "\\u" in source and _SURROGATE_ESCAPE.search(source) and (bad := lone_surrogate(rec)):
+                    self._bad(where, "invalid Unicode", f"invalid Unicode: an unpaired surrogate escape ({bad}) "
+                                                        f"cannot be encoded as UTF-8")
+                    continue
+                yield from self._checked(where, rec)
+        except JSONArrayError as e:
+            self._bad(f"{f.url}:{e.line}", "invalid JSON", f"invalid JSON array: {e.msg}; the rest of the file "
+                                                            f"is not read")
 
     def _checked(self, where: str, rec) -> Iterator[str]:
         """The document of one parsed record (none if it is bad); subclasses read other records."""
@@ -297,27 +547,22 @@ class DocumentReader:
         if not isinstance(text, str):
             self._bad(where, "non-string text", f"'{field}' is {type(text).__name__}, not a string")
             return
-        yield text
+        yield clean_text(text)
 
-    def _txt(self, f: CorpusFile, path: str) -> Iterator[str]:
-        with _open_binary(path) as fh:
+    def _txt(self, f: CorpusFile, path: str, compression: str | None = None) -> Iterator[str]:
+        with _open_binary(path, compression) as fh:
             lines: list[str] = []
-            for line_no, raw in enumerate(fh, 1):
-                self._lines_read = line_no
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    self._bad(f"{f.url}:{line_no}", "invalid UTF-8", f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                    continue
+            for _, line in self._decoded_lines(f, fh):
                 if line.strip():
                     lines.append(line)
                 elif lines:
-                    yield "".join(lines).rstrip("\n")
+                    yield "\n".join(lines)
                     lines = []
             if lines:
-                yield "".join(lines).rstrip("\n")
+                yield "\n".join(lines)
 
     def _parquet(self, f: CorpusFile, path: str) -> Iterator[str]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
@@ -327,18 +572,37 @@ class DocumentReader:
             return
         row = 0
         for batch in pf.iter_batches(columns=[self.cfg.text_field], batch_size=4096):
-            for text in batch.column(0).to_pylist():
+            column = batch.column(0)
+            try:
+                texts = column.to_pylist()
+            except UnicodeDecodeError:  # a string cell holding bytes that are not UTF-8: find it
+                texts = [b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else b
+                         for b in column.cast(pa.binary()).to_pylist()]
+            for text in texts:
                 row += 1
                 if not isinstance(text, str):
                     self._bad(f"{f.url}:row {row}", "non-string text", f"'{self.cfg.text_field}' is not a string")
                     continue
-                yield text
+                if _SURROGATE.search(text):
+                    self._bad(f"{f.url}:row {row}", "invalid UTF-8", f"'{self.cfg.text_field}' holds bytes that "
+                                                                     f"are not UTF-8")
+                    continue
+                yield clean_text(text)
 
 
 def iter_documents(cfg: DataConfig, files: list[CorpusFile], reader: DocumentReader | None = None) -> Iterator[str]:
+    """Every document of `files`, in order. Raises DataError, with the counts of what was skipped,
+    when the files hold no document at all (every record bad under data.on_error=skip)."""
     reader = reader or DocumentReader(cfg)
+    n = 0
     for f in files:
-        yield from reader.iter_file(f)
+        for text in reader.iter_file(f):
+            n += 1
+            yield text
+    if not n:
+        skipped = ", ".join(f"{why}: {k}" for why, k in sorted(reader.skipped.items())) or "nothing"
+        raise DataError(f"data.sources: no document in {len(files)} corpus file(s); skipped {skipped} "
+                        f"(data.on_error={cfg.on_error})")
 
 
 def local_files(paths: list[str | Path]) -> list[CorpusFile]:

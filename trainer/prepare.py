@@ -1,7 +1,8 @@
 """Corpus -> packed token shards (+ a validation split held out by document hash), cached in the bucket.
 
 A shard is a flat little-endian array of token ids (uint16 when the vocabulary fits, else uint32):
-documents joined by <|endoftext|>. `index.json`, written last, lists the shards with token counts
+documents joined by the tokenizer's document separator (<|endoftext|>, or an imported tokenizer's
+own EOS such as LLaMA's </s>; `document_separator`). `index.json`, written last, lists the shards with token counts
 and sha256, plus the counts of what each filter removed. The data folder's name is a hash of the
 corpus listing, the tokenizer's content and every setting that changes the tokens, so another node,
 a rerun or another run with the same inputs reuses it.
@@ -31,7 +32,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from trainer.config import Config, DataConfig
+from trainer.config import Config, ConfigError, DataConfig
+from trainer.data import DataError
 from trainer.tokenizer import EOS, backend_of, doc_hash
 
 FORMAT_VERSION = 2  # 2: special-token strings inside documents are encoded as plain text
@@ -253,15 +255,56 @@ def encoding_backend(tokenizer):
     return backend
 
 
-def prepare_shards(cfg: Config, docs: Iterable[str], tokenizer, out_dir: Path, progress: bool = True) -> dict:
-    """Tokenize `docs` into shards under out_dir; return the index (also written as index.json)."""
+def document_separator(tokenizer, backend=None) -> tuple[str, int]:
+    """(token, id) put between documents: <|endoftext|> when the vocabulary has it (ours, GPT-2's,
+    Qwen's, whose chat models name <|im_end|> as eos_token), else the tokenizer's own eos_token
+    (LLaMA and Mistral: </s>). Raises ConfigError naming tokenizer.path when it has neither."""
+    backend = backend or backend_of(tokenizer)
+    for token in (EOS, getattr(tokenizer, "eos_token", None)):
+        if isinstance(token, str) and backend.token_to_id(token) is not None:
+            return token, backend.token_to_id(token)
+    raise ConfigError(f"tokenizer.path: the tokenizer has no {EOS} token and no eos_token in its vocabulary; "
+                      f"pretraining needs one to separate documents")
+
+
+def train_samples(shards: list[dict], seq_len: int) -> int:
+    """Training sequences of seq_len + 1 tokens that a split's shards hold (a sequence never crosses
+    a shard), as dataset.TokenSamples counts them."""
+    return sum(max(0, (s["tokens"] - 1) // seq_len) for s in shards)
+
+
+def check_trainable(index: dict, seq_len: int, skipped: dict | None = None) -> None:
+    """Raise DataError (exit 2, before torchrun starts) when the training split of a prepare index
+    holds no sequence of seq_len + 1 tokens; the message gives the corpus counts."""
+    if train_samples(index["train"], seq_len):
+        return
+    tokens, docs = index.get("tokens", {}).get("train", 0), index.get("documents", {})
+    if tokens > seq_len:  # enough tokens, but cut into shards shorter than one sequence
+        raise DataError(f"data.shard_tokens: no training shard holds train.seq_len+1 = {seq_len + 1} tokens "
+                        f"(largest {max(s['tokens'] for s in index['train']):,}); raise data.shard_tokens")
+    counts = (f"{docs.get('train', 0)} training and {docs.get('val', 0)} validation document(s), "
+              f"{tokens:,} training tokens")
+    filters = ", ".join(f"{k} {v}" for k, v in index.get("filters", {}).items() if k != "documents_kept")
+    bad = ", ".join(f"{k}: {v}" for k, v in (skipped or index.get("skipped_records") or {}).items())
+    raise DataError(f"data.sources: the corpus is too small to train on: {counts}, fewer than one sequence of "
+                    f"train.seq_len+1 = {seq_len + 1} tokens" + (f"; filters: {filters}" if filters else "")
+                    + (f"; bad records skipped: {bad}" if bad else "") + "; add text or lower train.seq_len")
+
+
+def prepare_shards(cfg: Config, docs: Iterable[str], tokenizer, out_dir: Path, progress: bool = True,
+                   skipped: dict | None = None) -> dict:
+    """Tokenize `docs` into shards under out_dir; return the index (also written as index.json).
+
+    Raises DataError, with the counts (`skipped`: the reader's counts of bad records), when no
+    training token is left (every document filtered out or held out), and ConfigError when the
+    tokenizer has no document separator (document_separator). Whether the tokens fill one
+    sequence of train.seq_len + 1 is check_trainable's question: the index is reused by runs with
+    other sequence lengths, so the stage asks it of every index, new or reused."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     backend = encoding_backend(tokenizer)
-    eos = backend.token_to_id(EOS)
-    if eos is None:
-        raise ValueError(f"the tokenizer has no {EOS} token; pretraining needs it to separate documents")
+    eos_token, eos = document_separator(tokenizer, backend)
     vocab = backend.get_vocab_size()
     dtype = token_dtype(vocab)
     writers = {s: ShardWriter(out_dir, s, dtype, cfg.data.shard_tokens) for s in ("train", "val")}
@@ -306,14 +349,14 @@ def prepare_shards(cfg: Config, docs: Iterable[str], tokenizer, out_dir: Path, p
     bar.close()
     seconds = time.time() - start
     index = {
-        "format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos,
+        "format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos, "eos_token": eos_token,
         "train": writers["train"].close(), "val": writers["val"].close(),
         "chars": dict(chars), "documents": dict(documents), "filters": dict(norm.counts),
         "seconds": round(seconds, 2), "chars_per_second": round(sum(chars.values()) / max(seconds, 1e-9)),
     }
     index["tokens"] = {s: sum(x["tokens"] for x in index[s]) for s in ("train", "val")}
     if index["tokens"]["train"] == 0:
-        raise ValueError("prepare produced no training tokens: every document was filtered out or held out")
+        check_trainable(index, 1, skipped)  # the message with the counts
     (out_dir / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
     return index
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from trainer.config import Config
+from trainer.data import DataError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -47,6 +48,7 @@ CHAT_TEMPLATE = (
 PRETOKENIZER_VERSION = "zh-v2"  # bump when the pre-tokenization changes (part of the tokenizer hash)
 HAN_CHUNK_TOKENS = 4  # a Han pre-token is this many max-length tokens long (docs/tokenizer.md)
 HELDOUT_BYTES = 2_000_000  # held-out text kept to measure compression in the report
+SAMPLE_PIECES = 16  # a document over 1/16 of tokenizer.sample_bytes is sampled in pieces of that size
 
 
 def han_chunk_chars(max_token_length: int) -> int:
@@ -130,6 +132,29 @@ def sample_documents(docs: Iterable[str], sample_bytes: int, seen: Counter | Non
         seen.update(documents=n_docs, bytes=n_bytes)
     heap.sort(key=lambda e: -e[0])
     return [text for _, _, text in heap]
+
+
+def sample_pieces(text: str, max_bytes: int) -> list[str]:
+    """`text` cut into pieces of at most `max_bytes` (>= 4) of UTF-8, each cut right after the last
+    line break in its second half, or else at a character boundary; a text that fits is one piece.
+    Sampling pieces instead of whole documents lets one long document (a novel without blank lines)
+    train a tokenizer, and keeps any one document from filling the sample."""
+    if len(text) * 4 <= max_bytes:  # fits whatever its characters (UTF-8 has at most 4 bytes each)
+        return [text]
+    data = text.encode("utf-8")
+    pieces, start = [], 0
+    while len(data) - start > max_bytes:
+        end = start + max_bytes
+        cut = data.rfind(b"\n", start + max_bytes // 2, end)
+        if cut >= 0:
+            end = cut + 1
+        else:
+            while data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: the cut would split a character
+                end -= 1
+        pieces.append(data[start:end].decode("utf-8"))
+        start = end
+    pieces.append(data[start:].decode("utf-8"))
+    return pieces
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, min_frequency: int = 2,
@@ -233,7 +258,9 @@ def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldou
     """Sample, train, save to out_dir, and return the report (also written as report.json).
 
     `docs` is read once, as a stream; documents for which `is_heldout(text)` is true never reach
-    training, and the first HELDOUT_BYTES of them measure compression in the report."""
+    training, and the first HELDOUT_BYTES of them measure compression in the report. A document over
+    sample_bytes / SAMPLE_PIECES is sampled in pieces (sample_pieces). Raises DataError (exit 2),
+    with the counts, when no text is left to train on."""
     start = time.time()
     heldout: list[str] = []
     heldout_bytes = 0
@@ -248,18 +275,25 @@ def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldou
                     heldout.append(text)
                     heldout_bytes += len(text.encode())
                 continue
-            yield text
+            seen["train_documents"] += 1
+            pieces = sample_pieces(text, piece_bytes)
+            seen["documents_cut"] += len(pieces) > 1
+            yield from pieces
 
+    piece_bytes = max(4, cfg.tokenizer.sample_bytes // SAMPLE_PIECES)
     sample = sample_documents(train_docs(), cfg.tokenizer.sample_bytes, seen)
     if not sample:
-        raise ValueError("no documents to train the tokenizer on (every document was filtered or held out)")
+        raise DataError(f"no text to train the tokenizer on: {seen['train_documents']} training document(s) read, "
+                        f"{seen['heldout_documents']} held out for validation (data.val_permille="
+                        f"{cfg.data.val_permille}); the data.* filters or data.on_error=skip removed the rest")
     sampled = time.time()
     tok = train_tokenizer(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.max_token_length,
                           cfg.tokenizer.min_frequency)
     trained = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, out_dir)
-    extra = {"corpus_documents": seen["documents"] + seen["heldout_documents"], "corpus_train_bytes": seen["bytes"],
+    extra = {"corpus_documents": seen["train_documents"] + seen["heldout_documents"],
+             "corpus_train_bytes": seen["bytes"], "documents_sampled_in_pieces": seen["documents_cut"],
              "seconds_sampling": round(sampled - start, 2), "seconds_training": round(trained - sampled, 2)}
     report = build_report(tok, sample, heldout or sample[:100], time.time() - start, cfg, extra)
     if not heldout:
