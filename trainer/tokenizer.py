@@ -188,9 +188,59 @@ def wrap_fast(tok):
     return fast
 
 
-def save_tokenizer(tok, out_dir: Path) -> None:
-    """tokenizer.json, tokenizer_config.json (special tokens, chat template): AutoTokenizer loads it."""
-    wrap_fast(tok).save_pretrained(str(out_dir))
+# tokenizer_config.json keys that describe where a tokenizer was loaded from, not the tokenizer
+# (transformers 5 writes is_local / local_files_only after from_pretrained, and "backend").
+LOAD_TIME_KEYS = ("is_local", "local_files_only", "backend", "name_or_path", "_commit_hash", "tokenizer_file",
+                  "cache_dir", "force_download", "proxies", "token", "revision", "subfolder", "trust_remote_code")
+
+
+def portable_tokenizer_config(config: dict, model_max_length: int | None, chat_template: str | None) -> dict:
+    """tokenizer_config.json that transformers 4 (>= 4.46) and 5 both load with AutoTokenizer.
+
+    transformers 5 names its tokenizers.json-backed class `TokenizersBackend`, which 4.x does not
+    know (ValueError at load): PreTrainedTokenizerFast is that class's name in both. Its
+    `extra_special_tokens` list is `additional_special_tokens` in 4.x (where extra_special_tokens
+    must be a dict of named tokens). model_max_length (tokens; the model's context) replaces the
+    1e30 "no limit" default; None keeps what is there. The chat template is written inline, where
+    every version reads it. Other classes (a Qwen2Tokenizer loaded from elsewhere) keep their name.
+    """
+    config = {k: v for k, v in config.items() if k not in LOAD_TIME_KEYS}
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = list(dict.fromkeys(config.get("additional_special_tokens", []) + extra))
+    elif extra:  # named tokens (a dict): the same meaning in 4.x and 5.x
+        config["extra_special_tokens"] = extra
+    if model_max_length is not None:
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 1:
+            raise ValueError(f"model_max_length must be a positive number of tokens (got {model_max_length!r})")
+        config["model_max_length"] = model_max_length
+    if chat_template:
+        config["chat_template"] = chat_template
+    return dict(sorted(config.items()))
+
+
+def save_tokenizer(tok, out_dir: Path, model_max_length: int | None = None) -> None:
+    """Write a tokenizer folder that AutoTokenizer loads in transformers 4.x (>= 4.46) and 5.x:
+    tokenizer.json and tokenizer_config.json (special tokens, chat template inline, class
+    PreTrainedTokenizerFast, no load-time keys; portable_tokenizer_config).
+
+    tok: a `tokenizers.Tokenizer` we trained (wrapped with our special tokens and ChatML template)
+    or a loaded transformers tokenizer (saved as it is, e.g. an export's copy of the run's
+    tokenizer). model_max_length: the model's context in tokens (max_position_embeddings); None
+    for a tokenizer not yet tied to a model. Raises ValueError for a non-positive length.
+    """
+    fast = wrap_fast(tok) if not hasattr(tok, "save_pretrained") else tok
+    out_dir = Path(out_dir)
+    fast.save_pretrained(str(out_dir))
+    config_path = out_dir / "tokenizer_config.json"
+    template_path = out_dir / "chat_template.jinja"  # transformers >= 4.50 writes the template here instead
+    template = fast.chat_template if isinstance(fast.chat_template, str) else None
+    config = portable_tokenizer_config(json.loads(config_path.read_text(encoding="utf-8")), model_max_length, template)
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if template and template_path.is_file():
+        template_path.unlink()  # one copy of the template; the inline one is read by every version
 
 
 def load_tokenizer(path: str | Path):
