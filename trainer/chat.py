@@ -11,6 +11,7 @@ Sampling settings are sample.* (temperature, top_k, top_p, repetition_penalty, m
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Iterable, TextIO
 
 import torch
@@ -58,11 +59,13 @@ def prompt_ids(tok, turns: list[dict], context: int, room: int) -> tuple[torch.T
 
 @torch.no_grad()
 def chat_loop(model, tok, s: SampleConfig, system: str = "", lines: Iterable[str] | None = None,
-              out: TextIO = sys.stdout, seed: int = 0) -> list[dict]:
-    """Answer each line of `lines` (default: stdin, with a prompt when it is a terminal); returns
-    the conversation as it stands at the end."""
+              out: TextIO | None = None, seed: int = 0) -> list[dict]:
+    """Answer each line of `lines` (default: stdin, with a prompt when it is a terminal), writing to
+    `out` (default: sys.stdout as it is at the call); returns the conversation as it stands at the
+    end. Ctrl-C raises KeyboardInterrupt (entrypoint's `chat` exits 130 on it)."""
     from trainer.sft import stop_token_ids
 
+    out = out or sys.stdout  # looked up now: a default bound at import would miss a replaced stdout
     torch.manual_seed(seed)
     interactive = lines is None and sys.stdin.isatty()
     if lines is None:
@@ -122,12 +125,12 @@ def _terminal_lines():
             return
 
 
-def chat_cli(checkpoint: str, system: str, cfg: Config) -> None:
-    """`entrypoint.py chat`: load the model at `checkpoint` (an export or checkpoint folder, local
-    or s3://) and chat on the terminal."""
+def chat_cli(folder: Path, system: str, cfg: Config, lines: Iterable[str] | None = None) -> list[dict]:
+    """`entrypoint.py chat`: load the model in the local Hugging Face folder `folder` (what
+    entrypoint's `--checkpoint` resolver gives: an export, or a checkpoint made loadable) and chat on
+    the terminal, or over `lines`. Returns the conversation; Ctrl-C raises KeyboardInterrupt."""
     from trainer.generate import load_for_generation
-    from trainer.sft import load_chat_tokenizer, model_folder
+    from trainer.sft import load_chat_tokenizer
 
-    folder = model_folder(str(checkpoint), cfg, say=lambda m: print(m, file=sys.stderr))
     model, _ = load_for_generation(str(folder), cfg)
-    chat_loop(model, load_chat_tokenizer(folder), cfg.sample, system=str(system or ""))
+    return chat_loop(model, load_chat_tokenizer(folder), cfg.sample, system=system, lines=lines)
