@@ -324,7 +324,7 @@ def test_every_record_skipped_is_a_data_error_with_the_counts(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'not json\n{"body": "x"}\n{"text": 5}\n')
     c = cfg(**{"data.sources": [str(bad)], "data.on_error": "skip"})
-    with pytest.raises(DataError, match=r"no document in 1 corpus file\(s\); skipped invalid JSON: 1, "
+    with pytest.raises(DataError, match=r"no document in 1 corpus file\(s\) \(bad\.jsonl\); skipped invalid JSON: 1, "
                                         r"missing text field: 1, non-string text: 1 \(data\.on_error=skip\)"):
         list(iter_documents(c.data, resolve_sources(c)))
     code, err = cli(capsys, "prepare", f"--data.sources={bad}", "--data.on_error=skip", *cli_settings(tmp_path))

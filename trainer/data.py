@@ -601,7 +601,8 @@ def iter_documents(cfg: DataConfig, files: list[CorpusFile], reader: DocumentRea
             yield text
     if not n:
         skipped = ", ".join(f"{why}: {k}" for why, k in sorted(reader.skipped.items())) or "nothing"
-        raise DataError(f"data.sources: no document in {len(files)} corpus file(s); skipped {skipped} "
+        shown = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(f"data.sources: no document in {len(files)} corpus file(s) ({shown}); skipped {skipped} "
                         f"(data.on_error={cfg.on_error})")
 
 
