@@ -157,7 +157,8 @@ def test_evaluate_model_without_heldout(model, tok, poems):
     r = evaluate_model(model, tok, eval_cfg(**{"sample.heldout_prompts": 0}), poems)
     assert "heldout" in r and "vs_human" not in r
     r = evaluate_model(model, tok, eval_cfg(), [])
-    assert set(r) == {"samples", "prompts_degeneration"}
+    assert set(r) == {"samples", "prompts_degeneration", "decoding"}
+    assert all("model" not in r["decoding"][d] and "prompts" in r["decoding"][d] for d in ("default", "greedy"))
 
 
 def test_compare_with_human_cuts_human_text_to_the_model_length(model, tok, poems):

@@ -186,23 +186,61 @@ def continuation(prompt: str, generated: str) -> str:
     return generated[len(prompt):] if generated.startswith(prompt) else generated
 
 
-def compare_with_human(model, tok, docs: Sequence[str], s) -> dict:
+def compare_with_human(model, tok, docs: Sequence[str], s, decoding: str = "sample") -> dict:
     """Continue held-out documents from their first s.prompt_chars characters and score the model's
     continuations and the human ones, each human continuation cut to the length of the model's,
-    so that distinct-n (which falls as texts grow) compares like with like."""
-    from trainer.generate import sample
+    so that distinct-n (which falls as texts grow) compares like with like.
 
+    decoding: "sample" (sample.* settings, generate.sample), "default" (the model's own
+    generation_config, as a user of the export gets) or "greedy" (generate.continue_texts).
+    Returns {"model": degeneration_report, "human": degeneration_report, "examples": up to 8 dicts}.
+    """
     docs = [d for d in docs if len(d) >= s.prompt_chars + 16][:s.heldout_prompts]
     prompts = [d[:s.prompt_chars] for d in docs]
-    model_cont = [continuation(p, g) for p, g in zip(prompts, sample(model, tok, prompts, s, seed=1))]
+    model_cont = generate_continuations(model, tok, prompts, s, decoding, seed=1)
     human_cont = [d[s.prompt_chars:s.prompt_chars + max(1, len(c))] for d, c in zip(docs, model_cont)]
     return {"model": degeneration_report(prompts, model_cont), "human": degeneration_report(None, human_cont),
             "examples": [{"prompt": p, "text": c, "human": h} for p, c, h in zip(prompts, model_cont, human_cont)][:8]}
 
 
+DECODINGS = ("default", "greedy")  # beside sample.*: what evaluate_model reports degeneration for
+
+
+def generate_continuations(model, tok, prompts: Sequence[str], s, decoding: str, seed: int = 0) -> list[str]:
+    """The model's continuation of each prompt (prompt left out), s.max_new_tokens tokens at most,
+    by `decoding` ("sample", "default" or "greedy"; see compare_with_human)."""
+    from trainer.generate import continue_texts, sample
+
+    if decoding == "sample":
+        return [continuation(p, g) for p, g in zip(prompts, sample(model, tok, list(prompts), s, seed=seed))]
+    return continue_texts(model, tok, list(prompts), decoding, s.max_new_tokens, seed=seed)
+
+
+def decoding_report(model, tok, s, heldout: Sequence[str], decoding: str) -> dict:
+    """Degeneration under one decoding: the generation settings it used, continuations of
+    s.prompts ("samples") and their metrics ("prompts"), and, when there is held-out text and
+    s.heldout_prompts, continuations of held-out documents ("model") beside the human text
+    cut to the same lengths ("human"), as compare_with_human computes them."""
+    from trainer.generate import generation_settings
+
+    prompts = list(s.prompts)
+    settings = generation_settings(model) if decoding == "default" else {"do_sample": False, "repetition_penalty": 1.0}
+    texts = generate_continuations(model, tok, prompts, s, decoding)
+    report: dict = {"settings": settings, "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]}
+    if prompts:
+        report["prompts"] = degeneration_report(prompts, texts)
+    if heldout and s.heldout_prompts:
+        vs = compare_with_human(model, tok, heldout, s, decoding)
+        report["model"], report["human"] = vs["model"], vs["human"]
+    return report
+
+
 def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Sequence[str]] | None = None) -> dict:
     """Bits per character on held-out text (and on each extra named text set), samples from
-    cfg.sample.prompts, and degeneration metrics against the human held-out text."""
+    cfg.sample.prompts, and degeneration metrics against the human held-out text: for sample.*
+    ("samples", "prompts_degeneration", "vs_human") and, under "decoding", for the model's own
+    default generation (its generation_config) and for greedy decoding (decoding_report's dicts),
+    so a model that repeats itself under the defaults a user gets shows in every evaluation."""
     from trainer.generate import sample
 
     s, seq_len = cfg.sample, model.config.max_position_embeddings
@@ -218,11 +256,14 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
     for name, texts in (extra or {}).items():
         result[name] = evaluate_bpc(model, tok, texts, seq_len, model.device)
     prompts = list(s.prompts)
-    result["samples"] = [{"prompt": p, "text": continuation(p, g)} for p, g in zip(prompts, sample(model, tok, prompts, s))]
+    generated = sample(model, tok, prompts, s)
+    result["samples"] = [{"prompt": p, "text": continuation(p, g)} for p, g in zip(prompts, generated)]
     if result["samples"]:
         result["prompts_degeneration"] = degeneration_report(prompts, [x["text"] for x in result["samples"]])
     if heldout and s.heldout_prompts:
         result["vs_human"] = compare_with_human(model, tok, heldout, s)
+    if prompts or (heldout and s.heldout_prompts):
+        result["decoding"] = {d: decoding_report(model, tok, s, heldout, d) for d in DECODINGS}
     return result
 
 
