@@ -39,6 +39,13 @@ def test_a_failed_copy_into_a_local_bucket_leaves_no_temporary(tmp_path, monkeyp
     assert leftovers(tmp_path / "bucket") == [] and not store.exists("runs/r/step-8/optimizer.pt")
 
 
+def test_a_missing_source_file_is_not_a_storage_error(tmp_path):
+    store = LocalStorage(tmp_path / "bucket")
+    with pytest.raises(FileNotFoundError):  # the caller's mistake, not the bucket's: no "write ... failed"
+        store.upload_file(tmp_path / "nowhere.bin", "a/b.bin")
+    assert leftovers(tmp_path / "bucket") == []
+
+
 def test_a_failed_write_into_a_local_bucket_leaves_no_temporary(tmp_path, monkeypatch):
     store = LocalStorage(tmp_path / "bucket")
     store.write_text("runs/r/LATEST", "step-4")

@@ -157,8 +157,8 @@ class LocalStorage(Storage):
 
     def _write_via_temporary(self, key: str, write) -> None:
         """write(tmp) fills a temporary next to the destination, which is then renamed over it. On
-        any failure (a full disk, a signal) the temporary is removed; an OSError becomes a
-        StorageError naming the URL."""
+        any failure (a full disk, a signal) the temporary is removed; an OSError on the bucket's
+        side (not, say, a missing source file) becomes a StorageError naming the URL."""
         path = self._path(key)
         tmp = _temporary(path)
         try:
@@ -167,7 +167,8 @@ class LocalStorage(Storage):
             os.replace(tmp, path)
         except BaseException as e:
             tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
+            if isinstance(e, OSError) and (e.filename is None or Path(os.fsdecode(e.filename)) in (tmp, path,
+                                                                                                    path.parent)):
                 raise StorageError(f"write {self.url(key)} failed: {type(e).__name__}: {e}") from e
             raise
 
