@@ -126,6 +126,9 @@ def test_a_named_file_of_another_type_says_why_nothing_matched(tmp_path):
     with pytest.raises(DataError, match=r"data\.sources\[0\]: .* matches no corpus file .*"
                                         r"skipped a\.jsonl\.lz4 \(not a corpus file type\)"):
         resolve_sources(cfg(**{"data.sources": [str(tmp_path / "a.jsonl.lz4")]}))
+    (tmp_path / "notes.md").write_text("# notes", encoding="utf-8")  # eval --text reads files it is given
+    with pytest.raises(DataError, match=r"notes\.md: not a corpus file type \(supported: \.jsonl"):
+        read(tmp_path / "notes.md")
 
 
 # 2. A path that exists is taken literally, glob characters and all ---------------------------------------
