@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config
-from trainer.generate import export_generation_config, portable_model_config, write_portable_config
+from trainer.hf_files import export_generation_config, portable_model_config, write_portable_config
 from trainer.model import build_model, llama_config
 from trainer.tokenizer import (
     CHAT_TEMPLATE,

@@ -9,7 +9,8 @@ import torch
 
 from trainer.config import load_config
 from trainer.evaluate import decoding_report, evaluate_model
-from trainer.generate import continue_texts, export_generation_config, generation_settings
+from trainer.generate import continue_texts, generation_settings
+from trainer.hf_files import export_generation_config
 from trainer.model import build_model, llama_config
 from trainer.report import REPEAT_LIMIT, lr_schedule_series, report_samples, write_run_report
 from trainer.tokenizer import train_tokenizer, wrap_fast
