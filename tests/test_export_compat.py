@@ -103,22 +103,27 @@ def probe_here(folder: Path) -> dict:
 
 def venv_python(name: str) -> Path:
     """.venv/<name>/bin/python with TF4_VENVS[name] installed, made on first use (about 15 s from
-    PyPI, 260 MB) and kept: a stamp file names what was installed, so a changed spec remakes it."""
+    PyPI, 260 MB) and kept: a stamp file names what was installed, so a changed spec remakes it.
+    A lock file keeps two test runs from building the same venv at once."""
+    import fcntl
     import shutil
 
     spec = TF4_VENVS[name]
     venv = ROOT / ".venv" / name
     python, stamp = venv / "bin" / "python", venv / ".installed"
-    if stamp.is_file() and stamp.read_text() == " ".join(spec) and python.is_file():
-        return python
-    shutil.rmtree(venv, ignore_errors=True)
-    steps = [[sys.executable, "-m", "venv", str(venv)],
-             [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *spec]]
-    for cmd in steps:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.fail(f"could not make {venv} ({' '.join(spec)}; needs PyPI): {done.stderr[-2000:]}")
-    stamp.write_text(" ".join(spec))
+    venv.parent.mkdir(exist_ok=True)
+    with open(venv.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == " ".join(spec) and python.is_file():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)
+        steps = [[sys.executable, "-m", "venv", str(venv)],
+                 [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *spec]]
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                pytest.fail(f"could not make {venv} ({' '.join(spec)}; needs PyPI): {done.stderr[-2000:]}")
+        stamp.write_text(" ".join(spec))
     return python
 
 
