@@ -309,8 +309,8 @@ def _zygote() -> None:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401 - transformers imports models lazily
 
-    import trainer.launch  # noqa: F401
-    import trainer.train  # noqa: F401
+    import trainer.job  # noqa: F401
+    import trainer.worker  # noqa: F401
 
     torch.set_num_threads(1)
     reply = sys.stdout
@@ -446,7 +446,7 @@ def prepared_template(base: Path) -> dict:
     info = root / "template.json"
     if info.is_file():
         return json.loads(info.read_text())
-    from trainer.launch import stage_prepare
+    from trainer.stages import stage_prepare
 
     corpus = write_corpus(root / "corpus" / "poems.jsonl")
     arts = stage_prepare(make_config(tiny_settings(str(corpus), str(root / "bucket"), str(root / "work"))))
@@ -494,8 +494,9 @@ def in_process(monkeypatch):
 
 
 def train_in_process(settings: dict, template: dict) -> dict:
-    """One training process (launch.worker) in this process, on the template's tokenizer and shards."""
-    from trainer.launch import Artifacts, worker
+    """One training process (worker.pretrain_worker) in this process, on the template's tokenizer and shards."""
+    from trainer.artifacts import Artifacts
+    from trainer.worker import pretrain_worker as worker
 
     return worker(make_config(settings), Artifacts(template["tokenizer_key"], template["data_key"]))
 
@@ -626,3 +627,43 @@ def losses(store, run_id: str) -> dict[int, float]:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+# SFT: a tiny chat model and its config --------------------------------------------------------------
+
+SFT_SAMPLE = ROOT / "data" / "sft-sample" / "poetry-chat.jsonl"
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """A Hugging Face folder: our tokenizer (trained here on the sample conversations) and a random
+    tiny Llama with a 256-token context. Weights drawn wider than usual (std 0.3, not 0.02) so that
+    attention is peaked: a conversation that saw its neighbours would change the loss by ~4%, not
+    ~0.05%, and the packing tests can tell."""
+    import torch
+
+    from trainer.model import build_model, llama_config
+    from trainer.sft import load_chat_tokenizer
+    from trainer.tokenizer import save_tokenizer, train_tokenizer
+
+    out = tmp_path_factory.mktemp("chat-model")
+    texts = [t["content"] for line in SFT_SAMPLE.read_text(encoding="utf-8").splitlines()
+             for t in json.loads(line)["messages"]]
+    save_tokenizer(train_tokenizer(texts, 512, 8), out)
+    tok = load_chat_tokenizer(out)
+    torch.manual_seed(0)
+    model_cfg = llama_config("tiny", len(tok), 256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model_cfg.initializer_range = 0.3
+    build_model(model_cfg, "sdpa").save_pretrained(str(out))
+    return out
+
+
+def sft_config(root, init, sources, **overrides):
+    from trainer.config import load_config
+
+    values = {"run.id": "base", "storage.bucket": str(root / "bucket"), "storage.local_dir": str(root / "work"),
+              "sft.init": str(init), "sft.sources": [str(s) for s in sources], "sft.seq_len": 256,
+              "sft.batch_sequences": 4, "sft.max_steps": 4, "sft.warmup_steps": 1, "sft.lr": 0.003,
+              "sft.checkpoint_every_steps": 2, "train.log_every_steps": 1, "train.device": "cpu",
+              "train.compile": "off", **overrides}
+    return load_config(None, values, env={})

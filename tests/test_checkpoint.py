@@ -1,6 +1,7 @@
 """Checkpoint publishing and recovery, on a local folder and on S3 (moto): the same tests for both."""
 
 import json
+import logging
 
 import pytest
 
@@ -86,7 +87,7 @@ def test_complete_steps_newest_first(store, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
-def test_damaged_checkpoint_falls_back_to_the_previous_one(store, tmp_path, damage):
+def test_damaged_checkpoint_falls_back_to_the_previous_one(store, tmp_path, damage, caplog):
     for step in (4, 8):
         publish(store, RUN, staged(tmp_path, step), step)
     key = f"{PREFIX}/step-00000008/model.safetensors"
@@ -94,8 +95,9 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(store, tmp_path, dama
         store.write_bytes(key, b"\xff" * 3000)  # same size, other bytes: only the sha256 tells
     else:
         store.delete(key)
-    messages = []
-    step, path = fetch_newest(store, RUN, tmp_path / "fetched", log=messages.append)
+    caplog.set_level(logging.INFO, logger="trainer")
+    step, path = fetch_newest(store, RUN, tmp_path / "fetched")
+    messages = [r.getMessage() for r in caplog.records]
     assert step == 4 and (path / "model.safetensors").read_bytes() == bytes([4]) * 3000
     assert json.loads((path / "trainer_state.json").read_text()) == {"step": 4}
     assert len(messages) == 1 and "step-00000008 is unusable" in messages[0] and "falling back" in messages[0]
@@ -114,12 +116,14 @@ def test_prune_keeps_the_newest(store, tmp_path):
     assert latest(store) == "step-00000005"
 
 
-def test_uploader_publishes_in_the_background_and_prunes(store, tmp_path):
-    done, messages = [], []
-    up = Uploader(store, RUN, keep_last=2, log=messages.append)
+def test_uploader_publishes_in_the_background_and_prunes(store, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="trainer")
+    done = []
+    up = Uploader(store, RUN, keep_last=2)
     for step in (2, 4, 6):
         up.submit(staged(tmp_path, step), step, background=True, on_done=done.append)
     up.wait()
+    messages = [r.getMessage() for r in caplog.records]
     assert done == [2, 4, 6] and complete_steps(store, RUN) == [6, 4]
     assert any("step-00000006 published" in m and "pruned step-00000002" in m for m in messages)
 
@@ -133,7 +137,7 @@ def failing_store(bucket, tmp_path):
 
 
 def test_uploader_surfaces_a_failing_store(bucket, tmp_path):
-    up = Uploader(failing_store(bucket, tmp_path), RUN, keep_last=2, log=lambda m: None)
+    up = Uploader(failing_store(bucket, tmp_path), RUN, keep_last=2)
     up.submit(staged(tmp_path, 4), 4, background=True)
     with pytest.raises(StorageError, match="checkpoint upload failed"):
         up.wait()

@@ -308,7 +308,8 @@ def test_report_cli_rewrites_the_report(trained, capsys, clean_env):
     store.delete(f"{report}/report.md")
     store.write_text(f"{report}/stale.txt", "from an older report")
     entrypoint.main(["report", f"--config={path}"])
-    assert store.url(f"{report}/report.md") in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert store.url(report) in captured.out and store.url(f"{report}/report.md") in captured.err
     assert store.exists(f"{report}/report.md") and not store.exists(f"{report}/stale.txt")
     after = json.loads(store.read_text(f"{report}/eval.json"))
     assert after["heldout"] == pytest.approx(before["heldout"])  # the same export, scored the same way
@@ -317,7 +318,8 @@ def test_report_cli_rewrites_the_report(trained, capsys, clean_env):
 def test_report_lists_what_the_corpus_filters_removed_and_the_skipped_records(tmp_path):
     """The report names the skipped bad records (data.on_error=skip) from the run's data index,
     found through runs/<id>/artifacts.json, also with no export yet (no evaluation then)."""
-    from trainer.launch import Artifacts, stage_report
+    from trainer.artifacts import Artifacts
+    from trainer.stages import stage_report
 
     cfg = load_config(None, {"run.id": "r", "storage.bucket": str(tmp_path / "bucket"),
                              "storage.local_dir": str(tmp_path / "work")}, env={})

@@ -478,9 +478,13 @@ def cfg(config_file):
     return load_config(str(config_file), {"train.max_steps": "7", "train.lr": "0.002"}, env={})
 
 
-def test_exit_codes_match_the_code():
-    assert re.search(rf"^EXIT_PREEMPTED = {EXIT_PREEMPTED}\b", (ROOT / "trainer" / "train.py").read_text(), re.M)
-    assert re.search(rf"^EXIT_BAD_INPUT = {EXIT_BAD_INPUT}\b", (ROOT / "entrypoint.py").read_text(), re.M)
+def test_exit_codes_live_in_one_place():
+    from trainer import errors
+
+    assert (EXIT_PREEMPTED, EXIT_BAD_INPUT) == (errors.EXIT_PREEMPTED, errors.EXIT_BAD_INPUT) == (75, 2)
+    defined = [p.relative_to(ROOT) for p in [ROOT / "entrypoint.py", *(ROOT / "trainer").glob("*.py")]
+               if re.search(r"^EXIT_\w+ = \d+", p.read_text(), re.M)]
+    assert [str(p) for p in defined] == ["trainer/errors.py"]
     assert f"{EXIT_PREEMPTED} preempted" in (ROOT / "docs" / "design.md").read_text()
 
 

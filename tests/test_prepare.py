@@ -135,7 +135,7 @@ def forbid(monkeypatch, target: str):
 
 
 def test_stages_publish_last_and_reuse(bucket, store, tmp_path, tiny_config, monkeypatch):
-    from trainer.launch import stage_prepare, stage_tokenizer
+    from trainer.stages import stage_prepare, stage_tokenizer
 
     cfg = tiny_config(tmp_path, bucket=bucket)
     with monkeypatch.context() as m:
@@ -162,7 +162,7 @@ def test_stages_publish_last_and_reuse(bucket, store, tmp_path, tiny_config, mon
 
 def test_unfinished_or_changed_prepare_is_redone(bucket, store, tmp_path, tiny_config, monkeypatch):
     from trainer import prepare
-    from trainer.launch import stage_prepare
+    from trainer.stages import stage_prepare
 
     calls = []
     real = prepare.prepare_shards

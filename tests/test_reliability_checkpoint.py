@@ -18,7 +18,7 @@ from trainer.storage import open_storage
 
 @pytest.mark.parametrize("damage,backend", [("sha256", "local"), ("missing", "s3")])
 def test_resume_falls_back_from_a_corrupt_checkpoint_and_says_so(damage, backend, template, tmp_path, in_process,
-                                                                 capsys, request):
+                                                                 caplog, request):
     if backend == "s3":
         endpoint = request.getfixturevalue("s3_server")
         settings = tiny_settings(template["corpus"], s3_prefix(), str(tmp_path / "work"), endpoint)
@@ -37,10 +37,10 @@ def test_resume_falls_back_from_a_corrupt_checkpoint_and_says_so(damage, backend
         store.write_bytes(f"{prefix}/model.safetensors", bytes(data))
     else:
         store.delete(f"{prefix}/optimizer.pt")
-    capsys.readouterr()
+    caplog.clear()
 
     train_in_process({**settings, "train.max_steps": 12, "train.checkpoint_every_steps": 4}, template)
-    out = capsys.readouterr().out
+    out = caplog.text
     reason = "does not match its sha256" if damage == "sha256" else "listed in the manifest but missing"
     assert f"checkpoint {ckpt.step_name(12)} is unusable" in out and reason in out
     assert "falling back to the previous one" in out

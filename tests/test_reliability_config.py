@@ -30,6 +30,6 @@ def test_a_batch_that_does_not_split_over_the_processes_is_reported_before_any_d
                                                                   str(tmp_path / "work"), proxy.url))
         result = run(cli_args("run", f"--config={config}", "--train.nproc=3"), timeout=120)  # 8 sequences / 3
     assert result.returncode == 2, result.stdout[-3000:]
-    assert "error: invalid configuration:\n  train.batch_tokens=256 is 8 sequences" in result.stdout
-    assert "does not split evenly over 3 processes" in result.stdout
+    assert "error: invalid configuration:\n  train.batch_tokens: the global batch of 8 sequences does not split " \
+           "evenly over 3 processes" in result.stdout
     assert sum(proxy.requests.values()) == 0 and not (tmp_path / "work").exists()

@@ -54,7 +54,7 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(template, s3_se
             log = tmp_path / f"trial-{i:02d}.log"
             if point is None:
                 pid = zygote.spawn(killed, log)
-                after = rng.choice([(r"training tiny", 1), (r"step=\d+ loss", 1), (r"step=\d+ loss", 2)])
+                after = rng.choice([(r"pretrain: [\d.]+M params", 1), (r"step \d+/\d+ loss", 1), (r"step \d+/\d+ loss", 2)])
                 wait_for_line(log, *after[:1], pid, count=after[1])
                 time.sleep(rng.uniform(0, MAX_DELAY_S))
                 try:

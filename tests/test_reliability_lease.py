@@ -93,7 +93,7 @@ def test_two_jobs_starting_at_the_same_moment_one_wins(tmp_path):
 
 def test_only_node_0_holds_the_lease(tmp_path, monkeypatch):
     from faults import make_config
-    from trainer.launch import hold_lease
+    from trainer.stages import hold_lease
 
     monkeypatch.setenv("NODE_RANK", "1")
     assert hold_lease(make_config(tiny_settings("x", str(tmp_path / "b"), str(tmp_path / "w")))) is None

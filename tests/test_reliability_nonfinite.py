@@ -78,25 +78,26 @@ def test_skip_counts_the_skipped_steps_and_keeps_weights_finite(template, tmp_pa
 
 
 def test_rollback_reloads_the_last_checkpoint_and_skips_the_bad_window(template, tmp_path, in_process,
-                                                                        monkeypatch, capsys):
+                                                                        monkeypatch, caplog):
     settings = settings_for(template, tmp_path, **{"train.on_nonfinite": "rollback"})
     inject(monkeypatch, {6})
     result = train_in_process(settings, template)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "rolled back from step 8 to step-00000004 after 1 step(s) with a non-finite loss" in out
     assert result["rollbacks"] == 1 and result["step"] == 16
     state = json.loads(open_storage(settings["storage.bucket"]).read_text(
         f"{ckpt.checkpoints_prefix('rel')}/{ckpt.step_name(16)}/trainer_state.json"))
-    assert state["data_offset"] == 4 and state["rollbacks"] == 1  # steps 5-8's batches are not used again
+    # 16 steps trained, and steps 5-8's batches (8 sequences each) skipped: they are not used again.
+    assert state["data_position"] == (16 + 4) * 8 and state["rollbacks"] == 1
     assert [r["step"] for r in metrics(settings)] == [4, 8, 8, 12, 16]  # 8 again after the rollback
     assert assert_no_checkpoint_holds_a_nan(settings, tmp_path) == [16, 12, 8, 4]
 
 
-def test_rollback_on_a_loss_spike(template, tmp_path, in_process, monkeypatch, capsys):
+def test_rollback_on_a_loss_spike(template, tmp_path, in_process, monkeypatch, caplog):
     settings = settings_for(template, tmp_path, **{"train.on_nonfinite": "rollback", "train.spike_factor": 3.0})
     inject(monkeypatch, {10}, factor=50.0)  # one step at 50x the loss: its window's mean is ~13x
     result = train_in_process(settings, template)
-    assert "rolled back from step 12 to step-00000008 after a loss spike" in capsys.readouterr().out
+    assert "rolled back from step 12 to step-00000008 after a loss spike" in caplog.text
     assert result["spikes"] == 1 and result["rollbacks"] == 1 and result["step"] == 16
     assert assert_no_checkpoint_holds_a_nan(settings, tmp_path) == [16, 12, 8, 4]
 

@@ -60,7 +60,7 @@ def s3_settings(template, endpoint: str, tmp_path: Path, **overrides) -> dict:
 
 
 def test_persistent_failure_during_pull_names_the_url_and_leaves_no_partial_file(template, s3_server, tmp_path):
-    from trainer.launch import stage_pull
+    from trainer.stages import stage_pull
 
     with FaultProxy(s3_server, rate=1.0, kinds=("503",), match=r"GET .*/corpus/") as proxy:
         settings = s3_settings(template, proxy.url, tmp_path)
@@ -74,7 +74,7 @@ def test_persistent_failure_during_pull_names_the_url_and_leaves_no_partial_file
 
 
 def test_persistent_failure_during_shard_upload_publishes_no_index(template, s3_server, tmp_path):
-    from trainer.launch import stage_prepare
+    from trainer.stages import stage_prepare
 
     with FaultProxy(s3_server, rate=1.0, kinds=("500", "reset"), match=r"PUT .*/data/[0-9a-f]+/train-00002") as proxy:
         settings = s3_settings(template, proxy.url, tmp_path)
@@ -156,7 +156,7 @@ def staged(tmp_path: Path, step: int) -> Path:
 
 def test_uploader_runs_in_the_background_one_at_a_time(tmp_path):
     store = SlowStore(tmp_path / "bucket", delay=0.3)
-    up = ckpt.Uploader(store, "r", keep_last=5, log=lambda m: None)
+    up = ckpt.Uploader(store, "r", keep_last=5)
     one, two = staged(tmp_path, 1), staged(tmp_path, 2)
     start = time.time()
     up.submit(one, 1)
@@ -170,7 +170,7 @@ def test_uploader_runs_in_the_background_one_at_a_time(tmp_path):
 
 def test_uploader_failure_is_raised_at_the_next_checkpoint_never_swallowed(tmp_path):
     store = SlowStore(tmp_path / "bucket", delay=0.05, fail_key="step-00000002/trainer_state")
-    up = ckpt.Uploader(store, "r", keep_last=5, log=lambda m: None)
+    up = ckpt.Uploader(store, "r", keep_last=5)
     up.submit(staged(tmp_path, 1), 1)
     up.submit(staged(tmp_path, 2), 2)  # fails in the background
     with pytest.raises(StorageError, match="checkpoint upload failed: upload to .*step-00000002/trainer_state"):
@@ -180,14 +180,14 @@ def test_uploader_failure_is_raised_at_the_next_checkpoint_never_swallowed(tmp_p
     assert store.inner.read_text("runs/r/checkpoints/LATEST") == "step-00000001"
 
 
-def test_training_continues_while_a_checkpoint_uploads(template, s3_server, tmp_path, in_process, capsys):
+def test_training_continues_while_a_checkpoint_uploads(template, s3_server, tmp_path, in_process, caplog):
     stall = 2.0
     rules = [(r"PUT .*/checkpoints/step-00000004/model\.safetensors", "stall", 1)]
     with FaultProxy(s3_server, rules=rules, stall_seconds=stall) as proxy:
         settings = s3_settings(template, proxy.url, tmp_path, **{"train.max_steps": 12, "storage.timeout_seconds": 10})
         upload_bucket(template, direct(settings, s3_server))
         train_in_process(settings, template)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert proxy.injected["stall"] == 1
     # Steps 5-8 ran (and step 8 was logged) while step 4's upload was stalled.
-    assert out.index("step=8 ") < out.index("checkpoint step-00000004 published")
+    assert out.index("pretrain step 8/12 ") < out.index("checkpoint step-00000004 published")

@@ -37,7 +37,8 @@ def run_config(base, run_id: str, **overrides):
 
 
 def train_in_process(cfg):
-    from trainer.launch import stage_prepare, worker
+    from trainer.stages import stage_prepare
+    from trainer.worker import pretrain_worker as worker
 
     return worker(cfg, stage_prepare(cfg))
 
@@ -155,7 +156,7 @@ if os.environ.get("TEST_SIGTERM_AFTER_CHECKPOINT"):
 
 
 def test_two_processes_then_one_with_the_same_global_batch(base, reference, metrics, cli, tmp_path, single_process,
-                                                           capsys):
+                                                           caplog):
     cfg = run_config(base, "shrunk", **{"checkpoint.upload_async": False})
     store = open_storage(cfg.storage.bucket)
     hook = tmp_path / "hook"
@@ -167,7 +168,7 @@ def test_two_processes_then_one_with_the_same_global_batch(base, reference, metr
     assert two.returncode == 75, two.stdout[-6000:]  # preempted after a clean checkpoint
     assert "on 2 x cpu" in two.stdout and f"stopped at step {K}" in two.stdout
     assert ckpt.complete_steps(store, "shrunk")[0] == K
-    capsys.readouterr()
+    caplog.clear()
     assert train_in_process(cfg)["step"] == N  # the rest on one process
-    assert f"resumed from step-{K:08d} (saved by 2 process(es), now 1)" in capsys.readouterr().out
+    assert f"resumed from step-{K:08d} (saved by 2 process(es), now 1)" in caplog.text
     assert_same(outcome(cfg, metrics), reference, exact=False)

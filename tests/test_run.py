@@ -14,7 +14,11 @@ from trainer.storage import open_storage
 
 pytestmark = pytest.mark.slow
 
-CHECKPOINT_FILES = {"model.safetensors", "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml", "MANIFEST.json"}
+# One format for every stage: a Hugging Face folder (config, generation config, weights, tokenizer) and
+# the training files.
+CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json", "chat_template.jinja",
+                    "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml", "MANIFEST.json"}
 
 
 def ok(result):

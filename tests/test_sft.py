@@ -14,10 +14,14 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.data import DataError
-from trainer.sft import (IGNORE, PackedLoss, conversation_problem, encode_conversations, finetune, load_chat_tokenizer,
-                         model_folder, pack, prepare_conversations, render_pieces, sft_attention, stage_sft,
-                         stop_token_ids)
+from trainer.sft import (IGNORE, conversation_problem, encode_conversations, load_chat_tokenizer, pack,
+                         prepare_conversations, render_pieces, stop_token_ids)
+from trainer.stages import stage_sft
+from trainer.tasks import PackedLoss, sft_attention
+from trainer.worker import sft_worker
 from trainer.storage import open_storage
+
+from faults import chat_model, sft_config  # noqa: F401 - fixtures
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sft-sample" / "poetry-chat.jsonl"
@@ -40,36 +44,6 @@ CONVERSATIONS = [
     [S("你是詩人"), U("春眠不覺曉"), A("處處聞啼鳥"), U("下一句"), A("夜來風雨聲")],
     [U("白日依山盡"), A("黃河入海流")],
 ]
-
-
-@pytest.fixture(scope="session")
-def chat_model(tmp_path_factory):
-    """A Hugging Face folder: our tokenizer (trained here on the sample conversations) and a random
-    tiny Llama with a 256-token context. Weights drawn wider than usual (std 0.3, not 0.02) so that
-    attention is peaked: a conversation that saw its neighbours would change the loss by ~4%, not
-    ~0.05%, and the packing tests can tell."""
-    from trainer.model import build_model, llama_config
-    from trainer.tokenizer import save_tokenizer, train_tokenizer
-
-    out = tmp_path_factory.mktemp("chat-model")
-    texts = [t["content"] for line in SAMPLE.read_text(encoding="utf-8").splitlines()
-             for t in json.loads(line)["messages"]]
-    save_tokenizer(train_tokenizer(texts, 512, 8), out)
-    tok = load_chat_tokenizer(out)
-    torch.manual_seed(0)
-    model_cfg = llama_config("tiny", len(tok), 256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model_cfg.initializer_range = 0.3
-    build_model(model_cfg, "sdpa").save_pretrained(str(out))
-    return out
-
-
-def sft_config(root, init, sources, **overrides):
-    values = {"run.id": "base", "storage.bucket": str(root / "bucket"), "storage.local_dir": str(root / "work"),
-              "sft.init": str(init), "sft.sources": [str(s) for s in sources], "sft.seq_len": 256,
-              "sft.batch_sequences": 4, "sft.max_steps": 4, "sft.warmup_steps": 1, "sft.lr": 0.003,
-              "sft.checkpoint_every_steps": 2, "train.log_every_steps": 1, "train.device": "cpu",
-              "train.compile": "off", **overrides}
-    return load_config(None, values, env={})
 
 
 def write_jsonl(path, records):
@@ -161,6 +135,13 @@ def packed_batch(tok) -> tuple[list, np.ndarray, torch.Tensor]:
     return encoded, row, torch.from_numpy(row.astype(np.int64))[None]
 
 
+def without_positions(batch):
+    """The packed rows with positions 0..T (one sequence), as if the conversations were one text."""
+    out = batch.clone()
+    out[..., 2] = torch.arange(batch.shape[1], device=batch.device)
+    return out
+
+
 def test_packed_loss_is_the_sum_over_replies_of_each_conversation_alone(chat_model):
     """The masked loss over a packed row equals cross-entropy over the reply tokens only, each
     conversation run by itself: prompt tokens contribute nothing, and packed conversations do not
@@ -171,9 +152,9 @@ def test_packed_loss_is_the_sum_over_replies_of_each_conversation_alone(chat_mod
     model = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32,
                                                  attn_implementation=sft_attention("auto", "cpu")).eval()
     with torch.no_grad():
-        packed = PackedLoss(model)(batch[:, :-1, 0], batch[:, :-1, 2], batch[:, 1:, 1])
+        packed = PackedLoss(model)(batch)
         # Without the restarting positions the conversations would attend to each other.
-        unpacked = PackedLoss(model)(batch[:, :-1, 0], torch.arange(row.shape[0] - 1)[None], batch[:, 1:, 1])
+        unpacked = PackedLoss(model)(without_positions(batch))
     by_hand, n_replies = reply_loss_alone(model, encoded)
     assert n_replies == sum(sum(r) for _, r in encoded) == int((row[1:, 1] != IGNORE).sum())
     assert packed.item() == pytest.approx(by_hand, rel=1e-5)
@@ -193,10 +174,10 @@ def test_packed_loss_on_gpu_compiled(chat_model):
     compiled = torch.compile(PackedLoss(model))
     by_hand, _ = reply_loss_alone(model, encoded)
     with torch.no_grad():
-        packed = compiled(batch[:, :-1, 0], batch[:, :-1, 2], batch[:, 1:, 1])
-        unpacked = compiled(batch[:, :-1, 0], torch.arange(row.shape[0] - 1, device="cuda")[None], batch[:, 1:, 1])
+        packed = compiled(batch)
+        unpacked = compiled(without_positions(batch))
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            packed_bf16 = compiled(batch[:, :-1, 0], batch[:, :-1, 2], batch[:, 1:, 1])
+            packed_bf16 = compiled(batch)
     assert packed.item() == pytest.approx(by_hand, rel=1e-4)  # TF32 matmuls at most
     assert unpacked.item() != pytest.approx(by_hand, rel=1e-2)
     assert packed_bf16.item() == pytest.approx(by_hand, rel=2e-2)
@@ -208,8 +189,8 @@ def test_finetune_on_gpu(tmp_path, chat_model, single_process):
     cfg = sft_config(tmp_path, chat_model, [SAMPLE], **{"train.device": "auto", "train.compile": "auto",
                                                         "sft.max_steps": 6})
     store = open_storage(cfg.storage.bucket)
-    data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256, say=lambda m: None)
-    finetune(cfg, store, data_dir, chat_model, log=lambda m, **k: None)
+    data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
+    sft_worker(cfg, data_dir, chat_model)
     rows = [json.loads(line) for line in store.read_text("runs/base-sft/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7)) and rows[-1]["loss"] < rows[0]["loss"]
     assert ckpt.complete_steps(store, "base-sft")[0] == 6
@@ -234,7 +215,7 @@ def test_bad_record_fails_naming_file_and_line(tmp_path, chat_model, record, rea
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}, record])
     cfg = sft_config(tmp_path, chat_model, [path])
     with pytest.raises(DataError) as e:
-        prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256, say=lambda m: None)
+        prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
     assert f"{path}:2: " in str(e.value) and detail in str(e.value) and "data.on_error=skip" in str(e.value)
 
 
@@ -242,7 +223,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, chat_model):
     good = [{"messages": c} for c in CONVERSATIONS]
     path = write_jsonl(tmp_path / "chat.jsonl", good[:1] + [b[0] for b in BAD] + good[1:])
     cfg = sft_config(tmp_path, chat_model, [path], **{"data.on_error": "skip"})
-    data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256, say=lambda m: None)
+    data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
     index = json.loads((data_dir / "index.json").read_text())
     assert index["conversations"] == 3
     assert index["skipped_records"] == {"wrong order": 2, "empty content": 1, "missing role": 1, "no reply": 1,
@@ -257,13 +238,13 @@ def test_parquet_conversations_as_smoltalk_ships_them(tmp_path, chat_model):
     rows = [{"messages": c, "source": "hand"} for c in CONVERSATIONS]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000.parquet")
     cfg = sft_config(tmp_path, chat_model, [tmp_path])
-    index = json.loads((prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256, say=lambda m: None)
+    index = json.loads((prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
                         / "index.json").read_text())
     assert index["conversations"] == 3 and index["skipped_records"] == {}
     bad = rows[:1] + [{"messages": [A("疑是地上霜"), U("床前明月光")], "source": "hand"}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "train-00000.parquet")
     with pytest.raises(DataError, match=r"train-00000.parquet:row 2: turn 1: assistant before any user turn"):
-        prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256, say=lambda m: None)
+        prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
 
 
 # Training: resume after SIGTERM equals a straight run --------------------------------------------
@@ -271,27 +252,27 @@ def test_parquet_conversations_as_smoltalk_ships_them(tmp_path, chat_model):
 def test_resume_after_sigterm_equals_straight_run(tmp_path, chat_model, single_process, monkeypatch):
     from safetensors.torch import load_file
 
-    import trainer.schedule
+    import trainer.loop
 
     def run(root, stop_at=None):
         cfg = sft_config(root, chat_model, [SAMPLE], **{"sft.checkpoint_every_steps": 100})
         store = open_storage(cfg.storage.bucket)
-        data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256, say=lambda m: None)
+        data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
         if stop_at is not None:  # SIGTERM while step `stop_at` runs, as a preempting host sends it
-            real = trainer.schedule.lr_at
+            real = trainer.loop.lr_at
 
             def lr_at(step, t):
                 if step == stop_at:
                     os.kill(os.getpid(), signal.SIGTERM)
                 return real(step, t)
 
-            monkeypatch.setattr(trainer.schedule, "lr_at", lr_at)
+            monkeypatch.setattr(trainer.loop, "lr_at", lr_at)
             with pytest.raises(SystemExit) as e:
-                finetune(cfg, store, data_dir, chat_model, log=lambda m, **k: None)
+                sft_worker(cfg, data_dir, chat_model)
             assert e.value.code == 75
             monkeypatch.setattr(trainer.schedule, "lr_at", real)
             assert ckpt.complete_steps(store, "base-sft") == [stop_at + 1]  # it finished the step, then saved
-        finetune(cfg, store, data_dir, chat_model, log=lambda m, **k: None)
+        sft_worker(cfg, data_dir, chat_model)
         rows = [json.loads(line) for line in store.read_text("runs/base-sft/metrics.jsonl").splitlines()]
         return load_file(str(root / "bucket/runs/base-sft/checkpoints/step-00000004/model.safetensors")), rows
 
@@ -320,8 +301,7 @@ def test_two_processes_train_as_one(tmp_path, chat_model, single_process, cli):
     assert "(1 per micro-batch, 2 accumulation)" in result.stdout
     one = sft_config(tmp_path / "one", chat_model, [SAMPLE], **overrides)
     store = open_storage(one.storage.bucket)
-    finetune(one, store, prepare_conversations(one, load_chat_tokenizer(chat_model), 256, say=lambda m: None),
-             chat_model, log=lambda m, **k: None)
+    sft_worker(one, prepare_conversations(one, load_chat_tokenizer(chat_model), 256), chat_model)
     weights = [load_file(str(cfg_root / "bucket/runs/base-sft/checkpoints/step-00000004/model.safetensors"))
                for cfg_root in (tmp_path / "one", tmp_path / "two")]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-4) for k in weights[0])  # rounding, grown by Adam
@@ -355,7 +335,8 @@ def test_stage_sft_from_the_bucket(tmp_path, bucket, chat_model, single_process)
                                                                            tok.eos_token_id]
     assert tok.chat_template and model.config.max_position_embeddings == 256
     # The final export is a checkpoint's HF files: chat can start from either.
-    assert model_folder(store.url("runs/base-sft/checkpoints/step-00000004"), cfg).joinpath("config.json").is_file()
+    assert ckpt.model_dir(store.url("runs/base-sft/checkpoints/step-00000004"), cfg.storage,
+                          tmp_path / "cache").joinpath("config.json").is_file()
     assert stage_sft(cfg) == 0  # nothing left to do
     assert ckpt.complete_steps(store, "base-sft") == [4, 2]
 
@@ -435,12 +416,8 @@ def test_pretrain_then_sft_then_chat_through_the_cli(tmp_path, tiny_config, cli)
     lines = chat.stdout.splitlines()
     assert "> 床前明月光" in lines and "(conversation cleared)" in lines and "> /exit" in lines
     assert "> 不應回答" not in lines
-    # A pretraining checkpoint (no tokenizer inside) is a starting point too: the run's tokenizer is found.
-    from safetensors.torch import load_file
-
+    # A pretraining checkpoint is a Hugging Face folder too (config and tokenizer inside): no conversion.
     step = f"{bucket}/runs/tiny/checkpoints/step-00000004"
-    folder = model_folder(step, cfg, say=lambda m: None)
-    converted = load_file(str(folder / "model.safetensors"))
-    saved = load_file(f"{step}/model.safetensors")
-    assert all(torch.equal(saved[k], converted[k]) for k in saved)
+    folder = ckpt.model_dir(step, cfg.storage, tmp_path / "cache")
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
     assert load_chat_tokenizer(folder).get_vocab() == load_chat_tokenizer(f"{bucket}/runs/tiny/final").get_vocab()

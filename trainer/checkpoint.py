@@ -1,4 +1,10 @@
-"""Checkpoints: a folder of files plus MANIFEST.json written last, then the LATEST pointer.
+"""Checkpoints: what one holds, how it is saved, restored, published and exported. One format for
+every stage (pretraining and SFT):
+
+  config.json, generation_config.json, model.safetensors, tokenizer files   a Hugging Face model
+      folder: every checkpoint loads with from_pretrained (chat with it, evaluate it, export it);
+  optimizer.pt, rng.pt (every rank's RNG streams), trainer_state.json (the loop's state),
+  config.yaml (the resolved config), MANIFEST.json (each file's size and sha256, written last).
 
 Publishing order (each step only after the previous succeeded):
   1. every file of runs/<id>/checkpoints/step-NNNNNNNN/ except the manifest,
@@ -13,14 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
 
-from trainer.storage import Storage, StorageError, join
+import torch
+
+from trainer.distributed import Dist, rng_state, set_rng_state
+from trainer.log import logger
+from trainer.storage import Storage, StorageError, is_s3, join, open_storage, split_url
 
 MANIFEST = "MANIFEST.json"
 LATEST = "LATEST"
+TRAINING_FILES = ("optimizer.pt", "rng.pt", "trainer_state.json", "config.yaml", MANIFEST)  # not exported
 
 
 def step_name(step: int) -> str:
@@ -117,13 +129,13 @@ def fetch_verified(store: Storage, run_id: str, step: int, dest: Path) -> Path:
     return dest
 
 
-def fetch_newest(store: Storage, run_id: str, dest_root: Path, log=print) -> tuple[int, Path] | None:
+def fetch_newest(store: Storage, run_id: str, dest_root: Path) -> tuple[int, Path] | None:
     """The newest checkpoint that verifies, downloaded under dest_root; None when there is none."""
     for step in complete_steps(store, run_id):
         try:
             return step, fetch_verified(store, run_id, step, dest_root / step_name(step))
         except StorageError as e:
-            log(f"checkpoint {step_name(step)} is unusable ({e}); falling back to the previous one")
+            logger.warning(f"checkpoint {step_name(step)} is unusable ({e}); falling back to the previous one")
     return None
 
 
@@ -145,8 +157,8 @@ class Uploader:
     """Publishes checkpoints in a background thread, at most one in flight. A failure is raised at
     the next submit() or wait(), never swallowed."""
 
-    def __init__(self, store: Storage, run_id: str, keep_last: int, log=print):
-        self.store, self.run_id, self.keep_last, self.log = store, run_id, keep_last, log
+    def __init__(self, store: Storage, run_id: str, keep_last: int):
+        self.store, self.run_id, self.keep_last = store, run_id, keep_last
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -154,7 +166,7 @@ class Uploader:
         try:
             url = publish(self.store, self.run_id, local_dir, step)
             pruned = prune(self.store, self.run_id, self.keep_last)
-            self.log(f"checkpoint {step_name(step)} published to {url}"
+            logger.info(f"checkpoint {step_name(step)} published to {url}"
                      + (f" (pruned {', '.join(map(step_name, pruned))})" if pruned else ""))
             if on_done:
                 on_done(step)
@@ -177,3 +189,143 @@ class Uploader:
         else:
             self._work(local_dir, step, on_done)
             self.wait()
+
+
+# Saving and restoring (the training loop's side) -------------------------------------------------
+
+def save(local_dir: Path, model, tokenizer, optimizer, state: dict, config_yaml: str, rng_states: list) -> None:
+    """Write a complete checkpoint folder (see the module docstring), manifest last. model: the bare
+    Hugging Face model (not a DDP or compiled wrapper); state: the loop state, with "step"."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar at every checkpoint says nothing
+    shutil.rmtree(local_dir, ignore_errors=True)
+    local_dir.mkdir(parents=True)
+    model.save_pretrained(str(local_dir), max_shard_size="1000GB")  # one model.safetensors, whatever the size
+    tokenizer.save_pretrained(str(local_dir))
+    torch.save(optimizer.state_dict(), local_dir / "optimizer.pt")
+    torch.save(rng_states, local_dir / "rng.pt")
+    (local_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    (local_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    write_manifest(local_dir, state["step"])
+
+
+def load(ckpt_dir: Path, model, optimizer, d: Dist, seed: int) -> dict:
+    """Load a verified checkpoint folder into the model, the optimizer and this rank's RNG streams;
+    return its trainer state. Checkpoints saved by another number of processes reseed the RNG
+    (seed + 1000 x step + rank): the data order does not depend on it, dropout-free models neither.
+    Reads older checkpoints too (model.safetensors written by safetensors.save_model)."""
+    from safetensors.torch import load_model
+
+    load_model(model, str(ckpt_dir / "model.safetensors"))  # tied embeddings: either file layout
+    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=d.device, weights_only=False))
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    rngs = torch.load(ckpt_dir / "rng.pt", weights_only=False)
+    if len(rngs) == d.world:
+        set_rng_state(rngs[d.rank])
+    else:
+        torch.manual_seed(seed + 1000 * state["step"] + d.rank)
+    return state
+
+
+class Checkpointer:
+    """One run's checkpoints as the training loop uses them, on every rank: restore the newest
+    complete one (rank 0 verifies it, the others fetch that same step), save (every rank's RNG
+    gathered, rank 0 writes), publish in the background (at most one upload in flight)."""
+
+    def __init__(self, store: Storage, run_id: str, local_root: Path, keep_last: int, d: Dist):
+        self.store, self.run_id, self.local_root, self.d = store, run_id, Path(local_root), d
+        self.uploader = Uploader(store, run_id, keep_last)
+
+    def restore(self, model, optimizer, seed: int) -> dict | None:
+        """The newest verified checkpoint loaded into model and optimizer; its trainer state, or
+        None when the run has none."""
+        found = fetch_newest(self.store, self.run_id, self.local_root / "resume") if self.d.main else None
+        step = self.d.broadcast_object(found[0] if found else -1)
+        if step < 0:
+            return None
+        path = found[1] if found else fetch_verified(self.store, self.run_id, step,
+                                                      self.local_root / f"resume-rank{self.d.rank}")
+        return load(path, model, optimizer, self.d, seed)
+
+    def save(self, state: dict, model, tokenizer, optimizer, config_yaml: str) -> None:
+        """Stage the checkpoint of state["step"] locally (every rank calls this; rank 0 writes).
+        Raises FloatingPointError, before anything is written, when a weight is not finite."""
+        finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        if self.d.any(not bool(finite)):
+            raise FloatingPointError(f"non-finite weights at step {state['step']}: refusing to checkpoint them")
+        rngs = self.d.all_gather_object(rng_state())
+        if self.d.main:
+            self._staged = state["step"]
+            save(self.local_root / "staged" / step_name(state["step"]), model, tokenizer, optimizer, state,
+                 config_yaml, rngs)
+
+    def publish(self, background: bool) -> None:
+        """Publish the checkpoint save() staged (rank 0; a no-op elsewhere): files, manifest, LATEST."""
+        if self.d.main:
+            step = self._staged
+            self.uploader.submit(self.local_root / "staged" / step_name(step), step, background=background,
+                                 on_done=self._drop_staged)
+
+    def wait(self) -> None:
+        """Block until the upload in flight is published; raise StorageError if it failed."""
+        self.uploader.wait()
+
+    def _drop_staged(self, published: int) -> None:
+        """Staged copies older than the one just published are not needed. Newer ones are kept: the
+        next checkpoint is staged while this one uploads in the background."""
+        root = self.local_root / "staged"
+        for p in root.iterdir() if root.is_dir() else []:
+            if p.name < step_name(published):  # step-NNNNNNNN names sort by step
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# Exports and model folders ----------------------------------------------------------------------
+
+def export(store: Storage, run_id: str, key: str, local_root: Path, what: str = "export") -> int | None:
+    """Publish the newest complete checkpoint's Hugging Face files (all but TRAINING_FILES) at `key`,
+    manifest last; return its step, or None when `key` already holds it. Raises FileNotFoundError
+    when the run has no checkpoint, StorageError for a checkpoint of an older format (no config.json)."""
+    if newest_to_export(store, run_id, key, what) is None:
+        return None
+    step, src = fetch_newest(store, run_id, Path(local_root) / "runs" / run_id / "export-src")
+    if not (src / "config.json").is_file():
+        raise StorageError(f"{what}: {step_name(step)} of {run_id} was saved by an older version without "
+                           f"config.json; resume the run to write a new checkpoint, then export")
+    out = Path(local_root) / key
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.is_file() and path.name not in TRAINING_FILES:
+            shutil.copy2(path, out / path.name)
+    publish_folder(store, out, key, step, replace=True)
+    return step
+
+
+CHECKPOINT_URL = re.compile(r"^(?:(?P<root>.*)/)?runs/(?P<run>[^/]+)/checkpoints/step-(?P<step>\d+)/?$")
+
+
+def model_dir(url: str, storage_cfg, cache_root: Path) -> Path:
+    """A local Hugging Face model folder for `url`: an export (runs/<id>/final) or a checkpoint
+    (runs/<id>/checkpoints/step-N: downloaded and checked against its manifest), local or s3://.
+    Raises FileNotFoundError (one line, naming the URL) when there is no model there."""
+    cache = Path(cache_root) / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    m = CHECKPOINT_URL.match(url.rstrip("/"))
+    if m and (is_s3(url) or not Path(url).expanduser().is_dir() or (Path(url) / MANIFEST).is_file()):
+        root = open_storage(m["root"] or ".", storage_cfg)
+        if not root.exists(join(checkpoints_prefix(m["run"]), step_name(int(m["step"])), MANIFEST)):
+            raise FileNotFoundError(f"{url}: no complete checkpoint there (no {MANIFEST})")
+        src = fetch_verified(root, m["run"], int(m["step"]), cache / "checkpoint")
+    elif is_s3(url):
+        store, key = split_url(url, storage_cfg)
+        if not store.exists(join(key, "config.json")):
+            raise FileNotFoundError(f"{url}: no model there (no config.json); pass <bucket>/runs/<id>/final "
+                                    f"or <bucket>/runs/<id>/checkpoints/step-N")
+        store.download_dir(key, cache / "download")
+        src = cache / "download"
+    else:
+        src = Path(url).expanduser()
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{url}: no model there (no config.json); pass <bucket>/runs/<id>/final or "
+                                f"<bucket>/runs/<id>/checkpoints/step-N")
+    return src

@@ -3,14 +3,16 @@
 Sample i of a shard is tokens [i*T, i*T + T + 1): T inputs and their T next-token targets. Samples
 never cross shard boundaries (at most T tokens per shard go unused). Global sample number g maps to
 epoch g // N and position g % N of that epoch's permutation, so any process can compute any step's
-batch without state: the data position in a checkpoint is just the step, and the order does not
-depend on the number of processes.
+batch without state: the data position in a checkpoint is the number of sequences consumed, and the
+order depends neither on the number of processes nor on the batch size.
 """
 
 from __future__ import annotations
 
-import threading
+import itertools
 import queue
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,26 +64,30 @@ def global_sample_ids(seed: int, n: int, start: int, count: int) -> np.ndarray:
     return out
 
 
-def rank_micro_batches(step: int, samples_per_step: int, rank: int, world: int, micro: int) -> list[tuple[int, int]]:
-    """(start, count) global positions of each micro-batch this rank runs at `step`.
+def rank_micro_batches(position: int, samples_per_step: int, rank: int, world: int, micro: int
+                       ) -> list[tuple[int, int]]:
+    """(start, count) global positions of each micro-batch this rank runs in the step whose first
+    sequence is at global `position`.
 
     The step's samples are split into `world` contiguous slices; each rank cuts its slice into
     micro-batches of `micro` samples."""
     per_rank = samples_per_step // world
-    base = step * samples_per_step + rank * per_rank
+    base = position + rank * per_rank
     return [(base + k, micro) for k in range(0, per_rank, micro)]
 
 
 class BatchLoader:
-    """Yields (inputs, targets) micro-batches on the device, prepared one step ahead in a thread.
+    """Yields micro-batches on the device, steps from global sequence `position` on, prepared a few
+    micro-batches ahead in a thread: (micro, seq_len + 1) int64 for token samples (inputs are
+    [:, :-1], targets [:, 1:]); packed SFT rows add a last dimension.
 
     `wait_seconds` accumulates the time the training loop spent waiting for data."""
 
-    def __init__(self, samples: TokenSamples, seed: int, samples_per_step: int, rank: int, world: int,
-                 micro: int, device: torch.device, start_step: int, max_steps: int, prefetch: int = 4):
+    def __init__(self, samples, seed: int, samples_per_step: int, rank: int, world: int, micro: int,
+                 device: torch.device, position: int, prefetch: int = 4):
         self.samples, self.seed, self.device = samples, seed, device
         self.spec = (samples_per_step, rank, world, micro)
-        self.start_step, self.max_steps = start_step, max_steps
+        self.position = position
         self.wait_seconds = 0.0
         self._q: queue.Queue = queue.Queue(prefetch)
         self._stop = threading.Event()
@@ -90,9 +96,10 @@ class BatchLoader:
 
     def _produce(self):
         pin = self.device.type == "cuda"
+        samples_per_step = self.spec[0]
         try:
-            for step in range(self.start_step, self.max_steps):
-                for start, count in rank_micro_batches(step, *self.spec):
+            for position in itertools.count(self.position, samples_per_step):
+                for start, count in rank_micro_batches(position, *self.spec):
                     ids = global_sample_ids(self.seed, len(self.samples), start, count)
                     batch = torch.from_numpy(self.samples.get(ids))
                     if pin:
@@ -108,25 +115,23 @@ class BatchLoader:
         except BaseException as e:  # noqa: BLE001 - surfaced to the training loop
             self._q.put(e)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        import time
-
+    def next(self) -> torch.Tensor:
         t0 = time.perf_counter()
         batch = self._q.get()
         self.wait_seconds += time.perf_counter() - t0
         if isinstance(batch, BaseException):
             raise batch
-        batch = batch.to(self.device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
+        return batch.to(self.device, non_blocking=True)
 
     def close(self):
         self._stop.set()
 
 
-def validation_batches(samples: TokenSamples, n_batches: int, micro: int, rank: int, world: int):
-    """The first n_batches micro-batches of the validation split, split over ranks round-robin."""
-    total = min(n_batches * micro, len(samples))
-    for b, start in enumerate(range(0, total, micro)):
+def validation_batches(samples, n_sequences: int, batch_size: int, rank: int, world: int):
+    """The first n_sequences samples of the validation split (a fixed set, whatever the number of
+    processes or the micro-batch), in batches of batch_size, split over ranks round-robin."""
+    total = min(n_sequences, len(samples))
+    for b, start in enumerate(range(0, total, batch_size)):
         if b % world == rank:
-            ids = np.arange(start, min(start + micro, total), dtype=np.int64)
+            ids = np.arange(start, min(start + batch_size, total), dtype=np.int64)
             yield torch.from_numpy(samples.get(ids))

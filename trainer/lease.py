@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 
+from trainer.log import logger
 from trainer.storage import Storage, StorageError
 
 
@@ -45,7 +46,7 @@ def new_owner() -> str:
 class Lease:
     """Hold runs/<run_id>/lease.json: acquire(), then a renewing thread until release()."""
 
-    def __init__(self, store: Storage, run_id: str, seconds: float, log=print, owner: str | None = None):
+    def __init__(self, store: Storage, run_id: str, seconds: float, log=logger.info, owner: str | None = None):
         self.store, self.run_id, self.seconds, self.log = store, run_id, seconds, log
         self.owner = owner or new_owner()
         self.key = lease_key(run_id)

@@ -24,13 +24,12 @@ from pathlib import Path
 import yaml
 
 from trainer.config import ENV_KEYS, Config, load_config, to_dict, to_yaml
+from trainer.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 TARGETS = ("docker", "skypilot", "k8s")
 DEFAULT_IMAGE = "zh-pretrain:latest"  # `docker build -t zh-pretrain:latest .`; push it somewhere for clouds
 DEFAULT_GPUS_PER_NODE = 8  # skypilot / k8s when gpus_per_node is 0 (docker then takes all of the host's)
 MASTER_PORT = 29500  # torchrun's default rendezvous port
-EXIT_BAD_INPUT = 2  # entrypoint.py: bad config or input, retrying cannot help
-EXIT_PREEMPTED = 75  # trainer/train.py: stopped cleanly after a checkpoint, retry resumes
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # passed by name only
 SECRET_VALUES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # whose values must never appear in the output
 K8S_SECRET = "zh-pretrain-s3"  # kubectl create secret generic zh-pretrain-s3 --from-literal=...

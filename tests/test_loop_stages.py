@@ -1,0 +1,191 @@
+"""The loop's guarantees, once for each stage that uses them (pretraining and SFT), in this process.
+
+Faults go in through the loop's seam, not by patching torch: FaultyTask wraps a stage's Task and
+scales its training loss by `factor` (NaN, or 50x for a spike) in chosen optimizer steps, and can
+send SIGTERM while a chosen step runs. Steps are counted by the loop's one call of
+task.targets_in_step() per optimizer step, 1-based from this process's first step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from faults import (chat_model, copy_bucket, in_process, make_config, sft_config, template,  # noqa: F401
+                    tiny_settings, SFT_SAMPLE)
+from trainer import checkpoint as ckpt
+from trainer.artifacts import Artifacts
+from trainer.errors import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
+from trainer.sft import load_chat_tokenizer, prepare_conversations
+from trainer.storage import open_storage
+from trainer.tasks import SftTask
+from trainer.worker import pretrain_task, run_task
+
+STAGES = ("pretrain", "sft")
+
+
+class FaultyTask:
+    """A Task that behaves like `task` except in the steps named: loss x factor, or a SIGTERM."""
+
+    def __init__(self, task, bad_steps=(), factor=float("nan"), sigterm_at=None):
+        self.task, self.bad_steps, self.factor, self.sigterm_at = task, set(bad_steps), factor, sigterm_at
+        self.step = 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def targets_in_step(self, position: int) -> int:
+        self.step += 1
+        if self.step == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.task.targets_in_step(position)
+
+    def loss_module(self, model):
+        return _FaultyLoss(self.task.loss_module(model), self)
+
+
+class _FaultyLoss(torch.nn.Module):
+    def __init__(self, inner, owner: FaultyTask):
+        super().__init__()
+        self.inner, self.owner = inner, owner
+
+    def forward(self, batch):
+        loss = self.inner(batch)
+        if torch.is_grad_enabled() and self.owner.step in self.owner.bad_steps:
+            return loss * self.owner.factor
+        return loss
+
+
+@pytest.fixture
+def stage_run(request, template, chat_model, tmp_path, in_process):
+    """run(root, overrides, **faults) -> (final state, store, run id) for the stage in request.param:
+    16 steps, a checkpoint every 4, a log line every 4, uploads in the foreground."""
+    stage = request.param
+
+    def run(root, overrides=None, **faults):
+        overrides = overrides or {}
+        if stage == "pretrain":
+            settings = tiny_settings(template["corpus"], str(root / "bucket"), str(root / "work"),
+                                     **{"train.max_steps": 16, "train.log_every_steps": 4,
+                                        "train.checkpoint_every_steps": 4, "checkpoint.keep_last": 10,
+                                        "checkpoint.upload_async": False, **overrides})
+            if not (root / "bucket").exists():
+                copy_bucket(template, root / "bucket")
+            cfg = make_config(settings)
+            arts = Artifacts(template["tokenizer_key"], template["data_key"])
+            make, run_id = (lambda: pretrain_task(cfg, arts)), "rel"
+        else:
+            sft_over = {"sft.max_steps": 16, "sft.checkpoint_every_steps": 4, "train.log_every_steps": 4,
+                        "checkpoint.keep_last": 10, "checkpoint.upload_async": False}
+            for k, v in overrides.items():  # the tests name train.*; SFT has its own length and checkpoints
+                sft_over[{"train.max_steps": "sft.max_steps",
+                          "train.checkpoint_every_steps": "sft.checkpoint_every_steps"}.get(k, k)] = v
+            cfg = sft_config(root, chat_model, [SFT_SAMPLE], **sft_over)
+            data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
+            make, run_id = (lambda: SftTask(cfg, data_dir, chat_model)), "base-sft"
+        state = run_task(cfg, lambda: FaultyTask(make(), **faults))
+        return state, open_storage(cfg.storage.bucket), run_id
+
+    run.stage = stage
+    return run
+
+
+def metrics(store, run_id) -> list[dict]:
+    return [json.loads(line) for line in store.read_text(f"runs/{run_id}/metrics.jsonl").splitlines()]
+
+
+def assert_no_checkpoint_holds_a_nan(store, run_id, tmp_path) -> list[int]:
+    from safetensors.torch import load_file
+
+    steps = ckpt.complete_steps(store, run_id)
+    for step in steps:
+        d = ckpt.fetch_verified(store, run_id, step, tmp_path / "check" / str(step))
+        assert all(torch.isfinite(t).all() for t in load_file(str(d / "model.safetensors")).values())
+        opt = torch.load(d / "optimizer.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for s in opt["state"].values() for v in s.values() if v.is_floating_point())
+    return steps
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_skip_leaves_skipped_steps_out_of_the_logged_loss(stage_run, tmp_path):
+    """Drift 1 (SFT logged `loss: nan` after a skipped first step): a skipped step's loss is not in
+    the logged mean, on every stage."""
+    state, store, run_id = stage_run(tmp_path, {"train.log_every_steps": 2}, bad_steps={1, 6})
+    rows = metrics(store, run_id)
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN
+    assert [r["skipped_steps"] for r in rows] == [1, 1, 2, 2, 2, 2, 2, 2] and state["skipped_steps"] == 2
+    assert assert_no_checkpoint_holds_a_nan(store, run_id, tmp_path) == [16, 12, 8, 4]
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_fail_is_judged_before_every_checkpoint(stage_run, tmp_path):
+    """Drift 2 (SFT published step 2, then raised at its log step 4): the window is judged before a
+    checkpoint, so a failed one never reaches the bucket."""
+    with pytest.raises(FloatingPointError, match=r"1 step\(s\) with a non-finite loss or gradient before step 2 "
+                                                 r"\(train.on_nonfinite=fail\)"):
+        stage_run(tmp_path, {"train.on_nonfinite": "fail", "train.log_every_steps": 4,
+                             "train.checkpoint_every_steps": 2}, bad_steps={1})
+    run_id = "rel" if stage_run.stage == "pretrain" else "base-sft"
+    assert ckpt.complete_steps(open_storage(str(tmp_path / "bucket")), run_id) == []
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_rollback_reloads_the_last_checkpoint_and_skips_the_window(stage_run, tmp_path, caplog):
+    state, store, run_id = stage_run(tmp_path, {"train.on_nonfinite": "rollback"}, bad_steps={6})
+    assert "rolled back from step 8 to step-00000004 after 1 step(s) with a non-finite loss" in caplog.text
+    assert state["rollbacks"] == 1 and state["step"] == 16
+    saved = json.loads(store.read_text(f"{ckpt.checkpoints_prefix(run_id)}/{ckpt.step_name(16)}/trainer_state.json"))
+    per_step = 8 if stage_run.stage == "pretrain" else 4
+    assert saved["data_position"] == (16 + 4) * per_step and saved["rollbacks"] == 1  # steps 5-8's data skipped
+    assert [r["step"] for r in metrics(store, run_id)] == [4, 8, 8, 12, 16]
+    assert assert_no_checkpoint_holds_a_nan(store, run_id, tmp_path) == [16, 12, 8, 4]
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_rollback_on_a_loss_spike(stage_run, tmp_path, caplog):
+    state, store, run_id = stage_run(tmp_path, {"train.on_nonfinite": "rollback", "train.spike_factor": 3.0},
+                                     bad_steps={10}, factor=50.0)
+    assert "rolled back from step 12 to step-00000008 after a loss spike" in caplog.text
+    assert state["spikes"] == 1 and state["rollbacks"] == 1 and state["step"] == 16
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_rollback_with_no_checkpoint_yet_fails(stage_run, tmp_path):
+    with pytest.raises(FloatingPointError, match="no checkpoint to roll back to yet"):
+        stage_run(tmp_path, {"train.on_nonfinite": "rollback"}, bad_steps={2})
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_sigterm_publishes_the_step_exits_75_and_resumes_exactly(stage_run, tmp_path):
+    """SIGTERM while step 6 runs: the step finishes, step 6 is published, Preempted (exit 75), the
+    marker for the launcher is written and the signal handlers are back; the rerun ends equal, bit
+    for bit, to a run that was never stopped."""
+    from safetensors.torch import load_file
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(Preempted) as e:
+        stage_run(tmp_path / "stopped", {"train.log_every_steps": 2}, sigterm_at=6)
+    assert e.value.code == EXIT_PREEMPTED
+    assert {s: signal.getsignal(s) for s in before} == before
+    run_id = "rel" if stage_run.stage == "pretrain" else "base-sft"
+    store = open_storage(str(tmp_path / "stopped" / "bucket"))
+    assert ckpt.complete_steps(store, run_id)[0] == 6
+    assert json.loads((tmp_path / "stopped" / "work" / "runs" / run_id / PREEMPTED_MARKER).read_text())["step"] == 6
+    resumed, _, _ = stage_run(tmp_path / "stopped", {"train.log_every_steps": 2})
+    straight, straight_store, _ = stage_run(tmp_path / "straight", {"train.log_every_steps": 2})
+    assert resumed["step"] == straight["step"] == 16 and {s: signal.getsignal(s) for s in before} == before
+
+    def final(root):
+        d = ckpt.fetch_verified(open_storage(str(root / "bucket")), run_id, 16, root / "final")
+        return load_file(str(d / "model.safetensors"))
+
+    a, b = final(tmp_path / "stopped"), final(tmp_path / "straight")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    compared = ("step", "loss", "lr", "grad_norm", "tokens")
+    assert [{k: r.get(k) for k in compared} for r in metrics(store, run_id)] == \
+        [{k: r.get(k) for k in compared} for r in metrics(straight_store, run_id)]

@@ -1,0 +1,63 @@
+"""`run`: the whole job, stage after stage (trainer/stages.py), under the run's lease.
+
+Node 0 holds runs/<id>/lease.json throughout; SIGTERM between stages exits 75 at once (finished
+stages are reused by the rerun); during training the loop turns it into a published checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from trainer.errors import EXIT_PREEMPTED, Preempted
+from trainer.config import Config
+from trainer.distributed import node_rank
+from trainer.log import logger
+from trainer.stages import (bucket, check_before_start, hold_lease, stage_export, stage_prepare, stage_pretrain,
+                            stage_pull, stage_report, stage_sft, stage_tokenizer)
+from trainer.storage import join
+
+
+def run(cfg: Config) -> int:
+    """The whole job. Returns the process exit code (0 done, 75 preempted: rerun to resume)."""
+    check_before_start(cfg)
+    old = {s: signal.signal(s, _preempted_between_stages) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        lease = hold_lease(cfg)
+        try:
+            return run_stages(cfg, lease)
+        finally:
+            if lease is not None:
+                lease.release()
+    except Preempted:
+        return EXIT_PREEMPTED
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_stages(cfg: Config, lease=None) -> int:
+    files = stage_pull(cfg)
+    tok_key = stage_tokenizer(cfg, files)
+    arts = stage_prepare(cfg, files, tok_key)
+    code = stage_pretrain(cfg, arts, lease)
+    if code != 0:
+        logger.info(f"pretrain exited with {code}" +
+                    (" (preempted: run the same command again to resume)" if code == EXIT_PREEMPTED else ""))
+        return code
+    if node_rank() != 0:
+        return 0
+    lease.check()
+    key = stage_export(cfg)
+    report_key = stage_report(cfg, files)
+    store = bucket(cfg)
+    logger.info(f"done. bucket: {store.url()}  run: {store.url(f'runs/{cfg.run.id}')}  model: {store.url(key)}  "
+                f"report: {store.url(join(report_key, 'report.md'))}")
+    if cfg.sft.after_pretrain:
+        return stage_sft(cfg)
+    return 0
+
+
+def _preempted_between_stages(signum, frame):
+    logger.warning(f"received signal {signum} between stages: exiting with {EXIT_PREEMPTED} (rerun to continue; "
+                   f"finished stages are reused)")
+    raise Preempted()

@@ -1,0 +1,383 @@
+"""The training loop: one for every stage (pretraining and SFT), read top to bottom.
+
+What differs between stages sits behind `Task` (trainer/tasks.py): the starting weights, the batches,
+the loss (a sum over target tokens; the loop divides by the step's target count), evaluation and
+samples at checkpoints. Everything else is written once, here:
+  * the batch geometry: a global batch of task.samples_per_step sequences, the micro-batch an upper
+    bound (train.micro_batch_size), gradient accumulation derived, so a config runs on any number
+    of processes that divides the batch;
+  * no host-device sync per step: a non-finite gradient is detected on the device and the fused
+    AdamW skips the update there; at log and checkpoint steps (the only syncs) train.on_nonfinite
+    decides whether skipped steps and loss spikes are counted, rolled back to the last checkpoint
+    (their data skipped) or fatal, so a checkpoint never holds weights of a window that failed;
+  * SIGTERM/SIGINT: every rank stops at the same step, the checkpoint is published, exit 75; the
+    previous signal handlers are back when the loop returns;
+  * the loop state (LoopState) is saved in every checkpoint and restored whole, so a resume continues
+    at the same step, data position and counters (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from trainer.checkpoint import Checkpointer, step_name
+from trainer.config import Config, TrainConfig, to_yaml
+from trainer.distributed import Dist
+from trainer.errors import PREEMPTED_MARKER, Preempted
+from trainer.log import logger
+from trainer.model import peak_flops
+from trainer.metrics import RunLog
+from trainer.optim import build_optimizer, step_skipping_nonfinite
+from trainer.schedule import lr_at
+from trainer.storage import Storage
+
+MAX_ROLLBACKS_IN_A_ROW = 3  # train.on_nonfinite=rollback gives up after this many without a new checkpoint
+LOSS_EMA_DECAY = 0.9  # running mean of logged losses for spike detection (spikes left out)
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step, saved whole in trainer_state.json. Loaded
+    leniently: unknown keys are ignored and missing ones take these defaults, so older checkpoints
+    keep loading."""
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # tokens trained on (padding included for SFT)
+    data_position: int = 0  # global sequences consumed: where the data order continues
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    spikes: int = 0  # logged windows whose loss exceeded train.spike_factor x the running mean
+    rollbacks: int = 0  # times training went back to the last checkpoint (train.on_nonfinite=rollback)
+    loss_ema: float | None = None  # running mean of logged losses (spikes left out)
+    wall_seconds: float = 0.0  # training time over all attempts
+    world_size: int = 1  # processes that saved this state
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "LoopState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+class Task(Protocol):
+    """What one stage trains (trainer/tasks.py: PretrainTask, SftTask)."""
+    name: str  # log prefix: "pretrain", "sft"
+    run_id: str  # checkpoints and logs go to runs/<run_id>/
+    hp: TrainConfig  # this stage's optimizer, schedule, length, batch and logging settings
+    samples_per_step: int  # global batch in sequences (all ranks, all micro-batches)
+    tokens_per_step: int
+    flops_per_token: float | None  # for MFU; None: not reported
+
+    def build_model(self, device: torch.device): ...  # -> (HF model, tokenizer): the starting weights
+    def loss_module(self, model) -> torch.nn.Module: ...  # forward(micro-batch) -> summed loss (0-dim)
+    def loader(self, position: int, d: Dist, micro: int): ...  # BatchLoader from global sequence `position`
+    def targets_in_step(self, position: int) -> int: ...  # loss terms in the step starting at `position`
+    def evaluate(self, loss_module, d: Dist, autocast) -> dict: ...  # metrics row entries, {} if none
+    def at_checkpoint(self, model, tokenizer, step: int, autocast) -> list[dict]: ...  # sample rows (rank 0)
+
+
+def batch_geometry(samples_per_step: int, world: int, micro_max: int, key: str = "train.batch_tokens"
+                   ) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps) for a global batch of samples_per_step sequences over
+    `world` processes: the largest micro-batch up to micro_max (0: 16) that divides the per-rank
+    share. Raises ValueError naming `key` when the batch does not split over the processes."""
+    if samples_per_step % world:
+        raise ValueError(f"{key}: the global batch of {samples_per_step} sequences does not split evenly over "
+                         f"{world} processes")
+    per_rank = samples_per_step // world
+    micro = max(k for k in range(1, min(micro_max or 16, per_rank) + 1) if per_rank % k == 0)
+    return micro, per_rank // micro
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT while the loop runs; ranks agree on it at a step boundary. The handlers
+    that were there before are put back on exit."""
+
+    def __enter__(self) -> "StopFlag":
+        self.requested_at: float | None = None
+        self._saved = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._saved.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        if self.requested_at is None:
+            self.requested_at = time.time()
+            logger.warning(f"received signal {signum}: stopping at the next step boundary to checkpoint")
+
+
+class Window:
+    """Sums over the steps since the last log, kept on the device (no host sync until close)."""
+
+    def __init__(self, device: torch.device, step: int, wait: float):
+        self.loss = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.norm = torch.zeros((), device=device)
+        self.start_step, self.start_time, self.start_wait = step, time.time(), wait
+
+    def add(self, loss: torch.Tensor, found_inf: torch.Tensor, norm: torch.Tensor) -> None:
+        self.skipped += found_inf
+        self.loss += torch.where(found_inf > 0, torch.zeros_like(loss), loss)  # skipped steps' loss left out
+        self.norm = norm
+
+    def close(self, d: Dist) -> tuple[float, int, float]:
+        """(mean loss of the steps that were not skipped, skipped steps, last grad norm): the sync."""
+        stats = torch.stack([self.loss, self.skipped, self.norm.float()])
+        if d.world > 1:  # loss: each rank holds its share of the mean; skipped and norm are equal on all ranks
+            torch.distributed.all_reduce(stats)
+            stats /= torch.tensor([1.0, d.world, d.world], device=stats.device)
+        loss, skipped, norm = stats.tolist()
+        return loss, round(skipped), norm
+
+
+def judge(mean_loss: float, skipped: int, loss_ema: float | None, spike_factor: float) -> tuple[str, bool]:
+    """(what went wrong in a logged window, or "", whether it was a loss spike)."""
+    if skipped:
+        return f"{skipped} step(s) with a non-finite loss or gradient", False
+    if spike_factor and loss_ema is not None and mean_loss > spike_factor * loss_ema:
+        return (f"a loss spike ({mean_loss:.4g} > train.spike_factor={spike_factor} x running mean "
+                f"{loss_ema:.4g})"), True
+    return "", False
+
+
+def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopState:
+    """Train task from its newest complete checkpoint (or its starting weights) to task.hp.max_steps.
+    Raises Preempted (exit 75) after a signal, FloatingPointError per train.on_nonfinite, LeaseLost
+    (from `lease`, checked before every checkpoint) when another job took the run."""
+    hp = task.hp
+    micro, accum = batch_geometry(task.samples_per_step, d.world, hp.micro_batch_size)
+    run_local = Path(cfg.storage.local_dir) / "runs" / task.run_id
+    run_local.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on GPU
+    torch.manual_seed(hp.seed)  # the same starting weights on every rank
+    model, tokenizer = task.build_model(d.device)
+    optimizer = build_optimizer(model, hp)
+    ckpts = Checkpointer(store, task.run_id, run_local, cfg.checkpoint.keep_last, d)
+    state = _resume(task.name, ckpts, model, optimizer, hp.seed, d)
+
+    train_model, eval_model = _wrap(task.loss_module(model), d, hp.compile)
+    use_bf16 = hp.dtype == "bf16" or (hp.dtype == "auto" and d.device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    runlog = RunLog(store, task.run_id, run_local, state.step, d.main)
+    loader = task.loader(state.data_position, d, micro)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logger.info(f"{task.name}: {sum(p.numel() for p in params) / 1e6:.1f}M params on {d.world} x {d.device.type}, "
+                f"{task.samples_per_step} sequences per step ({micro} per micro-batch, {accum} accumulation), "
+                f"steps {state.step} -> {hp.max_steps}")
+
+    run = _Run(task, model, tokenizer, optimizer, ckpts, runlog, to_yaml(cfg), autocast, d, lease,
+               wall_before=state.wall_seconds, started_at=time.time())
+    model.train()
+    last_ckpt, rollbacks_in_a_row = state.step, 0
+    window = Window(d.device, state.step, loader.wait_seconds)
+    with StopFlag() as stop:
+        try:
+            while state.step < hp.max_steps:
+                if (d.world > 1 or stop.requested_at is not None) and d.any(stop.requested_at is not None):
+                    loader.close()
+                    if state.step > last_ckpt:
+                        _checkpoint(run, state, background=False, samples=False)
+                    _stop_after_signal(stop, ckpts, runlog, d, run_local, state.step, hp.grace_seconds)
+                lr = lr_at(state.step, hp)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # Sum of the step's per-token losses / their number over all ranks (DDP averages over ranks).
+                scale = d.world / max(1, task.targets_in_step(state.data_position))
+                step_loss = torch.zeros((), device=d.device)
+                for k in range(accum):
+                    batch = loader.next()
+                    with train_model.no_sync() if k < accum - 1 and d.world > 1 and hasattr(train_model, "no_sync") \
+                            else nullcontext():
+                        with autocast:
+                            loss = train_model(batch)
+                        (loss * scale).backward()
+                    step_loss += loss.detach() * (scale / d.world)
+                norm = torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf,
+                                                      foreach=True)
+                found_inf = (~torch.isfinite(norm)).float()
+                step_skipping_nonfinite(optimizer, found_inf)
+                optimizer.zero_grad(set_to_none=True)
+                window.add(step_loss, found_inf, norm)
+                state.step += 1
+                state.tokens_seen += task.tokens_per_step
+                state.data_position += task.samples_per_step
+                at_checkpoint = state.step % hp.checkpoint_every_steps == 0 or state.step == hp.max_steps
+                at_eval = state.step % max(1, hp.eval_every_steps or hp.max_steps) == 0
+                if not (state.step % hp.log_every_steps == 0 or at_checkpoint or at_eval):
+                    continue
+                # Judged at log steps and before every checkpoint (the only host syncs).
+                mean_loss, skipped, norm_v = window.close(d)
+                n_steps = state.step - window.start_step
+                mean_loss /= max(1, n_steps - skipped)
+                state.skipped_steps += skipped
+                trouble, spike = judge(mean_loss, skipped, state.loss_ema, hp.spike_factor)
+                state.spikes += spike
+                if trouble and hp.on_nonfinite == "fail":
+                    raise FloatingPointError(f"{trouble} before step {state.step} (train.on_nonfinite=fail)")
+                rolling_back = bool(trouble) and hp.on_nonfinite == "rollback"
+                if not spike and n_steps > skipped:
+                    state.loss_ema = mean_loss if state.loss_ema is None else \
+                        LOSS_EMA_DECAY * state.loss_ema + (1 - LOSS_EMA_DECAY) * mean_loss
+                now = time.time()
+                row = {"step": state.step, "loss": round(mean_loss, 6), "lr": lr, "grad_norm": round(norm_v, 4),
+                       **_speed(task, d, n_steps, now - window.start_time, loader.wait_seconds - window.start_wait),
+                       "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps, "spikes": state.spikes,
+                       "rollbacks": state.rollbacks + rolling_back}
+                if at_eval or state.step == hp.max_steps:
+                    model.eval()
+                    with torch.no_grad():
+                        row.update(task.evaluate(eval_model, d, autocast))
+                    model.train()
+                runlog.append("metrics.jsonl", [row])
+                elapsed = run.wall_before + now - run.started_at
+                eta = (hp.max_steps - state.step) * (now - window.start_time) / n_steps
+                logger.info(f"{task.name} step {state.step}/{hp.max_steps} {_fields(row)} elapsed={_hms(elapsed)} "
+                            f"eta={_hms(eta)}")
+                window = Window(d.device, state.step, loader.wait_seconds)
+                if rolling_back:
+                    loader.close()
+                    state = _roll_back(state, ckpts, model, optimizer, hp.seed, trouble, rollbacks_in_a_row)
+                    rollbacks_in_a_row += 1
+                    last_ckpt = state.step
+                    loader = task.loader(state.data_position, d, micro)
+                    window = Window(d.device, state.step, loader.wait_seconds)
+                    continue
+                if at_checkpoint:
+                    _checkpoint(run, state, background=cfg.checkpoint.upload_async and state.step < hp.max_steps)
+                    last_ckpt, rollbacks_in_a_row = state.step, 0
+        finally:
+            loader.close()
+    ckpts.wait()
+    runlog.flush()
+    d.barrier()
+    return state
+
+
+@dataclass
+class _Run:
+    """What the loop's helpers share for one run (fixed once training starts)."""
+    task: Task
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    ckpts: Checkpointer
+    runlog: RunLog
+    config_yaml: str
+    autocast: object
+    d: Dist
+    lease: object
+    wall_before: float  # training seconds of earlier attempts
+    started_at: float  # time.time() when this attempt's loop started
+
+
+def _checkpoint(run: _Run, state: LoopState, background: bool, samples: bool = True) -> None:
+    """Save the checkpoint of state.step (every rank), take samples (rank 0; they never stand between
+    a run and its checkpoint), upload the logs, then publish the checkpoint."""
+    if run.lease is not None:
+        run.lease.check()
+    state.wall_seconds = run.wall_before + time.time() - run.started_at
+    run.ckpts.save(asdict(state), run.model, run.tokenizer, run.optimizer, run.config_yaml)
+    if run.d.main and samples:
+        try:
+            run.runlog.append("samples.jsonl", run.task.at_checkpoint(run.model, run.tokenizer, state.step,
+                                                                      run.autocast))
+        except Exception as e:  # noqa: BLE001
+            logger.warning(f"{run.task.name}: samples at {step_name(state.step)} failed ({e}); training goes on")
+    run.runlog.flush()  # the logs up to this step are in the bucket before the checkpoint counts
+    run.ckpts.publish(background)
+
+
+def _stop_after_signal(stop: StopFlag, ckpts: Checkpointer, runlog: RunLog, d: Dist, run_local: Path, step: int,
+                       grace_seconds: int) -> None:
+    """The checkpoint of `step` is saved: publish it, tell every node, leave the marker the launcher
+    reads (trainer/torchrun.py), raise Preempted (exit 75)."""
+    since = stop.requested_at or time.time()
+    ckpts.wait()
+    runlog.flush()
+    d.barrier()  # every node knows the checkpoint is published
+    took = time.time() - since
+    logger.warning(f"rank {d.rank}: stopped at step {step} after a signal ({took:.1f}s to publish, "
+                   f"train.grace_seconds={grace_seconds})")
+    if took > grace_seconds:
+        logger.warning(f"stopping took {took:.1f}s, more than train.grace_seconds={grace_seconds}: the launcher may "
+                       f"kill the next one before its checkpoint is published")
+    if d.local_rank == 0:
+        (run_local / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "seconds": took}))
+    raise Preempted()
+
+
+def _roll_back(state: LoopState, ckpts: Checkpointer, model, optimizer, seed: int, trouble: str,
+               rollbacks_in_a_row: int) -> LoopState:
+    """PaLM (Chowdhery et al. 2022, sec. 5.1): restart from the last checkpoint and skip the batches
+    around the trouble. The restored state keeps this state's data position (the failed window's
+    data is skipped) and counters. Raises FloatingPointError when there is no checkpoint yet or after
+    MAX_ROLLBACKS_IN_A_ROW without a new one."""
+    ckpts.wait()
+    saved = ckpts.restore(model, optimizer, seed) if rollbacks_in_a_row < MAX_ROLLBACKS_IN_A_ROW else None
+    if saved is None:
+        raise FloatingPointError(f"{trouble} before step {state.step}, and " + (
+            "no checkpoint to roll back to yet" if rollbacks_in_a_row < MAX_ROLLBACKS_IN_A_ROW else
+            f"{MAX_ROLLBACKS_IN_A_ROW} rollbacks without reaching a new checkpoint") + " (train.on_nonfinite=rollback)")
+    restored = LoopState.from_dict(saved)
+    restored.data_position = state.data_position
+    restored.skipped_steps, restored.spikes, restored.rollbacks = state.skipped_steps, state.spikes, state.rollbacks + 1
+    restored.wall_seconds, restored.world_size = state.wall_seconds, state.world_size
+    logger.info(f"rolled back from step {state.step} to {step_name(restored.step)} after {trouble}; the data of steps "
+                f"{restored.step}-{state.step} is skipped")
+    return restored
+
+
+def _resume(name: str, ckpts: Checkpointer, model, optimizer, seed: int, d: Dist) -> LoopState:
+    """The state of the newest checkpoint (loaded into model and optimizer), or a fresh one."""
+    saved = ckpts.restore(model, optimizer, seed)
+    state = LoopState.from_dict(saved) if saved else LoopState()
+    if saved:
+        logger.info(f"{name}: resumed from {step_name(state.step)} (saved by {state.world_size} process(es), "
+                    f"now {d.world})")
+    else:
+        torch.manual_seed(seed + d.rank)
+        logger.info(f"{name}: starting from scratch" if name == "pretrain" else f"{name}: starting")
+    state.world_size = d.world
+    return state
+
+
+def _wrap(loss_module: torch.nn.Module, d: Dist, compile_setting: str):
+    """(the module training runs: DDP over several processes, compiled on GPU by default; the module
+    evaluation runs: the same without DDP hooks)."""
+    train_model = eval_model = loss_module
+    if d.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if compile_setting == "on" or (compile_setting == "auto" and d.device.type == "cuda"):
+        train_model, eval_model = torch.compile(train_model), torch.compile(loss_module)
+    return train_model, eval_model
+
+
+def _speed(task: Task, d: Dist, n_steps: int, seconds: float, data_wait_seconds: float) -> dict:
+    """Tokens per second, the fraction of time spent waiting for data, MFU and peak memory on GPU."""
+    tok_s = n_steps * task.tokens_per_step / seconds
+    row = {"tok_per_s": round(tok_s, 1), "data_wait": round(data_wait_seconds / seconds, 4)}
+    if d.device.type == "cuda":
+        peak = peak_flops(torch.cuda.get_device_name(d.device))
+        if peak and task.flops_per_token:
+            row["mfu"] = round(tok_s * task.flops_per_token / (d.world * peak), 4)
+        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(d.device) / 1e9, 2)
+    return row
+
+
+def _fields(row: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in row.items() if k != "step")
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"

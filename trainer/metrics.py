@@ -1,0 +1,37 @@
+"""A run's logs in the bucket: metrics.jsonl (one JSON row per logged step) and samples.jsonl
+(continuations at checkpoints). Kept locally, trimmed on resume to the rows up to the resumed
+step (a killed run's later rows are dropped, so each step appears once), appended by rank 0, and
+uploaded at every checkpoint and at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.storage import Storage
+
+
+class RunLog:
+    def __init__(self, store: Storage, run_id: str, local_root: Path, resumed_step: int, main: bool,
+                 names: tuple[str, ...] = ("metrics.jsonl", "samples.jsonl")):
+        self.store, self.run_id, self.main = store, run_id, main
+        self.paths = {name: Path(local_root) / name for name in names}
+        if main:
+            for name, path in self.paths.items():
+                old = store.read_text_or_none(f"runs/{run_id}/{name}") or ""
+                kept = [line for line in old.splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        if self.main:
+            with open(self.paths[name], "a", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        """Upload every log that has rows (rank 0)."""
+        if self.main:
+            for name, path in self.paths.items():
+                if path.stat().st_size or self.store.exists(f"runs/{self.run_id}/{name}"):
+                    self.store.upload_file(path, f"runs/{self.run_id}/{name}")

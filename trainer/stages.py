@@ -1,0 +1,316 @@
+"""The job's stages, each skipped when its output is already in the bucket.
+
+pull -> tokenizer -> prepare -> pretrain (the training processes) -> export -> report; sft.
+Each stage function takes the Config and returns what later stages need; trainer/job.py chains them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from trainer import checkpoint as ckpt
+from trainer.artifacts import Artifacts, bucket, fetch_folder, wait_for
+from trainer.config import Config, ConfigError, to_yaml
+from trainer.data import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
+from trainer.distributed import default_nproc, node_rank, num_nodes
+from trainer.evaluate import evaluate_model, heldout_documents
+from trainer.generate import load_for_generation
+from trainer.lease import Lease
+from trainer.log import logger
+from trainer.loop import batch_geometry
+from trainer import prepare
+from trainer.prepare import Normalizer, data_hash, is_validation, tokenizer_fingerprint
+from trainer.report import write_run_report
+from trainer.sft import load_chat_tokenizer, prepare_conversations, sft_run_id
+from trainer.storage import Storage, is_s3, join, split_url
+from trainer import tokenizer as tokenizers
+from trainer.tokenizer import load_tokenizer, tokenizer_hash
+from trainer.torchrun import launch
+from trainer.worker import pretrain_worker, sft_worker
+
+log = logger.info
+
+
+# Stage 1: pull ---------------------------------------------------------------------------------
+
+def stage_pull(cfg: Config):
+    files = resolve_sources(cfg)
+    total = sum(f.size for f in files)
+    log(f"pull: {len(files)} corpus file(s), {total / 1e6:.1f} MB")
+    return pull(cfg, files)
+
+
+# Stage 2: tokenizer ----------------------------------------------------------------------------
+
+def stage_tokenizer(cfg: Config, files=None) -> str:
+    """Bucket key of the tokenizer folder: loaded from tokenizer.path, reused by hash, or trained."""
+    store = bucket(cfg)
+    if cfg.tokenizer.path:
+        return import_tokenizer(cfg, store)
+    files = files if files is not None else stage_pull(cfg)
+    key = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    if store.exists(join(key, ckpt.MANIFEST)):
+        log(f"tokenizer: reusing {store.url(key)}")
+        return key
+    if node_rank() != 0:
+        wait_for(store, join(key, ckpt.MANIFEST), "the tokenizer")
+        return key
+    out = Path(cfg.storage.local_dir) / key
+    shutil.rmtree(out, ignore_errors=True)
+    reader = DocumentReader(cfg.data)
+    # The tokenizer trains on normalised text without validation documents (no leak into val bpc);
+    # dedup is left to prepare (it doesn't change which strings are frequent enough to merge).
+    norm = Normalizer(dataclasses.replace(cfg.data, dedup=False))
+    docs = norm(iter_documents(cfg.data, files, reader))
+    log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.1f} MB")
+    report = tokenizers.train_from_corpus(cfg, docs, out, lambda t: is_validation(t, cfg.data.val_permille))
+    report["skipped_records"] = dict(reader.skipped)
+    report["filters"] = dict(norm.counts)
+    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    ckpt.publish_folder(store, out, key)
+    log(f"tokenizer: vocab {report['vocab_size']}, {report['chars_per_token_heldout']} chars/token held out, "
+        f"{report['seconds']}s -> {store.url(key)}")
+    return key
+
+
+def import_tokenizer(cfg: Config, store: Storage) -> str:
+    """Copy an existing Hugging Face tokenizer (local folder or s3://) into the bucket by content hash."""
+    src = cfg.tokenizer.path
+    local = Path(cfg.storage.local_dir) / "tokenizer-import"
+    shutil.rmtree(local, ignore_errors=True)
+    if is_s3(src):
+        s, k = split_url(src, cfg.storage)
+        s.download_dir(k, local)
+    else:
+        if not (Path(src) / "tokenizer.json").is_file() and not (Path(src) / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"tokenizer.path: {src} is not a Hugging Face tokenizer folder")
+        shutil.copytree(src, local)
+    tok = load_tokenizer(local)
+    prepare.document_separator(tok)  # ConfigError naming tokenizer.path when it has no end-of-text token
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(local.rglob("*")) if p.is_file())).hexdigest()
+    key = f"tokenizers/import-{digest[:16]}"
+    if not store.exists(join(key, ckpt.MANIFEST)):
+        ckpt.publish_folder(store, local, key)
+    log(f"tokenizer: using {src} -> {store.url(key)}")
+    return key
+
+
+# Stage 3: prepare ------------------------------------------------------------------------------
+
+def stage_prepare(cfg: Config, files=None, tokenizer_key: str | None = None) -> Artifacts:
+    store = bucket(cfg)
+    files = files if files is not None else stage_pull(cfg)
+    tokenizer_key = tokenizer_key or stage_tokenizer(cfg, files)
+    tok_dir = fetch_folder(store, tokenizer_key, Path(cfg.storage.local_dir))
+    key = f"data/{data_hash(cfg, corpus_fingerprint(files), tokenizer_fingerprint(tok_dir))}"
+    arts = Artifacts(tokenizer_key, key)
+    if store.exists(join(key, "index.json")):
+        log(f"prepare: reusing {store.url(key)}")
+        return arts
+    if node_rank() != 0:
+        wait_for(store, join(key, "index.json"), "the token shards")
+        return arts
+    out = Path(cfg.storage.local_dir) / key
+    shutil.rmtree(out, ignore_errors=True)
+    reader = DocumentReader(cfg.data)
+    index = prepare.prepare_shards(cfg, iter_documents(cfg.data, files, reader), load_tokenizer(tok_dir), out,
+                                   skipped=reader.skipped)
+    index["skipped_records"] = dict(reader.skipped)
+    index["tokenizer_key"] = tokenizer_key
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    store.upload_dir(out, key, skip=("index.json",))
+    store.upload_file(out / "index.json", join(key, "index.json"))  # last: the folder counts from now
+    log(f"prepare: {index['tokens']['train']:,} train / {index['tokens']['val']:,} val tokens "
+        f"({index['dtype']}), filters {index['filters']}, skipped {index['skipped_records']} -> {store.url(key)}")
+    return arts
+
+
+# Stage 4: pretrain ------------------------------------------------------------------------------
+
+def nproc_nnodes(cfg: Config) -> tuple[int, int]:
+    return default_nproc(cfg.train.nproc, cfg.train.device), num_nodes()
+
+
+def check_before_start(cfg: Config) -> None:
+    """Settings that depend on this machine (the process count) are checked before any download."""
+    nproc, nnodes = nproc_nnodes(cfg)
+    try:
+        batch_geometry(cfg.train.batch_tokens // cfg.train.seq_len, nproc * nnodes, cfg.train.micro_batch_size)
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration:\n  {e}") from None
+
+
+def hold_lease(cfg: Config, run_id: str | None = None):
+    """Node 0 takes runs/<id>/lease.json (waiting out a holder that stopped renewing, refusing a
+    live one unless run.takeover); other nodes follow node 0 and hold nothing."""
+    if node_rank() != 0:
+        return None
+    return Lease(bucket(cfg), run_id or cfg.run.id, cfg.run.lease_seconds).acquire(takeover=cfg.run.takeover)
+
+
+def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> int:
+    """Train to train.max_steps (resuming from the newest complete checkpoint of run.id); returns 0,
+    75 (preempted: rerun to resume) or the failure code. Holds the run's lease on node 0 unless the
+    caller (`run`) already does."""
+    done = ckpt.complete_steps(bucket(cfg), cfg.run.id)
+    if done and done[0] >= cfg.train.max_steps:
+        log(f"pretrain: {ckpt.step_name(done[0])} is published (train.max_steps={cfg.train.max_steps}); "
+            f"nothing to train")
+        return 0
+    if lease is None and node_rank() == 0:  # `pretrain` alone: check and hold the lease here
+        check_before_start(cfg)
+        lease = hold_lease(cfg)
+        try:
+            return stage_pretrain(cfg, arts, lease)
+        finally:
+            lease.release()
+    arts = arts or stage_prepare(cfg)
+    store = bucket(cfg)
+    # A corpus too small for one sequence is exit 2 here, with its counts, not a crash in the workers.
+    prepare.check_trainable(json.loads(store.read_text(join(arts.data_key, "index.json"))), cfg.train.seq_len)
+    run_local = Path(cfg.storage.local_dir) / "runs" / cfg.run.id
+    run_local.mkdir(parents=True, exist_ok=True)
+    cfg_path, arts_path = run_local / "resolved.yaml", run_local / "artifacts.json"
+    cfg_path.write_text(to_yaml(cfg), encoding="utf-8")
+    arts_path.write_text(arts.to_json())
+    if node_rank() == 0:
+        store.write_text(f"runs/{cfg.run.id}/config.yaml", to_yaml(cfg))
+        store.write_text(f"runs/{cfg.run.id}/artifacts.json", arts.to_json())  # for the report
+    nproc, nnodes = nproc_nnodes(cfg)
+    return launch("pretrain", store, cfg.run.id, run_local, nproc, nnodes,
+                  ["--stage=pretrain", f"--config={cfg_path}", f"--artifacts={arts_path}"],
+                  lambda: pretrain_worker(cfg, arts, lease), lease, cfg.train.grace_seconds)
+
+
+# Stage 5: export -------------------------------------------------------------------------------
+
+def final_key(cfg: Config) -> str:
+    return f"runs/{cfg.run.id}/final"
+
+
+def stage_export(cfg: Config) -> str:
+    """The newest checkpoint's Hugging Face files at runs/<id>/final/ (manifest last)."""
+    store, key = bucket(cfg), final_key(cfg)
+    step = ckpt.export(bucket(cfg), cfg.run.id, key, Path(cfg.storage.local_dir))
+    log(f"export: {store.url(key)} is up to date" if step is None else f"export: step {step} -> {store.url(key)}")
+    return key
+
+
+# Stage 6: report -------------------------------------------------------------------------------
+
+def stage_report(cfg: Config, files=None) -> str:
+    """runs/<id>/report/: report.md with plots of the logged metrics, an evaluation of the export
+    (held-out bits per character, samples, degeneration metrics beside the human text's), the
+    samples taken at checkpoints, and TensorBoard event files. Rewritten on every call; the
+    evaluation is reused while the export it judged is still the newest."""
+    store = bucket(cfg)
+    key = f"runs/{cfg.run.id}/report"
+    out = Path(cfg.storage.local_dir) / key
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    summary = {"run": cfg.run.id, "model": cfg.model.preset, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
+               "steps": cfg.train.max_steps, "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
+    arts = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
+    index = store.read_text_or_none(join(Artifacts.from_json(arts).data_key, "index.json")) if arts else None
+    if index:  # what the corpus filters removed and which bad records data.on_error=skip skipped
+        index = json.loads(index)
+        summary["corpus documents: read / kept"] = (f"{index['filters'].get('documents_read', 0):,} / "
+                                                    f"{index['filters'].get('documents_kept', 0):,}")
+        removed = {k: v for k, v in index["filters"].items() if k.startswith("removed")}
+        summary["documents removed by filters"] = ", ".join(f"{k}: {v:,}" for k, v in removed.items()) or "none"
+        summary["bad records skipped"] = ", ".join(f"{k}: {v:,}" for k, v in
+                                                   index.get("skipped_records", {}).items()) or "none"
+    ev = None
+    export = store.read_text_or_none(join(final_key(cfg), ckpt.MANIFEST))
+    if export:
+        export_step = json.loads(export)["step"]
+        old = store.read_text_or_none(join(key, "eval.json"))
+        ev = json.loads(old) if old else None
+        if not ev or ev.get("export_step") != export_step:
+            model, tok = load_for_generation(store.url(final_key(cfg)), cfg)
+            s = cfg.sample
+            files = files if files is not None else stage_pull(cfg)
+            docs = heldout_documents(cfg, files, s.eval_chars, s.heldout_prompts)
+            ev = {"export_step": export_step, **evaluate_model(model, tok, cfg, docs)}
+        (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_run_report(out, store.read_text_or_none(f"runs/{cfg.run.id}/metrics.jsonl") or "", summary, ev,
+                     store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or "")
+    store.delete_prefix(key + "/")
+    store.upload_dir(out, key)
+    log(f"report: {store.url(join(key, 'report.md'))}")
+    if ev and ev.get("samples"):
+        log("samples from the exported model:")
+        for x in ev["samples"]:
+            print(f"--- {x['prompt']}\n{x['prompt']}{x['text']}\n", flush=True)
+    return key
+
+
+# SFT ---------------------------------------------------------------------------------------------
+
+def sft_init_url(cfg: Config) -> str:
+    return cfg.sft.init or bucket(cfg).url(f"runs/{cfg.run.id}/final")
+
+
+def stage_sft(cfg: Config) -> int:
+    """The SFT job: starting model, packed conversations, training (the one loop; torchrun when more
+    than one process), export to runs/<sft run>/final. Node 0 holds the SFT run's lease. Returns the
+    exit code (0 done, 75 preempted: rerun to resume)."""
+    store, run_id = bucket(cfg), sft_run_id(cfg)
+    nproc, nnodes = nproc_nnodes(cfg)
+    try:
+        batch_geometry(cfg.sft.batch_sequences, nproc * nnodes, cfg.train.micro_batch_size, "sft.batch_sequences")
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration:\n  {e}") from None
+    done = ckpt.complete_steps(store, run_id)
+    if done and done[0] >= cfg.sft.max_steps:
+        log(f"sft: {ckpt.step_name(done[0])} of {run_id} is published (sft.max_steps={cfg.sft.max_steps}); "
+            f"nothing to train")
+    else:
+        lease = hold_lease(cfg, run_id)
+        try:
+            code = _train_sft(cfg, store, run_id, nproc, nnodes, lease)
+        finally:
+            if lease is not None:
+                lease.release()
+        if code:
+            log(f"sft exited with {code}" + (" (preempted: rerun the same command to resume)" if code == 75 else ""))
+            return code
+    if node_rank() == 0:
+        key = f"runs/{run_id}/final"
+        step = ckpt.export(store, run_id, key, Path(cfg.storage.local_dir), "sft export")
+        log(f"sft export: {store.url(key)} is up to date" if step is None else
+            f"sft export: step {step} -> {store.url(key)}")
+        log(f"sft done. model: {store.url(key)}  chat: python entrypoint.py chat --checkpoint {store.url(key)}")
+    return 0
+
+
+def _train_sft(cfg: Config, store: Storage, run_id: str, nproc: int, nnodes: int, lease) -> int:
+    from transformers import AutoConfig
+
+    init = sft_init_url(cfg)
+    log(f"sft: {init} -> {store.url(f'runs/{run_id}')}")
+    try:
+        init_dir = ckpt.model_dir(init, cfg.storage, Path(cfg.storage.local_dir))
+    except FileNotFoundError as e:
+        raise ConfigError(f"sft.init: {e}") from None
+    tok = load_chat_tokenizer(init_dir)
+    context = AutoConfig.from_pretrained(str(init_dir)).max_position_embeddings
+    seq_len = cfg.sft.seq_len or context
+    if seq_len > context:
+        log(f"sft: sft.seq_len={seq_len} is longer than the model's context ({context} tokens): positions beyond it "
+            f"were never pretrained (here only conversations that long train them) and RoPE extrapolates poorly; "
+            f"the export's context becomes {seq_len}")
+    data_dir = prepare_conversations(cfg, tok, seq_len)
+    run_local = Path(cfg.storage.local_dir) / "runs" / run_id
+    run_local.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_local / "resolved.yaml"
+    cfg_path.write_text(to_yaml(cfg), encoding="utf-8")
+    if node_rank() == 0:
+        store.write_text(f"runs/{run_id}/config.yaml", to_yaml(cfg))
+    return launch("sft", store, run_id, run_local, nproc, nnodes,
+                  ["--stage=sft", f"--config={cfg_path}", f"--data={data_dir}", f"--init={init_dir}"],
+                  lambda: sft_worker(cfg, data_dir, init_dir, lease), lease, cfg.train.grace_seconds)

@@ -1,0 +1,190 @@
+"""What each stage trains: the seam between the one training loop (trainer/loop.py) and a stage.
+
+PretrainTask: a fresh LlamaForCausalLM on packed token shards; mean next-token loss; validation
+bits per character on a fixed set of held-out sequences; samples of sample.prompts at checkpoints.
+SftTask: a pretrained model on packed conversations; the loss over reply tokens only, each reply
+token weighing the same however rows are split over micro-batches and ranks.
+
+Both losses are sums over target tokens; the loop divides by task.targets_in_step().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import Config
+from trainer.dataset import BatchLoader, TokenSamples, validation_batches
+from trainer.distributed import Dist
+from trainer.evaluate import continuation, degeneration_report, val_chars_per_token
+from trainer.generate import sample
+from trainer.model import CAUSAL_SDPA, PRESETS, build_model, flops_per_token, llama_config, pick_attention
+from trainer.sft import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
+from trainer.tokenizer import load_tokenizer
+
+EVAL_BATCH = 16  # validation sequences per forward pass when train.micro_batch_size is 0
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The HF model plus the summed next-token loss in one module, so torch.compile sees both: the
+    fp32 upcast and log-softmax fuse with the lm_head output instead of materialising fp32 logits
+    (B x T x V x 4 bytes: 4 GB at 32 x 1024 x 32k). The HF model itself stays untouched."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """batch: (B, T + 1) int64 token ids -> 0-dim float32, the sum of B x T token losses (nats)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        hidden = self.model.model(input_ids=inputs).last_hidden_state  # (B, T, C)
+        logits = self.model.lm_head(hidden)  # (B, T, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+
+
+class PackedLoss(torch.nn.Module):
+    """The HF model and the summed next-token loss over reply targets (IGNORE elsewhere), for packed
+    conversation rows. use_cache=False matters: with a cache, transformers skips the packed-sequence
+    detection and conversations in one row would attend to each other."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """batch: (B, T + 1, 3) int64 rows of [token, label, position] -> 0-dim float32 summed loss."""
+        x, y = batch[:, :-1], batch[:, 1:]
+        hidden = self.model.model(input_ids=x[..., 0], position_ids=x[..., 2], use_cache=False).last_hidden_state
+        logits = self.model.lm_head(hidden)  # (B, T, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y[..., 1].reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+
+
+class PretrainTask:
+    name = "pretrain"
+
+    def __init__(self, cfg: Config, data_dir: Path, index: dict, tok_dir: Path):
+        self.cfg, self.hp, self.run_id = cfg, cfg.train, cfg.run.id
+        self.tok_dir = tok_dir
+        self.samples_per_step = self.hp.batch_tokens // self.hp.seq_len
+        self.tokens_per_step = self.samples_per_step * self.hp.seq_len
+        self.train_samples = TokenSamples(data_dir, index, "train", self.hp.seq_len)
+        self.val_samples = TokenSamples(data_dir, index, "val", self.hp.seq_len)
+        if len(self.train_samples) == 0:
+            raise ValueError(f"the training split has fewer than train.seq_len+1={self.hp.seq_len + 1} tokens per shard")
+        self.chars_per_token = val_chars_per_token(index)
+        self.model_config = llama_config(cfg.model.preset, index["vocab_size"], self.hp.seq_len,
+                                         cfg.model.tie_embeddings, eos_token_id=index["eos_id"])
+        self.flops_per_token = flops_per_token(PRESETS[cfg.model.preset], self.model_config.vocab_size,
+                                               self.hp.seq_len, cfg.model.tie_embeddings)
+
+    def build_model(self, device: torch.device):
+        tok = load_tokenizer(self.tok_dir)
+        self.model_config.pad_token_id = tok.pad_token_id
+        model = build_model(self.model_config, pick_attention(self.cfg.model.attn_implementation, device.type))
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        return model.to(device), tok
+
+    def loss_module(self, model) -> torch.nn.Module:
+        return CausalLMLoss(model)
+
+    def loader(self, position: int, d: Dist, micro: int) -> BatchLoader:
+        return BatchLoader(self.train_samples, self.hp.seed, self.samples_per_step, d.rank, d.world, micro, d.device,
+                           position)
+
+    def targets_in_step(self, position: int) -> int:
+        return self.tokens_per_step
+
+    def evaluate(self, loss_module, d: Dist, autocast) -> dict:
+        """Validation loss (nats per token) and bits per character on the first train.eval_batches x
+        micro-batch-bound held-out sequences: the same set on any number of processes."""
+        if len(self.val_samples) == 0:
+            return {}
+        batch_size = self.hp.micro_batch_size or EVAL_BATCH
+        total = torch.zeros(2, dtype=torch.float64, device=d.device)
+        for batch in validation_batches(self.val_samples, self.hp.eval_batches * batch_size, batch_size,
+                                        d.rank, d.world):
+            batch = batch.to(d.device)
+            with autocast:
+                loss = loss_module(batch)
+            total += torch.stack([loss.double(), torch.tensor(float(batch[:, 1:].numel()), dtype=torch.float64,
+                                                              device=d.device)])
+        if d.world > 1:
+            torch.distributed.all_reduce(total)
+        val = (total[0] / total[1]).item()
+        row = {"val_loss": round(val, 6)}
+        if self.chars_per_token:
+            row["val_bpc"] = round(val / math.log(2) / self.chars_per_token, 6)
+        return row
+
+    def at_checkpoint(self, model, tokenizer, step: int, autocast) -> list[dict]:
+        """Continuations of sample.prompts from this step's weights (a few seconds), with their
+        degeneration metrics, so a run that starts to parrot shows it while it trains."""
+        s = self.cfg.sample
+        if not (s.at_checkpoints and s.prompts):
+            return []
+        prompts = list(s.prompts)
+        model.eval()
+        device = next(model.parameters()).device
+        # fork_rng: sampling seeds its own generator; training's RNG streams (saved in checkpoints) stay untouched.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+            texts = [continuation(p, g) for p, g in zip(prompts, sample(model, tokenizer, prompts, s))]
+        model.train()
+        rep = degeneration_report(prompts, texts)
+        return [{"step": step, "prompt": p, "text": text, "distinct_2": round(rep["distinct_2"], 4),
+                 "repeated_4gram_fraction": round(rep["repeated_4gram_fraction"], 4)} for p, text in zip(prompts, texts)]
+
+
+def sft_attention(requested: str, device_type: str) -> str:
+    """Attention that keeps packed conversations apart: flash_attention_2 (varlen from position_ids)
+    or sdpa/eager with the block-diagonal mask transformers builds. Never CAUSAL_SDPA, pretraining's
+    default: it ignores every mask, so conversations in a row would attend to each other."""
+    choice = pick_attention(requested, device_type)
+    return "sdpa" if choice == CAUSAL_SDPA else choice
+
+
+class SftTask:
+    name = "sft"
+    flops_per_token = None
+
+    def __init__(self, cfg: Config, data_dir: Path, init_dir: Path):
+        s = cfg.sft
+        self.cfg, self.init_dir, self.run_id = cfg, Path(init_dir), sft_run_id(cfg)
+        self.rows = PackedConversations(data_dir)
+        # The schedule and optimizer of train.* with the SFT's own length, peak, warmup and checkpoints.
+        self.hp = dataclasses.replace(cfg.train, max_steps=s.max_steps, lr=s.lr, warmup_steps=s.warmup_steps,
+                                      seq_len=self.rows.seq_len, checkpoint_every_steps=s.checkpoint_every_steps)
+        self.samples_per_step = s.batch_sequences
+        self.tokens_per_step = s.batch_sequences * self.rows.seq_len
+
+    def build_model(self, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        tok = load_chat_tokenizer(self.init_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(self.init_dir), dtype=torch.float32,
+            attn_implementation=sft_attention(self.cfg.model.attn_implementation, device.type))
+        if self.rows.seq_len > model.config.max_position_embeddings:  # stage_sft warned; RoPE itself has no limit
+            model.config.max_position_embeddings = self.rows.seq_len
+        model.generation_config.eos_token_id = stop_token_ids(tok)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        return model.to(device), tok
+
+    def loss_module(self, model) -> torch.nn.Module:
+        return PackedLoss(model)
+
+    def loader(self, position: int, d: Dist, micro: int) -> BatchLoader:
+        return BatchLoader(self.rows, self.hp.seed, self.samples_per_step, d.rank, d.world, micro, d.device, position)
+
+    def targets_in_step(self, position: int) -> int:
+        return self.rows.targets_at(self.hp.seed, position, self.samples_per_step)
+
+    def evaluate(self, loss_module, d: Dist, autocast) -> dict:
+        return {}
+
+    def at_checkpoint(self, model, tokenizer, step: int, autocast) -> list[dict]:
+        return []
