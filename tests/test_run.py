@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 # One format for every stage: a Hugging Face folder (config, generation config, weights, tokenizer) and
 # the training files.
 CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                    "tokenizer_config.json", "chat_template.jinja",
+                    "tokenizer_config.json",
                     "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml", "MANIFEST.json"}
 
 

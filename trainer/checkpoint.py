@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from trainer.distributed import Dist, rng_state, set_rng_state
+from trainer.hf_files import write_portable_config
 from trainer.log import logger
 from trainer.storage import Storage, StorageError, is_s3, join, open_storage, split_url
+from trainer.tokenizer import save_tokenizer
 
 MANIFEST = "MANIFEST.json"
 LATEST = "LATEST"
@@ -195,14 +197,16 @@ class Uploader:
 
 def save(local_dir: Path, model, tokenizer, optimizer, state: dict, config_yaml: str, rng_states: list) -> None:
     """Write a complete checkpoint folder (see the module docstring), manifest last. model: the bare
-    Hugging Face model (not a DDP or compiled wrapper); state: the loop state, with "step"."""
+    Hugging Face model (not a DDP or compiled wrapper), its generation_config already holding the
+    export's defaults (hf_files.export_generation_config); state: the loop state, with "step"."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar at every checkpoint says nothing
     shutil.rmtree(local_dir, ignore_errors=True)
     local_dir.mkdir(parents=True)
     model.save_pretrained(str(local_dir), max_shard_size="1000GB")  # one model.safetensors, whatever the size
-    tokenizer.save_pretrained(str(local_dir))
+    write_portable_config(local_dir)  # config.json that transformers 4.x, vLLM and llama.cpp read too
+    save_tokenizer(tokenizer, local_dir, model.config.max_position_embeddings)
     torch.save(optimizer.state_dict(), local_dir / "optimizer.pt")
     torch.save(rng_states, local_dir / "rng.pt")
     (local_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))

@@ -22,6 +22,7 @@ from trainer.dataset import BatchLoader, TokenSamples, validation_batches
 from trainer.distributed import Dist
 from trainer.evaluate import continuation, degeneration_report, val_chars_per_token
 from trainer.generate import sample
+from trainer.hf_files import export_generation_config
 from trainer.model import CAUSAL_SDPA, PRESETS, build_model, flops_per_token, llama_config, pick_attention
 from trainer.sft import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
 from trainer.tokenizer import load_tokenizer
@@ -86,7 +87,8 @@ class PretrainTask:
         tok = load_tokenizer(self.tok_dir)
         self.model_config.pad_token_id = tok.pad_token_id
         model = build_model(self.model_config, pick_attention(self.cfg.model.attn_implementation, device.type))
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        # Sampling defaults in every checkpoint and export: plain model.generate() does not parrot.
+        model.generation_config = export_generation_config(self.cfg.sample, tok.eos_token_id, tok.pad_token_id)
         return model.to(device), tok
 
     def loss_module(self, model) -> torch.nn.Module:
@@ -170,8 +172,7 @@ class SftTask:
             attn_implementation=sft_attention(self.cfg.model.attn_implementation, device.type))
         if self.rows.seq_len > model.config.max_position_embeddings:  # stage_sft warned; RoPE itself has no limit
             model.config.max_position_embeddings = self.rows.seq_len
-        model.generation_config.eos_token_id = stop_token_ids(tok)
-        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config = export_generation_config(self.cfg.sample, stop_token_ids(tok), tok.pad_token_id)
         return model.to(device), tok
 
     def loss_module(self, model) -> torch.nn.Module:
