@@ -23,7 +23,7 @@ import copy
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from trainer.model import PEAK_FLOPS, PRESETS, Shape, flops_per_token, n_params
 
@@ -251,27 +251,7 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
     )
 
     epochs = None if corpus_tokens is None else planned_tokens / corpus_tokens
-    warnings = []
-    if epochs is not None and epochs > MAX_GOOD_EPOCHS:
-        warnings.append(f"the plan reads the corpus {epochs:.1f} times; beyond ~{MAX_GOOD_EPOCHS:g} epochs repeated "
-                        "data is worth much less than fresh data (Muennighoff et al. 2023): use a smaller model, "
-                        "fewer tokens or more text")
-    if not FIT_RANGE[0] <= c <= FIT_RANGE[1]:
-        warnings.append(f"compute {c:.2e} is outside the {FIT_RANGE[0]:.0e}-{FIT_RANGE[1]:.0e} FLOPs the DeepSeek fits "
-                        "were made on; batch and lr are extrapolated")
-    ratio = m[chosen] / opt["m"]
-    if not 1 / 3 <= ratio <= 3:
-        warnings.append(f"preset {chosen} has {ratio:.2g}x the optimal non-embedding FLOPs per token "
-                        f"({opt['m']:.3g}); no preset is close")
-    if batch > 1.5 * opt["batch_tokens"]:
-        warnings.append(f"batch rounded up from {opt['batch_tokens']:.0f} to {batch} tokens "
-                        f"(seq_len {seq_len} x {gpus} GPU(s)); consider a shorter seq_len")
-    if steps < 100:
-        warnings.append(f"only {steps} optimizer steps; the plan is too small for the fitted batch size")
-    if abs(planned_tokens - target_tokens) > 0.05 * target_tokens:
-        warnings.append(f"whole steps change tokens from {target_tokens:.3g} to {planned_tokens:.3g}")
-
-    return Plan(
+    p = Plan(
         seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu, price_per_gpu_hour=price_per_gpu_hour,
         vocab_size=vocab_size, corpus_tokens=corpus_tokens, basis=basis, compute_budget=c,
         m_opt=opt["m"], d_opt=opt["tokens"], batch_opt=opt["batch_tokens"], lr_opt=opt["lr"],
@@ -279,8 +259,36 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
         train_flops_per_token=f[chosen], params=params, batch_tokens=batch, steps=steps,
         warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
         epochs=epochs, wall_hours=wall_hours, gpu_hours=used_gpu_hours, cost=cost,
-        chinchilla=chinchilla, warnings=tuple(warnings),
+        chinchilla=chinchilla, warnings=(),
     )
+    return replace(p, warnings=plan_warnings(p, target_tokens))
+
+
+def plan_warnings(p: Plan, target_tokens: float) -> tuple[str, ...]:
+    """What a reader of plan `p` should know: too many epochs, compute outside the fits' range, no
+    preset near the optimum, a batch rounded far up, too few steps, whole steps far from the
+    `target_tokens` the budget asked for."""
+    warnings = []
+    if p.epochs is not None and p.epochs > MAX_GOOD_EPOCHS:
+        warnings.append(f"the plan reads the corpus {p.epochs:.1f} times; beyond ~{MAX_GOOD_EPOCHS:g} epochs repeated "
+                        "data is worth much less than fresh data (Muennighoff et al. 2023): use a smaller model, "
+                        "fewer tokens or more text")
+    c = p.compute_budget
+    if not FIT_RANGE[0] <= c <= FIT_RANGE[1]:
+        warnings.append(f"compute {c:.2e} is outside the {FIT_RANGE[0]:.0e}-{FIT_RANGE[1]:.0e} FLOPs the DeepSeek fits "
+                        "were made on; batch and lr are extrapolated")
+    ratio = p.non_embedding_flops_per_token / p.m_opt
+    if not 1 / 3 <= ratio <= 3:
+        warnings.append(f"preset {p.preset} has {ratio:.2g}x the optimal non-embedding FLOPs per token "
+                        f"({p.m_opt:.3g}); no preset is close")
+    if p.batch_tokens > 1.5 * p.batch_opt:
+        warnings.append(f"batch rounded up from {p.batch_opt:.0f} to {p.batch_tokens} tokens "
+                        f"(seq_len {p.seq_len} x {p.gpus} GPU(s)); consider a shorter seq_len")
+    if p.steps < 100:
+        warnings.append(f"only {p.steps} optimizer steps; the plan is too small for the fitted batch size")
+    if abs(p.tokens - target_tokens) > 0.05 * target_tokens:
+        warnings.append(f"whole steps change tokens from {target_tokens:.3g} to {p.tokens:.3g}")
+    return tuple(warnings)
 
 
 def plan_to_config(plan: Plan, base: dict) -> dict:
