@@ -10,10 +10,12 @@
     python entrypoint.py plan --gpu_hours 8 --gpu h100 [--json] [--out configs/planned.yaml]
     python entrypoint.py sft --config configs/sft-demo.yaml ; chat --checkpoint <url-or-path>
     python entrypoint.py submit docker|skypilot|k8s --config ... [--nodes N]
+    python entrypoint.py <command> --help          (its flags and the config keys it reads)
+    python entrypoint.py config --config ...       (the resolved config; config-docs writes docs/config.md)
 
 Exit codes: 0 done, 2 bad config or input, or another live job holds run.id (fix, do not retry),
-75 preempted after a clean checkpoint (rerun the same command to resume), 1 anything else
-(docs/reliability.md).
+75 preempted after a clean checkpoint (rerun the same command to resume), 130 `chat` left with
+Ctrl-C, 1 anything else (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -22,21 +24,38 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED  # noqa: F401 - every exit code lives there
 
 
 def _config(config: str | None, overrides: dict, show: bool = True):
-    from trainer.config import load_config, to_yaml
+    """Load and validate the config; `show` prints a short summary (the run, the bucket, the keys
+    that differ from their defaults). The full resolved config is saved with the run as
+    runs/<id>/config.yaml, and `entrypoint.py config` prints it."""
+    from trainer.config import load_config, summary
 
     cfg = load_config(config or os.environ.get("CONFIG") or None, overrides)
     if show and int(os.environ.get("RANK", "0")) == 0:
-        print("# resolved config\n" + to_yaml(cfg), flush=True)
+        print(summary(cfg), flush=True)
     return cfg
+
+
+def _model_folder(checkpoint, cfg) -> Path:
+    """The local model folder for `--checkpoint`, one resolver for generate, eval and chat
+    (checkpoint.model_dir): an export or a checkpoint folder, local or s3://, e.g.
+    <bucket>/runs/<id>/final or <bucket>/runs/<id>/checkpoints/step-N. Raises ConfigError (exit 2,
+    one line) when there is no model there; StorageError when the bucket cannot be read."""
+    from trainer.checkpoint import model_dir
+    from trainer.config import ConfigError
+
+    try:
+        return model_dir(str(checkpoint), cfg.storage, Path(cfg.storage.local_dir))
+    except FileNotFoundError as e:
+        raise ConfigError(f"--checkpoint {e}") from None
 
 
 def run(config: str | None = None, **overrides) -> None:
     """The whole job: pull, tokenizer, prepare, pretrain (torchrun), export, samples."""
-    from trainer.launch import run as run_job
+    from trainer.job import run as run_job
 
     code = run_job(_config(config, overrides))
     if code:
@@ -45,7 +64,7 @@ def run(config: str | None = None, **overrides) -> None:
 
 def pull(config: str | None = None, **overrides) -> None:
     """Resolve data.sources and download remote corpus files into the local cache."""
-    from trainer.launch import stage_pull
+    from trainer.stages import stage_pull
 
     for f in stage_pull(_config(config, overrides)):
         print(f"{f.url}\t{f.size}\t{f.local}")
@@ -53,7 +72,7 @@ def pull(config: str | None = None, **overrides) -> None:
 
 def tokenizer(config: str | None = None, **overrides) -> None:
     """Train (or load, with tokenizer.path) the tokenizer and store it in the bucket."""
-    from trainer.launch import bucket, stage_tokenizer
+    from trainer.stages import bucket, stage_tokenizer
 
     cfg = _config(config, overrides)
     print(bucket(cfg).url(stage_tokenizer(cfg)))
@@ -61,7 +80,7 @@ def tokenizer(config: str | None = None, **overrides) -> None:
 
 def prepare(config: str | None = None, **overrides) -> None:
     """Tokenize the corpus into packed shards in the bucket."""
-    from trainer.launch import bucket, stage_prepare
+    from trainer.stages import bucket, stage_prepare
 
     cfg = _config(config, overrides)
     print(bucket(cfg).url(stage_prepare(cfg).data_key))
@@ -69,7 +88,7 @@ def prepare(config: str | None = None, **overrides) -> None:
 
 def pretrain(config: str | None = None, **overrides) -> None:
     """Launch torchrun pretraining (resumes from the newest complete checkpoint of run.id)."""
-    from trainer.launch import stage_pretrain
+    from trainer.stages import stage_pretrain
 
     code = stage_pretrain(_config(config, overrides))
     if code:
@@ -78,32 +97,53 @@ def pretrain(config: str | None = None, **overrides) -> None:
 
 def export(config: str | None = None, **overrides) -> None:
     """Write the Hugging Face model folder runs/<id>/final/ from the newest checkpoint."""
-    from trainer.launch import bucket, stage_export
+    from trainer.stages import bucket, stage_export
 
     cfg = _config(config, overrides)
     print(bucket(cfg).url(stage_export(cfg)))
 
 
 def worker(config: str, artifacts: str) -> None:
-    """(internal) One torchrun process of pretraining."""
-    from trainer.launch import Artifacts, worker as run_worker
+    """(internal) One pretraining process, as torchrun starts it (python -m trainer.worker)."""
+    from trainer.artifacts import Artifacts
+    from trainer.worker import pretrain_worker
 
-    run_worker(_config(config, {}, show=False), Artifacts.from_json(Path(artifacts).read_text()))
+    pretrain_worker(_config(config, {}, show=False), Artifacts.from_json(Path(artifacts).read_text()))
 
 
-def generate(checkpoint: str, prompt: str = "床前明月光", config: str | None = None, **overrides) -> None:
-    """Sample from an exported model folder (local path or s3:// URL)."""
+def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, config: str | None = None,
+             **overrides) -> None:
+    """Continue a prompt with a model, by the sample.* settings.
+
+    Args:
+        checkpoint: export or checkpoint folder, local or s3:// (runs/<id>/final, runs/<id>/checkpoints/step-N)
+        prompt: the text to continue (not empty)
+        seed: seeds the sampling; the same seed, model and settings give the same text
+        config: YAML config file (sample.*, storage.* and train.device are read from it)
+    """
+    from trainer.config import ConfigError
     from trainer.generate import load_for_generation, sample
 
+    prompt = str(prompt)  # fire reads `--prompt 123` as a number
+    if not prompt.strip():
+        raise ConfigError(f"generate --prompt: must hold text, not only whitespace (got {prompt!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"generate --seed: expected an integer (got {seed!r})")
     cfg = _config(config, overrides, show=False)
-    model, tok = load_for_generation(checkpoint, cfg)
-    for text in sample(model, tok, [str(prompt)], cfg.sample):
+    model, tok = load_for_generation(str(_model_folder(checkpoint, cfg)), cfg)
+    for text in sample(model, tok, [prompt], cfg.sample, seed=seed):
         print(text)
 
 
 def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **overrides) -> None:  # noqa: A001
     """Bits per character on the held-out split (and on --text files), plus samples from
-    sample.prompts with degeneration metrics; prints JSON."""
+    sample.prompts with degeneration metrics; prints JSON.
+
+    Args:
+        checkpoint: export or checkpoint folder, local or s3:// (runs/<id>/final, runs/<id>/checkpoints/step-N)
+        config: YAML config file (data.* finds the held-out split; sample.* sets the samples)
+        text: a text file (any corpus format data.* reads) to score as well; repeat for more
+    """
     import contextlib
     import json
 
@@ -112,13 +152,15 @@ def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **o
     texts = [text] if isinstance(text, str) else list(text)
     cfg = _config(config, overrides, show=False)
     with contextlib.redirect_stdout(sys.stderr):  # progress lines (pull, conversion) would break the JSON
-        result = evaluate_checkpoint(str(checkpoint), cfg, [str(t) for t in texts])
+        folder = _model_folder(checkpoint, cfg)
+        result = evaluate_checkpoint(str(folder), cfg, [str(t) for t in texts])
+    result["model"] = str(checkpoint)  # what the user named, not the local folder it resolved to
     print(json.dumps(result, ensure_ascii=False, indent=1))
 
 
 def report(config: str | None = None, **overrides) -> None:
     """(Re)write runs/<run.id>/report/: report.md, PNG plots, TensorBoard events, samples."""
-    from trainer.launch import bucket, stage_report
+    from trainer.stages import bucket, stage_report
 
     cfg = _config(config, overrides, show=False)
     print(bucket(cfg).url(stage_report(cfg)))
@@ -127,16 +169,39 @@ def report(config: str | None = None, **overrides) -> None:
 def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str = "h100", mfu: float = 0.4,
          preset: str | None = None, tokens: float | None = None, seq_len: int = 1024,
          corpus_tokens: float | None = None, gpus: int = 1, price_per_gpu_hour: float | None = None,
-         json: bool = False, out: str | None = None, config: str | None = None) -> None:  # noqa: A002
+         json: bool = False, out: str | None = None, force: bool = False,  # noqa: A002
+         config: str | None = None) -> None:
     """Compute-optimal model, tokens, batch and lr (DeepSeek LLM fits, Chinchilla beside them).
-    --out writes a config (--config's, or the defaults, with the plan applied) that `run` accepts."""
+
+    Args:
+        compute: budget in training FLOPs (M x D, DeepSeek LLM's non-embedding FLOPs per token x tokens)
+        gpu_hours: budget in GPU-hours instead (with --gpu, --mfu and --gpus)
+        gpu: GPU model for a GPU-hour budget and wall time (h100, h200, a100, 4090, ...)
+        mfu: model FLOPs utilisation assumed for a GPU-hour budget and wall time
+        preset: plan for this model preset (trainer/model.py PRESETS) instead of the optimal one
+        tokens: plan for this many training tokens
+        seq_len: tokens per training sequence
+        corpus_tokens: tokens in your corpus: warns when the plan repeats it too often
+        gpus: GPUs the run uses (the batch is a whole number of sequences per GPU)
+        price_per_gpu_hour: prints the cost at this price
+        json: print the plan as JSON instead of a table
+        out: write a config that `run` accepts: --config's (or the defaults) with the plan applied and a
+            fresh run.id (<preset>-<tokens>-<hash>)
+        force: let --out overwrite an existing file
+        config: YAML config the --out file starts from
+    """
     import json as json_lib
 
     import yaml
 
-    from trainer.config import ConfigError, load_config, to_dict
+    from trainer.config import ConfigError, from_dict, load_config, to_dict
     from trainer.planner import format_table, plan as make_plan, plan_json, plan_to_config
 
+    if out and Path(out).exists() and not force:  # before anything is printed or written
+        raise ConfigError(f"plan --out {out}: the file exists; pass --force to overwrite it")
+    if out and not Path(out).parent.is_dir():
+        raise ConfigError(f"plan --out {out}: no folder {Path(out).parent}")
+    base = to_dict(load_config(config)) if out else None
     try:
         # str(): fire reads `--gpu 4090` as the integer 4090
         p = make_plan(compute=compute, gpu_hours=gpu_hours, gpu=str(gpu), mfu=mfu, preset=preset, tokens=tokens,
@@ -145,17 +210,21 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
         raise ConfigError(f"plan: {e}") from None
     print(json_lib.dumps(plan_json(p), indent=1) if json else format_table(p))
     if out:
-        tree = plan_to_config(p, to_dict(load_config(config)))
+        tree = plan_to_config(p, base)
+        from_dict(tree)  # what run will read must validate, before anything is written
         text = yaml.safe_dump(tree, allow_unicode=True, sort_keys=False)
-        Path(out).write_text(text, encoding="utf-8")
-        load_config(out)  # what run will read must validate
-        print(f"wrote {out}", file=sys.stderr)
+        try:
+            with open(out, "w" if force else "x", encoding="utf-8") as f:  # "x": never overwrite unasked
+                f.write(text)
+        except FileExistsError:
+            raise ConfigError(f"plan --out {out}: the file exists; pass --force to overwrite it") from None
+        print(f"wrote {out} (run.id {tree['run']['id']})", file=sys.stderr)
 
 
 def sft(config: str | None = None, **overrides) -> None:
     """Supervised fine-tuning on conversations (sft.sources) from sft.init, resumable; exports
     runs/<sft.run_id>/final/."""
-    from trainer.sft import stage_sft
+    from trainer.stages import stage_sft
 
     code = stage_sft(_config(config, overrides))
     if code:
@@ -163,10 +232,21 @@ def sft(config: str | None = None, **overrides) -> None:
 
 
 def chat(checkpoint: str, system: str = "", config: str | None = None, **overrides) -> None:
-    """Interactive terminal chat with a fine-tuned model (export or checkpoint, local or s3://)."""
+    """Interactive terminal chat with a fine-tuned model; reads lines from stdin (a pipe works too).
+
+    Args:
+        checkpoint: export or checkpoint folder, local or s3:// (runs/<id>-sft/final, .../checkpoints/step-N)
+        system: system prompt the conversation starts with
+        config: YAML config file (sample.* sets the sampling)
+    """
     from trainer.chat import chat_cli
 
-    chat_cli(checkpoint, system, _config(config, overrides, show=False))
+    try:
+        cfg = _config(config, overrides, show=False)
+        chat_cli(_model_folder(checkpoint, cfg), str(system or ""), cfg)
+    except KeyboardInterrupt:  # Ctrl-C is how people leave a terminal chat: no traceback
+        print(file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def submit(target: str, config: str | None = None, nodes: int = 1, gpus_per_node: int = 0,
@@ -190,9 +270,79 @@ def status(config: str | None = None, **overrides) -> None:
     print(status_report(_config(config, overrides, show=False)))
 
 
+def show_config(config: str | None = None, **overrides) -> None:
+    """Print the resolved config as YAML: defaults, the file, the environment and the overrides."""
+    from trainer.config import to_yaml
+
+    print(to_yaml(_config(config, overrides, show=False)), end="")
+
+
+def config_docs() -> None:
+    """Print docs/config.md (every config key with its type, default and docstring)."""
+    from trainer.config import markdown
+
+    print(markdown(), end="")
+
+
 COMMANDS = {"run": run, "pull": pull, "tokenizer": tokenizer, "prepare": prepare, "pretrain": pretrain,
             "export": export, "generate": generate, "eval": eval, "report": report, "plan": plan, "sft": sft,
-            "chat": chat, "submit": submit, "status": status, "worker": worker}
+            "chat": chat, "submit": submit, "status": status, "config": show_config, "config-docs": config_docs,
+            "worker": worker}
+
+# The config sections ("train") or keys ("train.device") each command reads, for its --help.
+_PRETRAIN = ["run", "storage", "data", "tokenizer", "model", "train", "checkpoint", "sample"]
+_ALL = _PRETRAIN + ["sft"]
+COMMAND_CONFIG = {
+    "run": _ALL, "pull": ["storage", "data"], "tokenizer": ["run", "storage", "data", "tokenizer"],
+    "prepare": ["run", "storage", "data", "tokenizer"], "pretrain": _PRETRAIN, "export": _PRETRAIN,
+    "generate": ["storage", "train.device", "sample"], "eval": ["storage", "data", "train.device", "sample"],
+    "report": ["run", "storage", "data", "train.device", "sample"], "plan": [],
+    "sft": ["run", "storage", "data.on_error", "model.attn_implementation", "train", "checkpoint", "sample", "sft"],
+    "chat": ["storage", "train.device", "sample"], "submit": _ALL, "status": ["run", "storage"], "config": _ALL,
+    "config-docs": [], "worker": _PRETRAIN,
+}
+CONFIG_FLAG_DOC = "YAML config file (default: $CONFIG, else the defaults in trainer/config.py)"
+
+
+def command_help(name: str) -> str:
+    """`entrypoint.py <name> --help`: usage, what the command does, its own flags (from the
+    function's signature and the Args of its docstring) and the config keys it reads (from the
+    config dataclasses' docstrings)."""
+    import inspect
+
+    from fire import docstrings
+
+    from trainer.config import help_text
+
+    fn = COMMANDS[name]
+    info = docstrings.parse(inspect.getdoc(fn) or "")
+    arg_docs = {a.name: a.description or "" for a in info.args or []}
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    required = [f"--{p.name}={p.name.upper()}" for p in params if p.default is p.empty]
+    keys = COMMAND_CONFIG[name]
+    usage = " ".join(["usage: entrypoint.py", name, *required, "[flags]" if len(required) < len(params) else "",
+                      "[--section.key=value ...]" if keys else ""])
+    lines = [" ".join(usage.split()), "", info.summary or "", *([info.description] if info.description else [])]
+    if params:
+        lines += ["", "flags:"]
+        for p in params:
+            default = "required" if p.default is p.empty else f"default {p.default!r}"
+            doc = arg_docs.get(p.name) or (CONFIG_FLAG_DOC if p.name == "config" else "")
+            lines.append(f"  --{p.name}  ({default})  {doc}".rstrip())
+    if keys:
+        lines += ["", "config keys (in the --config YAML, or --section.key=value; docs/config.md lists them all):",
+                  help_text(keys)]
+    return "\n".join(lines)
+
+
+def overview() -> str:
+    """`entrypoint.py --help`: every command with its one-line summary."""
+    import inspect
+
+    width = max(map(len, COMMANDS))
+    rows = [f"  {name:<{width}}  {(inspect.getdoc(fn) or '').splitlines()[0]}" for name, fn in COMMANDS.items()]
+    return "\n".join(["usage: entrypoint.py <command> [flags] [--section.key=value ...]", "", "commands:", *rows,
+                      "", "entrypoint.py <command> --help lists its flags and the config keys it reads."])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,10 +351,23 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.config import ConfigError
     from trainer.data import DataError
     from trainer.lease import LeaseHeld
+    from trainer.log import setup_logging
     from trainer.storage import StorageError
 
+    setup_logging()
+    args = sys.argv[1:] if argv is None else list(argv)
+    own = args[:args.index("--")] if "--" in args else args  # after "--", flags are fire's
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(overview())
+        return
+    if args[0] not in COMMANDS:
+        print(f"error: unknown command {args[0]!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if "--help" in own or "-h" in own:  # fire would take it for a config key: "unknown section 'help'"
+        print(command_help(args[0]))
+        return
     try:
-        fire.Fire(COMMANDS, command=argv, name="entrypoint.py")
+        fire.Fire(COMMANDS, command=args, name="entrypoint.py")
     except (ConfigError, DataError, LeaseHeld) as e:  # another job on this run.id: do not retry either
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)

@@ -6,29 +6,17 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import model_dir
 from trainer.config import Config, SampleConfig
-from trainer.storage import is_s3, split_url
-
-
-def resolve_model_dir(url: str, cfg: Config) -> Path:
-    """A local folder holding the model: the path itself, or a cached download of s3://..."""
-    if not is_s3(url):
-        path = Path(url).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{url}: no config.json; pass an exported model folder (runs/<id>/final)")
-        return path
-    store, key = split_url(url, cfg.storage)
-    dest = Path(cfg.storage.local_dir) / "models" / url[len("s3://"):].replace("/", "_")
-    store.download_dir(key, dest)
-    if not (dest / "config.json").is_file():
-        raise FileNotFoundError(f"{url}: no config.json; pass an exported model folder (runs/<id>/final)")
-    return dest
 
 
 def load_for_generation(url: str, cfg: Config):
+    """(model in eval mode, tokenizer) from an export or checkpoint folder, local or s3://, found by
+    checkpoint.model_dir (the one resolver of generate, eval and chat); FileNotFoundError when
+    there is no model there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_dir(url, cfg)
+    path = model_dir(url, cfg.storage, Path(cfg.storage.local_dir))
     device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
