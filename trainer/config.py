@@ -38,6 +38,8 @@ class RunConfig:
     """start even if another job holds this run's lease in the bucket"""
     lease_seconds: int = 120
     """a job's lease on run.id expires this long after its last renewal"""
+    resume_on_new_data: bool = False
+    """resume this run's checkpoint although its corpus changed (tokenizer, model and seq_len must not)"""
 
 
 @dataclass(frozen=True)

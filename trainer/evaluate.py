@@ -270,10 +270,9 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
 def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
     """`entrypoint.py eval`: load an export or checkpoint (local or s3://) and evaluate it on the
     held-out split of cfg.data.sources and on text_files (any corpus format data.* reads)."""
-    from trainer.data import DataError, iter_documents, local_files
+    from trainer.checkpoint import model_dir
+    from trainer.data import DataError, iter_documents, local_files, pull, resolve_sources
     from trainer.generate import load_for_generation
-    from trainer.launch import stage_pull
-    from trainer.sft import model_folder
 
     extra = {}
     for path in text_files:
@@ -283,8 +282,8 @@ def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
         if not texts:
             raise DataError(f"{path}: no text to evaluate on")
         extra[str(path)] = texts
-    folder = model_folder(str(url), cfg)
+    folder = model_dir(str(url), cfg.storage, Path(cfg.storage.local_dir))
     model, tok = load_for_generation(str(folder), cfg)
     s = cfg.sample
-    heldout = heldout_documents(cfg, stage_pull(cfg), s.eval_chars, s.heldout_prompts)
+    heldout = heldout_documents(cfg, pull(cfg, resolve_sources(cfg)), s.eval_chars, s.heldout_prompts)
     return {"model": str(url), **evaluate_model(model, tok, cfg, heldout, extra)}

@@ -12,8 +12,8 @@ from trainer.errors import EXIT_PREEMPTED, Preempted
 from trainer.config import Config
 from trainer.distributed import node_rank
 from trainer.log import logger
-from trainer.stages import (bucket, check_before_start, hold_lease, stage_export, stage_prepare, stage_pretrain,
-                            stage_pull, stage_report, stage_sft, stage_tokenizer)
+from trainer.stages import (bucket, check_before_start, check_tokenizer_kept, hold_lease, stage_export, stage_prepare,
+                            stage_pretrain, stage_pull, stage_report, stage_sft, stage_tokenizer)
 from trainer.storage import join
 
 
@@ -37,6 +37,7 @@ def run(cfg: Config) -> int:
 
 def run_stages(cfg: Config, lease=None) -> int:
     files = stage_pull(cfg)
+    check_tokenizer_kept(cfg, files)
     tok_key = stage_tokenizer(cfg, files)
     arts = stage_prepare(cfg, files, tok_key)
     code = stage_pretrain(cfg, arts, lease)

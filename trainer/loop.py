@@ -23,7 +23,7 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -58,6 +58,7 @@ class LoopState:
     loss_ema: float | None = None  # running mean of logged losses (spikes left out)
     wall_seconds: float = 0.0  # training time over all attempts
     world_size: int = 1  # processes that saved this state
+    inputs: dict = field(default_factory=dict)  # what it trains on (Task.inputs); a resume must match
 
     @classmethod
     def from_dict(cls, saved: dict) -> "LoopState":
@@ -73,6 +74,7 @@ class Task(Protocol):
     samples_per_step: int  # global batch in sequences (all ranks, all micro-batches)
     tokens_per_step: int
     flops_per_token: float | None  # for MFU; None: not reported
+    inputs: dict  # what the weights depend on (tokenizer, data, model, seq_len): saved, checked on resume
 
     def build_model(self, device: torch.device): ...  # -> (HF model, tokenizer): the starting weights
     def loss_module(self, model) -> torch.nn.Module: ...  # forward(micro-batch) -> summed loss (0-dim)
@@ -162,6 +164,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     optimizer = build_optimizer(model, hp)
     ckpts = Checkpointer(store, task.run_id, run_local, cfg.checkpoint.keep_last, d)
     state = _resume(task.name, ckpts, model, optimizer, hp.seed, d)
+    state.inputs = task.inputs  # the stages refused a resume whose inputs changed (stages.check_resume)
 
     train_model, eval_model = _wrap(task.loss_module(model), d, hp.compile)
     use_bf16 = hp.dtype == "bf16" or (hp.dtype == "auto" and d.device.type == "cuda")

@@ -26,6 +26,7 @@ from trainer import prepare
 from trainer.prepare import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.report import write_run_report
 from trainer.sft import load_chat_tokenizer, prepare_conversations, sft_run_id
+from trainer.tasks import pretrain_inputs, sft_inputs
 from trainer.storage import Storage, is_s3, join, split_url
 from trainer import tokenizer as tokenizers
 from trainer.tokenizer import load_tokenizer, tokenizer_hash
@@ -152,6 +153,56 @@ def hold_lease(cfg: Config, run_id: str | None = None):
     return Lease(bucket(cfg), run_id or cfg.run.id, cfg.run.lease_seconds).acquire(takeover=cfg.run.takeover)
 
 
+def newest_inputs(store: Storage, run_id: str) -> tuple[int, dict] | None:
+    """(step, LoopState.inputs) of run_id's newest complete checkpoint; None without one (inputs
+    are {} for checkpoints older than the record)."""
+    steps = ckpt.complete_steps(store, run_id)
+    if not steps:
+        return None
+    state = json.loads(store.read_text(join(ckpt.checkpoints_prefix(run_id), ckpt.step_name(steps[0]),
+                                            "trainer_state.json")))
+    return steps[0], state.get("inputs") or {}
+
+
+def check_resume(cfg: Config, run_id: str, inputs: dict) -> None:
+    """Refuse to resume run_id's newest checkpoint on other inputs than it was trained on: a
+    ConfigError (exit 2) saying what changed and what to do, raised before anything of the run is
+    written. run.resume_on_new_data=true lets a run continue on a changed corpus (same tokenizer,
+    model and seq_len). A run without a checkpoint, or one saved before inputs were recorded, passes."""
+    store = bucket(cfg)
+    found = newest_inputs(store, run_id)
+    if not found:
+        return
+    step, saved = found
+    changed = [k for k in inputs if k in saved and saved[k] != inputs[k]
+               and not (k == "data" and cfg.run.resume_on_new_data)]
+    if not changed:
+        return
+    what = "; ".join(f"{k}: {saved[k]} -> {inputs[k]}" for k in changed)
+    fix = "start a new run (another run.id) to train on them"
+    if set(changed) <= {"tokenizer", "data"}:
+        old = store.read_text_or_none(f"runs/{run_id}/artifacts.json")
+        tok_url = store.url(Artifacts.from_json(old).tokenizer_key) if old else "<the run's tokenizer>"
+        fix += (f", or continue this run on the new corpus with its own tokenizer: tokenizer.path={tok_url} "
+                f"run.resume_on_new_data=true")
+    raise ConfigError(f"run.id={run_id}: {ckpt.step_name(step)} was trained on other inputs ({what}); resuming it "
+                      f"would train the wrong thing: {fix}")
+
+
+def check_tokenizer_kept(cfg: Config, files) -> None:
+    """Before a tokenizer is trained for a run that has a checkpoint: when the corpus or tokenizer
+    settings changed, a new tokenizer would be trained and every token id could change meaning, so
+    refuse now (check_resume's error) instead of after minutes of tokenizer training."""
+    store = bucket(cfg)
+    old = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
+    if cfg.tokenizer.path or not old or not newest_inputs(store, cfg.run.id):
+        return
+    old_key, new_key = Artifacts.from_json(old).tokenizer_key, f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    if old_key != new_key:
+        check_resume(cfg, cfg.run.id, {"tokenizer": f"a new tokenizer ({new_key}) for the changed corpus or "
+                                                    f"tokenizer settings"})
+
+
 def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> int:
     """Train to train.max_steps (resuming from the newest complete checkpoint of run.id); returns 0,
     75 (preempted: rerun to resume) or the failure code. Holds the run's lease on node 0 unless the
@@ -168,10 +219,17 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
             return stage_pretrain(cfg, arts, lease)
         finally:
             lease.release()
-    arts = arts or stage_prepare(cfg)
+    if arts is None:
+        files = stage_pull(cfg)
+        check_tokenizer_kept(cfg, files)
+        arts = stage_prepare(cfg, files)
     store = bucket(cfg)
+    index = json.loads(store.read_text(join(arts.data_key, "index.json")))
     # A corpus too small for one sequence is exit 2 here, with its counts, not a crash in the workers.
-    prepare.check_trainable(json.loads(store.read_text(join(arts.data_key, "index.json"))), cfg.train.seq_len)
+    prepare.check_trainable(index, cfg.train.seq_len)
+    tok_dir = fetch_folder(store, arts.tokenizer_key, Path(cfg.storage.local_dir))
+    check_resume(cfg, cfg.run.id, pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(arts.data_key).name,
+                                                  index["vocab_size"]))
     run_local = Path(cfg.storage.local_dir) / "runs" / cfg.run.id
     run_local.mkdir(parents=True, exist_ok=True)
     cfg_path, arts_path = run_local / "resolved.yaml", run_local / "artifacts.json"
@@ -305,6 +363,7 @@ def _train_sft(cfg: Config, store: Storage, run_id: str, nproc: int, nnodes: int
             f"were never pretrained (here only conversations that long train them) and RoPE extrapolates poorly; "
             f"the export's context becomes {seq_len}")
     data_dir = prepare_conversations(cfg, tok, seq_len)
+    check_resume(cfg, run_id, sft_inputs(seq_len, data_dir.name))
     run_local = Path(cfg.storage.local_dir) / "runs" / run_id
     run_local.mkdir(parents=True, exist_ok=True)
     cfg_path = run_local / "resolved.yaml"

@@ -24,6 +24,7 @@ from trainer.evaluate import continuation, degeneration_report, val_chars_per_to
 from trainer.generate import sample
 from trainer.hf_files import export_generation_config
 from trainer.model import CAUSAL_SDPA, PRESETS, build_model, flops_per_token, llama_config, pick_attention
+from trainer.prepare import tokenizer_fingerprint
 from trainer.sft import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
 from trainer.tokenizer import load_tokenizer
 
@@ -65,6 +66,14 @@ class PackedLoss(torch.nn.Module):
                                ignore_index=IGNORE, reduction="sum")
 
 
+def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: int) -> dict:
+    """What pretrained weights depend on, saved in every checkpoint (LoopState.inputs): the
+    tokenizer's content, the packed data (data/<name>: corpus, tokenizer and settings), the model
+    shape and the sequence length. stages.check_resume compares it before a resume."""
+    return {"tokenizer": tokenizer_fp, "data": data_name, "seq_len": cfg.train.seq_len,
+            "model": f"{cfg.model.preset}, vocab {vocab_size}, tied embeddings {cfg.model.tie_embeddings}"}
+
+
 class PretrainTask:
     name = "pretrain"
 
@@ -82,6 +91,7 @@ class PretrainTask:
                                          cfg.model.tie_embeddings, eos_token_id=index["eos_id"])
         self.flops_per_token = flops_per_token(PRESETS[cfg.model.preset], self.model_config.vocab_size,
                                                self.hp.seq_len, cfg.model.tie_embeddings)
+        self.inputs = pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(data_dir).name, index["vocab_size"])
 
     def build_model(self, device: torch.device):
         tok = load_tokenizer(self.tok_dir)
@@ -141,6 +151,12 @@ class PretrainTask:
                  "repeated_4gram_fraction": round(rep["repeated_4gram_fraction"], 4)} for p, text in zip(prompts, texts)]
 
 
+def sft_inputs(seq_len: int, data_name: str) -> dict:
+    """What fine-tuned weights depend on (as pretrain_inputs): the packed conversations (their hash
+    covers the conversations, the starting model's tokenizer and chat template) and seq_len."""
+    return {"data": data_name, "seq_len": seq_len}
+
+
 def sft_attention(requested: str, device_type: str) -> str:
     """Attention that keeps packed conversations apart: flash_attention_2 (varlen from position_ids)
     or sdpa/eager with the block-diagonal mask transformers builds. Never CAUSAL_SDPA, pretraining's
@@ -162,6 +178,7 @@ class SftTask:
                                       seq_len=self.rows.seq_len, checkpoint_every_steps=s.checkpoint_every_steps)
         self.samples_per_step = s.batch_sequences
         self.tokens_per_step = s.batch_sequences * self.rows.seq_len
+        self.inputs = sft_inputs(self.rows.seq_len, Path(data_dir).name)
 
     def build_model(self, device: torch.device):
         from transformers import AutoModelForCausalLM
