@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_BAD_INPUT)
     except StorageError as e:  # after all retries; the message names the URL (credentials redacted)
         print(f"error: storage: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":
