@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config
-from trainer.hf_files import export_generation_config, portable_model_config, write_portable_config
+from trainer.hf_files import export_generation_config, portable_model_config
 from trainer.model import build_model, llama_config
 from trainer.tokenizer import (
     CHAT_TEMPLATE,
@@ -212,25 +212,25 @@ def test_portable_tokenizer_config_by_hand():
 
 @pytest.fixture(scope="module")
 def export_dir(trained, tmp_path_factory) -> Path:
-    """A tiny export written the way checkpoint.py is to write one: save_pretrained, then the
-    portable config.json, the generation defaults and the portable tokenizer. RoPE base 500000
-    (not transformers 4's default 10000), so a dropped rope_theta would show."""
-    out = tmp_path_factory.mktemp("export") / "final"
+    """A tiny checkpoint folder written by checkpoint.save, whose Hugging Face files are what an
+    export copies, from a model set up as tasks.py sets it up (generation_config from
+    export_generation_config) and the run's tokenizer as the job loads it. RoPE base 500000 (not
+    transformers 4's default 10000), so a dropped rope_theta would show."""
+    import torch
+
+    from trainer import checkpoint
+
+    root = tmp_path_factory.mktemp("export")
     cfg = load_config(None, {"sample.temperature": 0.7, "sample.top_k": 0, "sample.max_new_tokens": 40}, env={})
-    tok = load_tokenizer(_saved(trained, out.parent / "tok"))
+    save_tokenizer(trained, root / "run-tokenizer")
+    tok = load_tokenizer(root / "run-tokenizer")
     config = llama_config("tiny", len(tok), 128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
     model = build_model(config, "sdpa")
     model.generation_config = export_generation_config(cfg.sample, tok.eos_token_id, tok.pad_token_id)
-    model.save_pretrained(str(out))
-    write_portable_config(out)
-    save_tokenizer(tok, out, model.config.max_position_embeddings)
-    return out
-
-
-def _saved(trained, folder: Path) -> Path:
-    save_tokenizer(trained, folder)
-    return folder
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint.save(root / "final", model, tok, optimizer, {"step": 1}, "", [])
+    return root / "final"
 
 
 def test_export_config_has_every_key_vllm_reads(export_dir):
