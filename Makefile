@@ -23,6 +23,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
+lint: install
+	$(PY) -m ruff check .
+
 bench-tokenizer: install
 	$(PY) scripts/bench_tokenizer.py $(ARGS)
 

@@ -6,7 +6,7 @@ same model shapes, same packed token shards, same card, one process, one run.
     python scripts/bench_pretrain.py --scaling 1,2,4 --models 124m:32      # DDP efficiency
 
 Prints a table (tok/s, MFU, peak memory, data-wait fraction, ratio to the baseline) and writes
-JSON under bench/results/. Ours runs through trainer.train.train(), the function `run` uses.
+JSON under bench/results/. Ours runs through trainer.loop.train() (via trainer.worker), what `run` uses.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 def prepare_data(args) -> tuple[Path, Path, dict, object]:
     """Tokenizer + packed shards from the given corpus, through the job's own stages."""
     from trainer.config import load_config
-    from trainer.launch import bucket, fetch_folder, stage_prepare
+    from trainer.artifacts import bucket, fetch_folder
+    from trainer.stages import stage_prepare
 
     work = Path(args.workdir)
     cfg = load_config(None, {"data.sources": args.corpus, "tokenizer.vocab_size": args.vocab,
@@ -98,7 +99,8 @@ def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict)
 
 def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, index: dict, base_cfg,
                compile_mode: str, label: str, nproc: int = 1) -> dict:
-    """trainer.train.train() with the given settings; tok/s is the median logged window after warm-up."""
+    """trainer.loop.train() with the given settings (the job's worker); tok/s is the median logged
+    window after warm-up."""
     import torch
 
     from trainer.config import replace
@@ -109,19 +111,18 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
         "run.id": run_id, "model.preset": preset, "train.seq_len": args.seq_len,
         "train.batch_tokens": batch * args.seq_len * nproc, "train.micro_batch_size": batch,
         "train.max_steps": args.warmup + args.steps, "train.warmup_steps": 10, "train.lr": 3e-4,
-        "train.log_every_steps": log_every, "train.eval_every_steps": 0, "train.eval_batches": 1,
+        "train.log_every_steps": log_every, "train.eval_every_steps": 0, "train.eval_sequences": 16,
         "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode,
         "checkpoint.upload_async": False})
     if nproc == 1:
-        from trainer.train import train
-        from trainer.launch import bucket
+        from trainer.tasks import PretrainTask
+        from trainer.worker import run_task
 
         torch.cuda.reset_peak_memory_stats()
-        train(cfg, bucket(cfg), data_dir, index, tok_dir, log=lambda m, **k: print(m, flush=True))
+        run_task(cfg, lambda: PretrainTask(cfg, data_dir, index, tok_dir))
         torch.cuda.empty_cache()
     else:
         from trainer.config import to_yaml
-        from trainer.launch import Artifacts
 
         path = Path(args.workdir) / f"{run_id}.yaml"
         path.write_text(to_yaml(cfg))

@@ -155,7 +155,7 @@ TINY = {
     "train.warmup_steps": 2,
     "train.checkpoint_every_steps": 4,
     "train.eval_every_steps": 4,
-    "train.eval_batches": 2,
+    "train.eval_sequences": 4,
     "train.log_every_steps": 1,
     "train.device": "cpu",
     "train.compile": "off",

@@ -431,7 +431,7 @@ def tiny_settings(corpus: str, bucket: str, local_dir: str, endpoint: str = "", 
         "model.preset": "tiny",
         "train.max_steps": 24, "train.seq_len": 32, "train.batch_tokens": 256, "train.micro_batch_size": 2,
         "train.lr": 0.003, "train.warmup_steps": 2, "train.checkpoint_every_steps": 4,
-        "train.eval_every_steps": 0, "train.eval_batches": 1, "train.log_every_steps": 4,
+        "train.eval_every_steps": 0, "train.eval_sequences": 2, "train.log_every_steps": 4,
         "train.device": "cpu", "train.compile": "off", "sample.max_new_tokens": 4, "sample.prompts": ["床前"],
     }
     values.update(overrides)

@@ -189,3 +189,60 @@ def test_sigterm_publishes_the_step_exits_75_and_resumes_exactly(stage_run, tmp_
     compared = ("step", "loss", "lr", "grad_norm", "tokens")
     assert [{k: r.get(k) for k in compared} for r in metrics(store, run_id)] == \
         [{k: r.get(k) for k in compared} for r in metrics(straight_store, run_id)]
+
+
+def test_a_wall_clock_budget_fixes_the_step_count_and_a_resume_ends_at_it(template, tmp_path, in_process, caplog):
+    """train.budget_minutes: the count is fixed after the timed warm-up steps, the schedule decays to
+    it (the last logged lr is the floor), and a run stopped after that ends at the same step."""
+    from trainer.loop import BUDGET_MEASURE_STEPS, BUDGET_SKIP_STEPS
+    from trainer.schedule import lr_at
+
+    settings = tiny_settings(template["corpus"], str(copy_bucket(template, tmp_path / "bucket")), str(tmp_path / "work"),
+                             **{"train.budget_minutes": 0.1, "train.max_steps": 5, "train.log_every_steps": 1,
+                                "train.checkpoint_every_steps": 1000, "checkpoint.upload_async": False})
+    cfg = make_config(settings)
+    arts = Artifacts(template["tokenizer_key"], template["data_key"])
+    fixed_at = BUDGET_SKIP_STEPS + BUDGET_MEASURE_STEPS
+    with pytest.raises(Preempted):
+        run_task(cfg, lambda: FaultyTask(pretrain_task(cfg, arts), sigterm_at=fixed_at + 2))
+    store = open_storage(cfg.storage.bucket)
+    stopped = json.loads(store.read_text(f"{ckpt.checkpoints_prefix('rel')}/{ckpt.step_name(fixed_at + 2)}/"
+                                         "trainer_state.json"))
+    planned = stopped["max_steps"]
+    assert planned > fixed_at + 2 and planned != 5  # train.max_steps is ignored under a budget
+    assert f"-> {planned} steps in all" in caplog.text
+    final = run_task(cfg, lambda: pretrain_task(cfg, arts))
+    assert final["step"] == final["max_steps"] == planned
+    rows = metrics(store, "rel")
+    assert rows[-1]["step"] == planned
+    assert rows[-1]["lr"] == pytest.approx(lr_at(planned - 1, replace_steps(cfg.train, planned)))
+    assert rows[-1]["lr"] < 0.2 * cfg.train.lr  # decayed to the end (min_lr_ratio 0.1)
+
+
+def replace_steps(train_cfg, steps):
+    import dataclasses
+
+    return dataclasses.replace(train_cfg, max_steps=steps)
+
+
+def test_epoch_cap_by_hand():
+    import types
+
+    from trainer.config import TrainConfig
+    from trainer.loop import epoch_cap
+
+    task = types.SimpleNamespace(sequences_per_epoch=1000, samples_per_step=64)
+    assert epoch_cap(TrainConfig(max_epochs=0), task) is None
+    assert epoch_cap(TrainConfig(max_epochs=5), task) == 79  # ceil(5 x 1000 / 64) = ceil(78.1)
+    assert epoch_cap(TrainConfig(max_epochs=0.01), task) == 1
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_max_epochs_caps_the_run_and_the_schedule_decays_to_its_end(stage_run, tmp_path):
+    epochs = 0.25 if stage_run.stage == "pretrain" else 4  # the SFT sample packs into a few rows
+    state, store, run_id = stage_run(tmp_path, {"train.max_epochs": epochs, "train.max_steps": 1000,
+                                                "train.log_every_steps": 1, "train.checkpoint_every_steps": 1000})
+    rows = metrics(store, run_id)
+    assert 1 < state["step"] == rows[-1]["step"] < 1000
+    assert ckpt.complete_steps(store, run_id) == [state["step"]]  # the last step is checkpointed
+    assert rows[-1]["lr"] < max(r["lr"] for r in rows)  # the cosine decays towards the capped end

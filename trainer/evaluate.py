@@ -117,7 +117,8 @@ def evaluate_bpc(model, tokenizer, texts: Sequence[str], seq_len: int, device, b
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("texts must hold at least one non-empty text")
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    # verbose=False: documents longer than the context are expected here (pack_windows cuts them).
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     stream = [eos]
     for ids in encoded:
         stream += list(ids) + [eos]

@@ -18,6 +18,7 @@ samples at checkpoints. Everything else is written once, here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -34,8 +35,8 @@ from trainer.config import Config, TrainConfig, to_yaml
 from trainer.distributed import Dist
 from trainer.errors import PREEMPTED_MARKER, Preempted
 from trainer.log import logger
-from trainer.model import peak_flops
 from trainer.metrics import RunLog
+from trainer.model import peak_flops
 from trainer.optim import build_optimizer, step_skipping_nonfinite
 from trainer.schedule import lr_at
 from trainer.storage import Storage
@@ -58,6 +59,7 @@ class LoopState:
     loss_ema: float | None = None  # running mean of logged losses (spikes left out)
     wall_seconds: float = 0.0  # training time over all attempts
     world_size: int = 1  # processes that saved this state
+    max_steps: int | None = None  # the step count fixed by train.budget_minutes (None: train.max_steps)
     inputs: dict = field(default_factory=dict)  # what it trains on (Task.inputs); a resume must match
 
     @classmethod
@@ -75,6 +77,7 @@ class Task(Protocol):
     tokens_per_step: int
     flops_per_token: float | None  # for MFU; None: not reported
     inputs: dict  # what the weights depend on (tokenizer, data, model, seq_len): saved, checked on resume
+    sequences_per_epoch: int  # training sequences (rows) in one pass over the data: train.max_epochs
 
     def build_model(self, device: torch.device): ...  # -> (HF model, tokenizer): the starting weights
     def loss_module(self, model) -> torch.nn.Module: ...  # forward(micro-batch) -> summed loss (0-dim)
@@ -114,6 +117,74 @@ class StopFlag:
         if self.requested_at is None:
             self.requested_at = time.time()
             logger.warning(f"received signal {signum}: stopping at the next step boundary to checkpoint")
+
+
+BUDGET_MEASURE_STEPS = 10  # steps timed to fix the count (after BUDGET_SKIP_STEPS of compile and warm caches)
+BUDGET_SKIP_STEPS = 3
+BUDGET_UNFIXED_STEPS = 10**9
+BUDGET_RESERVE = 0.05  # of the budget left for evaluation, checkpoints and the last upload
+
+
+class Budget:
+    """train.budget_minutes: time steps BUDGET_SKIP_STEPS..+BUDGET_MEASURE_STEPS of this attempt
+    (one host sync), then fix the step count so that training ends within the budget, counting the
+    training time of earlier attempts and the evaluations to come (estimated: forward passes only);
+    BUDGET_RESERVE is left for checkpoints and the last upload. The schedule then decays to that
+    step, and the count is saved in the checkpoint (LoopState.max_steps) so a resume ends at the
+    same step."""
+
+    def __init__(self, hp: TrainConfig, step: int, wall_before: float, samples_per_step: int):
+        self.budget_s, self.wall_before = hp.budget_minutes * 60, wall_before
+        # Evaluation runs forward passes only (about a third of a training step's work per sequence).
+        evals_per_step = 1 / hp.eval_every_steps if hp.eval_every_steps else 0.0
+        self.eval_share = evals_per_step * hp.eval_sequences / samples_per_step / 3
+        self.measure_from = step + BUDGET_SKIP_STEPS
+        self.measure_until = self.measure_from + BUDGET_MEASURE_STEPS
+        self.started = time.time()
+        self.t0: float | None = None
+
+    def tick(self, step: int) -> None:
+        """Called after every step until the count is fixed (cheap: a clock read at one step)."""
+        if step == self.measure_from:
+            _sync()
+            self.t0 = time.time()
+
+    def fix_steps(self, state: LoopState, d: Dist, cap: int | None = None) -> int:
+        """The step count (the same on every rank: rank 0's measurement; at most `cap`, the
+        train.max_epochs limit), stored in state.max_steps."""
+        _sync()
+        step_s = (time.time() - self.t0) / BUDGET_MEASURE_STEPS
+        left = self.budget_s * (1 - BUDGET_RESERVE) - self.wall_before - (time.time() - self.started)
+        steps = d.broadcast_object(state.step + max(0, int(left / (step_s * (1 + self.eval_share)))))
+        state.max_steps = max(min(steps, cap or steps), state.step)
+        logger.info(f"train.budget_minutes={self.budget_s / 60:g}: {step_s:.3f}s per step -> {state.max_steps} steps "
+                    f"in all ({_hms(self.budget_s)} budget, {BUDGET_RESERVE:.0%} kept for evaluation and checkpoints"
+                    + (f"; train.max_epochs caps it at {cap}" if cap and steps > cap else "") + ")")
+        return state.max_steps
+
+
+def _run_length(hp: TrainConfig, state: LoopState, task: Task) -> tuple[TrainConfig, int | None]:
+    """(hp with the run's step count, the train.max_epochs cap): the count a wall-clock budget
+    fixed before the checkpoint (the same schedule and end), a placeholder until Budget fixes it
+    (warm-up's lr does not depend on it), or train.max_steps within the cap."""
+    cap = epoch_cap(hp, task)
+    if state.max_steps:
+        return dataclasses.replace(hp, max_steps=state.max_steps), cap
+    if hp.budget_minutes:
+        return dataclasses.replace(hp, max_steps=BUDGET_UNFIXED_STEPS), cap
+    return dataclasses.replace(hp, max_steps=min(hp.max_steps, cap or hp.max_steps)), cap
+
+
+def epoch_cap(hp: TrainConfig, task: Task) -> int | None:
+    """Steps in hp.max_epochs passes over the task's training sequences, or None when off."""
+    if not hp.max_epochs:
+        return None
+    return max(1, math.ceil(hp.max_epochs * task.sequences_per_epoch / task.samples_per_step))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class Window:
@@ -165,6 +236,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     ckpts = Checkpointer(store, task.run_id, run_local, cfg.checkpoint.keep_last, d)
     state = _resume(task.name, ckpts, model, optimizer, hp.seed, d)
     state.inputs = task.inputs  # the stages refused a resume whose inputs changed (stages.check_resume)
+    hp, cap = _run_length(hp, state, task)
 
     train_model, eval_model = _wrap(task.loss_module(model), d, hp.compile)
     use_bf16 = hp.dtype == "bf16" or (hp.dtype == "auto" and d.device.type == "cuda")
@@ -181,6 +253,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     model.train()
     last_ckpt, rollbacks_in_a_row = state.step, 0
     window = Window(d.device, state.step, loader.wait_seconds)
+    budget = Budget(hp, state.step, state.wall_seconds, task.samples_per_step)
     with StopFlag() as stop:
         try:
             while state.step < hp.max_steps:
@@ -191,7 +264,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                     _stop_after_signal(stop, ckpts, runlog, d, run_local, state.step, hp.grace_seconds)
                 lr = lr_at(state.step, hp)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer.build_optimizer; older: none
                 # Sum of the step's per-token losses / their number over all ranks (DDP averages over ranks).
                 scale = d.world / max(1, task.targets_in_step(state.data_position))
                 step_loss = torch.zeros((), device=d.device)
@@ -212,6 +285,10 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                 state.step += 1
                 state.tokens_seen += task.tokens_per_step
                 state.data_position += task.samples_per_step
+                if hp.budget_minutes and not state.max_steps:
+                    budget.tick(state.step)
+                    if state.step == budget.measure_until:
+                        hp = dataclasses.replace(hp, max_steps=budget.fix_steps(state, d, cap))
                 at_checkpoint = state.step % hp.checkpoint_every_steps == 0 or state.step == hp.max_steps
                 at_eval = state.step % max(1, hp.eval_every_steps or hp.max_steps) == 0
                 if not (state.step % hp.log_every_steps == 0 or at_checkpoint or at_eval):

@@ -153,15 +153,20 @@ def hold_lease(cfg: Config, run_id: str | None = None):
     return Lease(bucket(cfg), run_id or cfg.run.id, cfg.run.lease_seconds).acquire(takeover=cfg.run.takeover)
 
 
-def newest_inputs(store: Storage, run_id: str) -> tuple[int, dict] | None:
-    """(step, LoopState.inputs) of run_id's newest complete checkpoint; None without one (inputs
-    are {} for checkpoints older than the record)."""
+def newest_state(store: Storage, run_id: str) -> dict | None:
+    """The trainer state (LoopState as saved) of run_id's newest complete checkpoint, or None."""
     steps = ckpt.complete_steps(store, run_id)
     if not steps:
         return None
-    state = json.loads(store.read_text(join(ckpt.checkpoints_prefix(run_id), ckpt.step_name(steps[0]),
-                                            "trainer_state.json")))
-    return steps[0], state.get("inputs") or {}
+    return json.loads(store.read_text(join(ckpt.checkpoints_prefix(run_id), ckpt.step_name(steps[0]),
+                                           "trainer_state.json")))
+
+
+def newest_inputs(store: Storage, run_id: str) -> tuple[int, dict] | None:
+    """(step, LoopState.inputs) of run_id's newest complete checkpoint; None without one (inputs
+    are {} for checkpoints older than the record)."""
+    state = newest_state(store, run_id)
+    return (state["step"], state.get("inputs") or {}) if state else None
 
 
 def check_resume(cfg: Config, run_id: str, inputs: dict) -> None:
@@ -207,10 +212,12 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
     """Train to train.max_steps (resuming from the newest complete checkpoint of run.id); returns 0,
     75 (preempted: rerun to resume) or the failure code. Holds the run's lease on node 0 unless the
     caller (`run`) already does."""
-    done = ckpt.complete_steps(bucket(cfg), cfg.run.id)
-    if done and done[0] >= cfg.train.max_steps:
-        log(f"pretrain: {ckpt.step_name(done[0])} is published (train.max_steps={cfg.train.max_steps}); "
-            f"nothing to train")
+    done = newest_state(bucket(cfg), cfg.run.id)
+    target = (done or {}).get("max_steps") if cfg.train.budget_minutes else cfg.train.max_steps
+    if done and target and done["step"] >= target:
+        log(f"pretrain: {ckpt.step_name(done['step'])} is published (" + (
+            f"train.max_steps={target}" if not cfg.train.budget_minutes else
+            f"the {target} steps train.budget_minutes={cfg.train.budget_minutes:g} gave") + "); nothing to train")
         return 0
     if lease is None and node_rank() == 0:  # `pretrain` alone: check and hold the lease here
         check_before_start(cfg)

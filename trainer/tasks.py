@@ -28,7 +28,7 @@ from trainer.prepare import tokenizer_fingerprint
 from trainer.sft import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
 from trainer.tokenizer import load_tokenizer
 
-EVAL_BATCH = 16  # validation sequences per forward pass when train.micro_batch_size is 0
+EVAL_BATCH = 16  # validation sequences per forward pass when train.micro_batch_size is 0 (no accumulation there)
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -85,7 +85,9 @@ class PretrainTask:
         self.train_samples = TokenSamples(data_dir, index, "train", self.hp.seq_len)
         self.val_samples = TokenSamples(data_dir, index, "val", self.hp.seq_len)
         if len(self.train_samples) == 0:
-            raise ValueError(f"the training split has fewer than train.seq_len+1={self.hp.seq_len + 1} tokens per shard")
+            raise ValueError(f"the training split has fewer than train.seq_len+1={self.hp.seq_len + 1} tokens "
+                             f"per shard")
+        self.sequences_per_epoch = len(self.train_samples)
         self.chars_per_token = val_chars_per_token(index)
         self.model_config = llama_config(cfg.model.preset, index["vocab_size"], self.hp.seq_len,
                                          cfg.model.tie_embeddings, eos_token_id=index["eos_id"])
@@ -112,14 +114,13 @@ class PretrainTask:
         return self.tokens_per_step
 
     def evaluate(self, loss_module, d: Dist, autocast) -> dict:
-        """Validation loss (nats per token) and bits per character on the first train.eval_batches x
-        micro-batch-bound held-out sequences: the same set on any number of processes."""
+        """Validation loss (nats per token) and bits per character on the first train.eval_sequences
+        held-out sequences: the same set whatever the number of processes or the micro-batch."""
         if len(self.val_samples) == 0:
             return {}
-        batch_size = self.hp.micro_batch_size or EVAL_BATCH
+        batch_size = self.hp.micro_batch_size or EVAL_BATCH  # memory bound; the sums are float64
         total = torch.zeros(2, dtype=torch.float64, device=d.device)
-        for batch in validation_batches(self.val_samples, self.hp.eval_batches * batch_size, batch_size,
-                                        d.rank, d.world):
+        for batch in validation_batches(self.val_samples, self.hp.eval_sequences, batch_size, d.rank, d.world):
             batch = batch.to(d.device)
             with autocast:
                 loss = loss_module(batch)
@@ -148,7 +149,8 @@ class PretrainTask:
         model.train()
         rep = degeneration_report(prompts, texts)
         return [{"step": step, "prompt": p, "text": text, "distinct_2": round(rep["distinct_2"], 4),
-                 "repeated_4gram_fraction": round(rep["repeated_4gram_fraction"], 4)} for p, text in zip(prompts, texts)]
+                 "repeated_4gram_fraction": round(rep["repeated_4gram_fraction"], 4)}
+                for p, text in zip(prompts, texts)]
 
 
 def sft_inputs(seq_len: int, data_name: str) -> dict:
@@ -175,8 +177,10 @@ class SftTask:
         self.rows = PackedConversations(data_dir)
         # The schedule and optimizer of train.* with the SFT's own length, peak, warmup and checkpoints.
         self.hp = dataclasses.replace(cfg.train, max_steps=s.max_steps, lr=s.lr, warmup_steps=s.warmup_steps,
-                                      seq_len=self.rows.seq_len, checkpoint_every_steps=s.checkpoint_every_steps)
+                                      seq_len=self.rows.seq_len, checkpoint_every_steps=s.checkpoint_every_steps,
+                                      budget_minutes=0.0)
         self.samples_per_step = s.batch_sequences
+        self.sequences_per_epoch = len(self.rows)
         self.tokens_per_step = s.batch_sequences * self.rows.seq_len
         self.inputs = sft_inputs(self.rows.seq_len, Path(data_dir).name)
 
