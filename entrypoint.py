@@ -195,7 +195,8 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
     import yaml
 
     from trainer.config import ConfigError, from_dict, load_config, to_dict
-    from trainer.planner import format_table, plan as make_plan, plan_json, plan_to_config
+    from trainer.planner import format_table, plan_json, plan_to_config
+    from trainer.planner import plan as make_plan
 
     if out and Path(out).exists() and not force:  # before anything is printed or written
         raise ConfigError(f"plan --out {out}: the file exists; pass --force to overwrite it")

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 def prepare_data(args) -> tuple[Path, Path, dict, object]:
     """Tokenizer + packed shards from the given corpus, through the job's own stages."""
-    from trainer.config import load_config
     from trainer.artifacts import bucket, fetch_folder
+    from trainer.config import load_config
     from trainer.stages import stage_prepare
 
     work = Path(args.workdir)

@@ -304,11 +304,11 @@ def _main(argv: list[str]) -> None:
 # session, killed with a real SIGKILL; only the imports are shared (no threads run at the fork).
 
 def _zygote() -> None:
-    import entrypoint  # noqa: F401 - imported for the children
     import safetensors.torch  # noqa: F401
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401 - transformers imports models lazily
 
+    import entrypoint  # noqa: F401 - imported for the children
     import trainer.job  # noqa: F401
     import trainer.worker  # noqa: F401
 

@@ -6,8 +6,17 @@ import logging
 import pytest
 
 from trainer import checkpoint as ckpt
-from trainer.checkpoint import (LATEST, MANIFEST, Uploader, complete_steps, fetch_newest, prune, publish,
-                                step_name, write_manifest)
+from trainer.checkpoint import (
+    LATEST,
+    MANIFEST,
+    Uploader,
+    complete_steps,
+    fetch_newest,
+    prune,
+    publish,
+    step_name,
+    write_manifest,
+)
 from trainer.config import StorageConfig
 from trainer.storage import LocalStorage, S3Storage, StorageError
 

@@ -21,8 +21,15 @@ import pytest
 import zstandard
 
 from trainer.config import ConfigError, load_config
-from trainer.data import (DataError, DocumentReader, file_kind, iter_documents, iter_json_array, local_files,
-                          resolve_sources)
+from trainer.data import (
+    DataError,
+    DocumentReader,
+    file_kind,
+    iter_documents,
+    iter_json_array,
+    local_files,
+    resolve_sources,
+)
 from trainer.prepare import check_trainable, prepare_shards
 from trainer.tokenizer import EOS, load_tokenizer, sample_pieces, train_from_corpus
 

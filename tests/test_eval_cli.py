@@ -10,8 +10,14 @@ import torch
 import entrypoint
 from trainer.config import load_config
 from trainer.data import DataError, local_files
-from trainer.evaluate import (compare_with_human, continuation, evaluate_bpc, evaluate_model, heldout_documents,
-                              val_chars_per_token)
+from trainer.evaluate import (
+    compare_with_human,
+    continuation,
+    evaluate_bpc,
+    evaluate_model,
+    heldout_documents,
+    val_chars_per_token,
+)
 from trainer.model import CAUSAL_SDPA, build_model, llama_config
 from trainer.prepare import is_validation
 from trainer.storage import open_storage

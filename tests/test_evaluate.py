@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from trainer.evaluate import (bits_per_character, degeneration_report, distinct_n, evaluate_bpc, pack_windows,
-                              prompt_repetition, repeated_ngram_fraction)
+from trainer.evaluate import (
+    bits_per_character,
+    degeneration_report,
+    distinct_n,
+    evaluate_bpc,
+    pack_windows,
+    prompt_repetition,
+    repeated_ngram_fraction,
+)
 from trainer.model import build_model, llama_config
 
 LINES = [

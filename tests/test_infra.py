@@ -26,8 +26,16 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from trainer.config import ENV_KEYS, TrainConfig, load_config, to_dict
-from trainer.submit import (EXIT_BAD_INPUT, EXIT_PREEMPTED, SKYPILOT_LAUNCH, SKYPILOT_RECOVERY, TARGETS,
-                            k8s_manifests, k8s_name, render)
+from trainer.submit import (
+    EXIT_BAD_INPUT,
+    EXIT_PREEMPTED,
+    SKYPILOT_LAUNCH,
+    SKYPILOT_RECOVERY,
+    TARGETS,
+    k8s_manifests,
+    k8s_name,
+    render,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every variable a user or launcher sets for the trainer (docs/design.md "Environment contract").

@@ -15,8 +15,7 @@ import signal
 import pytest
 import torch
 
-from faults import (chat_model, copy_bucket, in_process, make_config, sft_config, template,  # noqa: F401
-                    tiny_settings, SFT_SAMPLE)
+from faults import SFT_SAMPLE, chat_model, copy_bucket, in_process, make_config, sft_config, template, tiny_settings  # noqa: F401
 from trainer import checkpoint as ckpt
 from trainer.artifacts import Artifacts
 from trainer.errors import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
@@ -197,7 +196,8 @@ def test_a_wall_clock_budget_fixes_the_step_count_and_a_resume_ends_at_it(templa
     from trainer.loop import BUDGET_MEASURE_STEPS, BUDGET_SKIP_STEPS
     from trainer.schedule import lr_at
 
-    settings = tiny_settings(template["corpus"], str(copy_bucket(template, tmp_path / "bucket")), str(tmp_path / "work"),
+    bucket = str(copy_bucket(template, tmp_path / "bucket"))
+    settings = tiny_settings(template["corpus"], bucket, str(tmp_path / "work"),
                              **{"train.budget_minutes": 0.1, "train.max_steps": 5, "train.log_every_steps": 1,
                                 "train.checkpoint_every_steps": 1000, "checkpoint.upload_async": False})
     cfg = make_config(settings)

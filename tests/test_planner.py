@@ -4,8 +4,16 @@ import pytest
 
 from trainer.config import Config, load_config_tree, to_dict
 from trainer.model import PRESETS
-from trainer.planner import (chinchilla_optimum, deepseek_optimum, format_table, non_embedding_flops_per_token, plan,
-                             plan_json, plan_to_config, round_batch)
+from trainer.planner import (
+    chinchilla_optimum,
+    deepseek_optimum,
+    format_table,
+    non_embedding_flops_per_token,
+    plan,
+    plan_json,
+    plan_to_config,
+    round_batch,
+)
 
 
 def test_deepseek_optimum_at_1e19_by_hand():
@@ -140,3 +148,32 @@ def test_plan_json_and_table():
 def test_bad_inputs_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         plan(**kwargs)
+
+
+def test_a_budget_that_would_repeat_the_corpus_past_max_epochs_buys_a_bigger_model():
+    from trainer.planner import MAX_EPOCHS
+
+    free = plan(gpu_hours=0.092, gpu="h200", seq_len=512, mfu=0.27)
+    limited = plan(gpu_hours=0.092, gpu="h200", seq_len=512, mfu=0.27, corpus_tokens=19.6e6)
+    assert free.tokens / 19.6e6 > MAX_EPOCHS  # the unconstrained plan would read it far more often
+    assert limited.params > free.params and limited.epochs <= MAX_EPOCHS
+
+
+def test_data_constrained_preset_by_hand():
+    from trainer.planner import data_constrained_preset
+
+    m = {"a": 1.0, "b": 2.0, "c": 4.0}
+    tokens = {"a": 100.0, "b": 50.0, "c": 25.0}
+    assert data_constrained_preset(m, tokens, corpus_tokens=12.0) == "b"  # 50 / 12 = 4.2 epochs <= 5
+    assert data_constrained_preset(m, tokens, corpus_tokens=4.0) == "c"  # none within: the largest
+    assert data_constrained_preset(m, tokens, corpus_tokens=30.0) == "a"
+
+
+def test_a_plan_that_repeats_data_writes_the_repeated_data_settings():
+    from trainer.planner import MAX_EPOCHS, REPEATED_DATA_TRAIN, plan_to_config
+
+    repeated = plan_to_config(plan(gpu_hours=0.092, gpu="h200", seq_len=512, corpus_tokens=19.6e6), {})
+    assert {k: repeated["train"][k] for k in REPEATED_DATA_TRAIN} == REPEATED_DATA_TRAIN
+    assert repeated["train"]["max_epochs"] == MAX_EPOCHS
+    fresh = plan_to_config(plan(compute=1e19, corpus_tokens=1e12), {})
+    assert "optimizer" not in fresh["train"] and "max_epochs" not in fresh["train"]

@@ -10,8 +10,18 @@ import json
 
 import pytest
 
-from faults import (checkpoint_tensors, copy_bucket, in_process, make_config, s3_prefix, s3_server,  # noqa: F401
-                    template, tiny_settings, train_in_process, upload_bucket)
+from faults import (  # noqa: F401
+    checkpoint_tensors,
+    copy_bucket,
+    in_process,
+    make_config,
+    s3_prefix,
+    s3_server,
+    template,
+    tiny_settings,
+    train_in_process,
+    upload_bucket,
+)
 from trainer import checkpoint as ckpt
 from trainer.storage import open_storage
 

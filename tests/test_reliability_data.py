@@ -135,7 +135,7 @@ def test_prepare_through_the_cli_fail_then_skip(template, tmp_path):
     data_key = skipped.stdout.strip().splitlines()[-1][len(str(bucket)) + 1:]
     index = json.loads(store.read_text(f"{data_key}/index.json"))
     want = {}
-    for name, (_, reason, _) in BAD.items():
+    for _, reason, _ in BAD.values():
         want[reason] = want.get(reason, 0) + 1
     assert index["skipped_records"] == want
     assert index["filters"]["truncated_too_long"] == 1  # the 50 MB document, cut to data.max_chars

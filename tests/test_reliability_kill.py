@@ -16,9 +16,23 @@ import random
 import signal
 import time
 
-from faults import (S3_ENV, Zygote, assert_bucket_consistent, checkpoint_tensors, losses, make_config,  # noqa: F401
-                    s3_prefix, s3_server, subprocess_env, template, tiny_settings, upload_bucket, wait_for_line,
-                    worker_args, write_config)
+from faults import (  # noqa: F401
+    S3_ENV,
+    Zygote,
+    assert_bucket_consistent,
+    checkpoint_tensors,
+    losses,
+    make_config,
+    s3_prefix,
+    s3_server,
+    subprocess_env,
+    template,
+    tiny_settings,
+    upload_bucket,
+    wait_for_line,
+    worker_args,
+    write_config,
+)
 from trainer import checkpoint as ckpt
 from trainer.storage import open_storage
 
@@ -54,7 +68,8 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(template, s3_se
             log = tmp_path / f"trial-{i:02d}.log"
             if point is None:
                 pid = zygote.spawn(killed, log)
-                after = rng.choice([(r"pretrain: [\d.]+M params", 1), (r"step \d+/\d+ loss", 1), (r"step \d+/\d+ loss", 2)])
+                step_line = r"step \d+/\d+ loss"
+                after = rng.choice([(r"pretrain: [\d.]+M params", 1), (step_line, 1), (step_line, 2)])
                 wait_for_line(log, *after[:1], pid, count=after[1])
                 time.sleep(rng.uniform(0, MAX_DELAY_S))
                 try:

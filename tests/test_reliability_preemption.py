@@ -13,8 +13,7 @@ import time
 
 import psutil
 
-from faults import (cli_args, copy_bucket, kill_tree, start, template, tiny_settings,  # noqa: F401
-                    wait_for_line, write_config)
+from faults import cli_args, copy_bucket, kill_tree, start, template, tiny_settings, wait_for_line, write_config  # noqa: F401
 from trainer import checkpoint as ckpt
 from trainer.errors import EXIT_PREEMPTED
 from trainer.storage import open_storage

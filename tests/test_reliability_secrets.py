@@ -11,8 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from faults import FaultProxy, cli_args, make_config, run, s3_prefix, s3_server, subprocess_env, template, \
-    tiny_settings, write_config  # noqa: F401
+from faults import (
+    FaultProxy,
+    cli_args,
+    make_config,
+    run,
+    s3_prefix,
+    s3_server,
+    subprocess_env,
+    template,
+    tiny_settings,  # noqa: F401
+    write_config,
+)
 from trainer.storage import StorageError, open_storage, redact
 
 KEY_ID = "AKIARELIABILITYQ7Z3X"

@@ -14,8 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from faults import (FaultProxy, cli_args, in_process, make_config, run, s3_prefix, s3_server, template,  # noqa: F401
-                    tiny_settings, train_in_process, upload_bucket)
+from faults import (  # noqa: F401
+    FaultProxy,
+    cli_args,
+    in_process,
+    make_config,
+    run,
+    s3_prefix,
+    s3_server,
+    template,
+    tiny_settings,
+    train_in_process,
+    upload_bucket,
+)
 from trainer import checkpoint as ckpt
 from trainer.storage import StorageError, open_storage
 

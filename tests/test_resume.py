@@ -90,7 +90,7 @@ def assert_same(got, expected, exact: bool = True):
             if k in r:
                 assert r[k] == pytest.approx(ref[k], rel=1e-4), (r["step"], k, r[k], ref[k])
     for k in weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_preempted_and_resumed_in_process_is_exact(base, reference, metrics, monkeypatch, single_process):

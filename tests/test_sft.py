@@ -11,17 +11,24 @@ import numpy as np
 import pytest
 import torch
 
+from faults import chat_model, sft_config  # noqa: F401 - fixtures
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.data import DataError
-from trainer.sft import (IGNORE, conversation_problem, encode_conversations, load_chat_tokenizer, pack,
-                         prepare_conversations, render_pieces, stop_token_ids)
+from trainer.sft import (
+    IGNORE,
+    conversation_problem,
+    encode_conversations,
+    load_chat_tokenizer,
+    pack,
+    prepare_conversations,
+    render_pieces,
+    stop_token_ids,
+)
 from trainer.stages import stage_sft
+from trainer.storage import open_storage
 from trainer.tasks import PackedLoss, sft_attention
 from trainer.worker import sft_worker
-from trainer.storage import open_storage
-
-from faults import chat_model, sft_config  # noqa: F401 - fixtures
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sft-sample" / "poetry-chat.jsonl"
@@ -206,7 +213,8 @@ BAD = [
     ({"messages": [U("床前明月光")]}, "no reply", "does not end with an assistant turn"),
     ({"text": "床前明月光"}, "missing messages field", "record has no 'messages' field"),
     ('{"messages": [', "invalid JSON", "invalid JSON"),
-    ({"messages": [U("床前明月光"), A("疑是地上霜" * 60)]}, "over-long conversation", "more than sft.seq_len + 1 = 257"),
+    ({"messages": [U("床前明月光"), A("疑是地上霜" * 60)]}, "over-long conversation",
+     "more than sft.seq_len + 1 = 257"),
 ]
 
 
@@ -300,7 +308,6 @@ def test_two_processes_train_as_one(tmp_path, chat_model, single_process, cli):
     assert "sft: torch.distributed.run --nproc_per_node=2 --standalone ... (1 node(s) x 2 process(es))" in result.stdout
     assert "(1 per micro-batch, 2 accumulation)" in result.stdout
     one = sft_config(tmp_path / "one", chat_model, [SAMPLE], **overrides)
-    store = open_storage(one.storage.bucket)
     sft_worker(one, prepare_conversations(one, load_chat_tokenizer(chat_model), 256), chat_model)
     weights = [load_file(str(cfg_root / "bucket/runs/base-sft/checkpoints/step-00000004/model.safetensors"))
                for cfg_root in (tmp_path / "one", tmp_path / "two")]

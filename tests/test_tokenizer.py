@@ -10,13 +10,27 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from conftest import read_sample_docs
 from trainer.config import load_config
 from trainer.prepare import Normalizer, SeenHashes, data_hash, prepare_shards, token_dtype
-from trainer.tokenizer import (EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, build_pretokenizer, chars_per_token,
-                               doc_hash, han_chunk_chars, load_tokenizer, sample_documents, save_tokenizer,
-                               token_strings, tokenizer_hash, train_from_corpus, train_tokenizer)
-
-from conftest import read_sample_docs
+from trainer.tokenizer import (
+    EOS,
+    IM_END,
+    IM_START,
+    PAD,
+    SPECIAL_TOKENS,
+    build_pretokenizer,
+    chars_per_token,
+    doc_hash,
+    han_chunk_chars,
+    load_tokenizer,
+    sample_documents,
+    save_tokenizer,
+    token_strings,
+    tokenizer_hash,
+    train_from_corpus,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import signal
 
-from trainer.errors import EXIT_PREEMPTED, Preempted
 from trainer.config import Config
 from trainer.distributed import node_rank
+from trainer.errors import EXIT_PREEMPTED, Preempted
 from trainer.log import logger
-from trainer.stages import (bucket, check_before_start, check_tokenizer_kept, hold_lease, stage_export, stage_prepare,
-                            stage_pretrain, stage_pull, stage_report, stage_sft, stage_tokenizer)
+from trainer.stages import (
+    bucket,
+    check_before_start,
+    check_tokenizer_kept,
+    hold_lease,
+    stage_export,
+    stage_prepare,
+    stage_pretrain,
+    stage_pull,
+    stage_report,
+    stage_sft,
+    stage_tokenizer,
+)
 from trainer.storage import join
 
 

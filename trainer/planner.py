@@ -44,6 +44,11 @@ CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv 2305.16264): up to
 # about 4 epochs of repeated data are nearly as good as fresh data; beyond that returns fall fast.
 MAX_GOOD_EPOCHS = 4.0
+# What repeated data trains best with, measured on the poetry reference run (one H200, 2026-11-30,
+# docs/reference-run/README.md: ~5 epochs, 4.92 held-out bits/char against 5.16 for AdamW with
+# weight decay 0.1): Muon with weight decay 1.6, and no more than MAX_EPOCHS passes.
+REPEATED_DATA_TRAIN = {"optimizer": "muon", "weight_decay": 1.6}
+MAX_EPOCHS = 5.0
 DEFAULT_VOCAB = 32000  # TokenizerConfig.vocab_size default; only parameter counts and lm_head FLOPs use it
 
 
@@ -138,6 +143,20 @@ def _nearest(values: dict[str, float], target: float | dict[str, float]) -> str:
     return min(values, key=dist)
 
 
+def data_constrained_preset(m: dict[str, float], tokens_of: dict[str, float], corpus_tokens: float) -> str:
+    """When the budget would read the corpus more than MAX_EPOCHS times, the compute goes into the
+    model instead: the preset nearest the DeepSeek optimum among those that read it at most
+    MAX_EPOCHS times (the smallest such model when all the near ones read it more), or the largest
+    preset when every one does. Muennighoff et al. 2023 find ~4 epochs nearly as good as fresh data
+    and little gain past ~16; MAX_EPOCHS is where the reference run stopped gaining. Their full
+    L(N', D') fit (eq. 5-6 with Chinchilla's constants) picks the 6m preset at 59 epochs for the
+    reference budget, which our measurement contradicts at this scale, so the limit is used instead."""
+    within = [k for k in m if tokens_of[k] <= MAX_EPOCHS * corpus_tokens]
+    if not within:
+        return max(m, key=m.get)
+    return min(within, key=m.get)
+
+
 def _positive(name: str, value, integer: bool = False):
     if value is None:
         return None
@@ -219,6 +238,8 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
         chosen = (_nearest(f, hw_flops / tokens) if hw_flops is not None else _nearest(m, compute / tokens))
     else:  # budget alone: the preset nearest M_opt of the compute it would get
         chosen = _nearest(m, {k: M_COEF * (m[k] * tokens_of[k]) ** M_EXP for k in PRESETS})
+        if corpus_tokens is not None and tokens_of[chosen] > MAX_EPOCHS * corpus_tokens:
+            chosen = data_constrained_preset(m, tokens_of, corpus_tokens)
 
     if tokens_of is None:  # preset alone: the compute for which M_opt(C) = M
         c = (m[chosen] / M_COEF) ** (1.0 / M_EXP)
@@ -294,13 +315,16 @@ def plan_warnings(p: Plan, target_tokens: float) -> tuple[str, ...]:
 def plan_to_config(plan: Plan, base: dict) -> dict:
     """A copy of the config tree `base` (as config.to_dict gives, or a YAML file's) with the plan's
     model.preset, train.max_steps, batch_tokens, lr, seq_len and warmup_steps set, and a run.id of
-    its own (planned_run_id): a planned model must not resume, or overwrite, base's run."""
+    its own (planned_run_id): a planned model must not resume, or overwrite, base's run. A plan that
+    reads its corpus more than once also gets REPEATED_DATA_TRAIN and train.max_epochs=MAX_EPOCHS."""
     tree = copy.deepcopy(base)
     tree.setdefault("model", {})["preset"] = plan.preset
     tree.setdefault("train", {}).update({
         "max_steps": plan.steps, "batch_tokens": plan.batch_tokens, "lr": plan.lr,
         "seq_len": plan.seq_len, "warmup_steps": plan.warmup_steps,
     })
+    if plan.epochs is not None and plan.epochs > 1:  # repeated data: what trained it best (measured)
+        tree["train"].update({**REPEATED_DATA_TRAIN, "max_epochs": MAX_EPOCHS})
     tree.setdefault("run", {})["id"] = planned_run_id(plan, tree)
     return tree
 

@@ -188,7 +188,7 @@ def pack(encoded: Iterable[tuple[list[int], list[bool]]], seq_len: int, pad_id: 
     width = seq_len + 1
     rows: list[tuple[list, list[int]]] = []  # (conversations, [tokens used])
     for tokens, reply in encoded:
-        for convs, used in rows:
+        for convs, used in rows:  # noqa: B007 - convs is the row found (used after the loop)
             if used[0] + len(tokens) <= width:
                 break
         else:

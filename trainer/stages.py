@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 
 from trainer import checkpoint as ckpt
+from trainer import prepare
+from trainer import tokenizer as tokenizers
 from trainer.artifacts import Artifacts, bucket, fetch_folder, wait_for
 from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
@@ -22,13 +24,11 @@ from trainer.generate import load_for_generation
 from trainer.lease import Lease
 from trainer.log import logger
 from trainer.loop import batch_geometry
-from trainer import prepare
 from trainer.prepare import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.report import write_run_report
 from trainer.sft import load_chat_tokenizer, prepare_conversations, sft_run_id
-from trainer.tasks import pretrain_inputs, sft_inputs
 from trainer.storage import Storage, is_s3, join, split_url
-from trainer import tokenizer as tokenizers
+from trainer.tasks import pretrain_inputs, sft_inputs
 from trainer.tokenizer import load_tokenizer, tokenizer_hash
 from trainer.torchrun import launch
 from trainer.worker import pretrain_worker, sft_worker
@@ -202,7 +202,8 @@ def check_tokenizer_kept(cfg: Config, files) -> None:
     old = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
     if cfg.tokenizer.path or not old or not newest_inputs(store, cfg.run.id):
         return
-    old_key, new_key = Artifacts.from_json(old).tokenizer_key, f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    old_key = Artifacts.from_json(old).tokenizer_key
+    new_key = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
     if old_key != new_key:
         check_resume(cfg, cfg.run.id, {"tokenizer": f"a new tokenizer ({new_key}) for the changed corpus or "
                                                     f"tokenizer settings"})
@@ -277,8 +278,12 @@ def stage_report(cfg: Config, files=None) -> str:
     out = Path(cfg.storage.local_dir) / key
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    summary = {"run": cfg.run.id, "model": cfg.model.preset, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
-               "steps": cfg.train.max_steps, "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
+    # The step count the run trained to: fixed by train.budget_minutes or capped by train.max_epochs.
+    steps = ((newest_state(store, cfg.run.id) or {}).get("max_steps")) or cfg.train.max_steps
+    trained = dataclasses.replace(cfg.train, max_steps=steps)
+    summary = {"run": cfg.run.id, "model": cfg.model.preset, "optimizer": cfg.train.optimizer,
+               "weight decay": cfg.train.weight_decay, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
+               "steps": steps, "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
     arts = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
     index = store.read_text_or_none(join(Artifacts.from_json(arts).data_key, "index.json")) if arts else None
     if index:  # what the corpus filters removed and which bad records data.on_error=skip skipped
@@ -303,7 +308,7 @@ def stage_report(cfg: Config, files=None) -> str:
             ev = {"export_step": export_step, **evaluate_model(model, tok, cfg, docs)}
         (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
     write_run_report(out, store.read_text_or_none(f"runs/{cfg.run.id}/metrics.jsonl") or "", summary, ev,
-                     store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or "")
+                     store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or "", train_cfg=trained)
     store.delete_prefix(key + "/")
     store.upload_dir(out, key)
     log(f"report: {store.url(join(key, 'report.md'))}")

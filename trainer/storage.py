@@ -279,9 +279,9 @@ def _access_problem(exc: BaseException) -> str | None:
 # Errors worth another try on top of botocore's own retries (which cover 5xx, throttling and
 # connection errors per request, but not a stream that breaks half way through a body).
 def _transient(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, \
-        IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, StorageAccessError) or _access_problem(exc):
         return False

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from trainer import checkpoint as ckpt
-from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
 from trainer.distributed import node_rank
+from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
 from trainer.log import logger
 from trainer.storage import Storage, join
 
@@ -48,7 +48,8 @@ def torchrun(nproc: int, nnodes: int, tail: list[str], lease, grace_seconds: int
     else:
         cmd += ["--standalone"]
     logger.info(f"{what}: {' '.join(cmd[2:5])} ... ({nnodes} node(s) x {nproc} process(es))")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     # torchrun SIGKILLs workers this long after passing on a SIGTERM (torch >= 2.8 reads it; before, 30 s).
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace_seconds + 5))
     proc = subprocess.Popen(cmd + tail, env=env, cwd=str(Path(__file__).resolve().parent.parent),
