@@ -107,7 +107,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 
 # Fail the build, not the run: the compiled extensions must load against this image's libraries.
-RUN python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, liger_kernel, trainer.launch, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"
+RUN python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, liger_kernel, trainer.job, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"
 
 # The user `trainer`, by number so Kubernetes can verify runAsNonRoot.
 USER 1000:1000

@@ -108,7 +108,7 @@ def worker_ours(params) -> dict:
         return False
 
     start = time.time()
-    # As launch.stage_tokenizer: normalised documents (dedup left to prepare), validation held out.
+    # As stages.stage_tokenizer: normalised documents (dedup left to prepare), validation held out.
     docs = Normalizer(dataclasses.replace(cfg.data, dedup=False))(iter_documents(cfg.data, _files(params)))
     report = train_from_corpus(cfg, docs, out, is_heldout)
     seconds = time.time() - start
@@ -173,7 +173,7 @@ def worker_prepare(params) -> dict:
     from trainer.tokenizer import load_tokenizer
 
     cfg = _config(params)
-    tok = load_tokenizer(params["tok_dir"])  # as launch.stage_prepare
+    tok = load_tokenizer(params["tok_dir"])  # as stages.stage_prepare
     start = time.time()
     index = prepare_shards(cfg, iter_documents(cfg.data, _files(params)), tok, Path(params["out_dir"]),
                            progress=False)

@@ -294,7 +294,7 @@ def write_run_report(out_dir: Path, metrics_jsonl_text: str, summary: dict, eval
                      checkpoint_samples_jsonl: str = "", train_cfg=None) -> list[Path]:
     """The run report of `entrypoint.py run` / `report`: write_report plus TensorBoard events, with
     the export's evaluation (evaluate.evaluate_model's dict: held-out bits/char, samples, model vs
-    human continuations, degeneration by decoding) and the samples taken at checkpoints (train.py's
+    human continuations, degeneration by decoding) and the samples taken at checkpoints (loop.py's
     samples.jsonl) folded in. train_cfg: the TrainConfig the run trained with (max_steps as run),
     whose whole lr schedule, warm-up included, is drawn in lr.png."""
     summary, sections = dict(summary), []
