@@ -246,3 +246,18 @@ def test_max_epochs_caps_the_run_and_the_schedule_decays_to_its_end(stage_run, t
     assert 1 < state["step"] == rows[-1]["step"] < 1000
     assert ckpt.complete_steps(store, run_id) == [state["step"]]  # the last step is checkpointed
     assert rows[-1]["lr"] < max(r["lr"] for r in rows)  # the cosine decays towards the capped end
+
+
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_tensorboard_events_are_written_while_training(stage_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, store, run_id = stage_run(tmp_path)
+    keys = [o.key for o in store.list(f"runs/{run_id}/tensorboard/")]
+    assert keys
+    local = tmp_path / "tb"
+    for key in keys:
+        store.download_file(key, local / key.rsplit("/", 1)[1])
+    events = EventAccumulator(str(local))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in metrics(store, run_id)]

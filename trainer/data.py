@@ -245,7 +245,7 @@ def pull(cfg: Config, files: list[CorpusFile], progress: bool = True) -> list[Co
         from tqdm import tqdm
 
         bar = tqdm(total=sum(f.size for f in todo), unit="B", unit_scale=True, desc="pull",
-                   disable=not progress)
+                   disable=None if progress else True)  # None: only on a terminal
 
         def fetch(f: CorpusFile):
             bucket, _, key = f.url[len("s3://"):].partition("/")

@@ -312,7 +312,8 @@ def prepare_shards(cfg: Config, docs: Iterable[str], tokenizer, out_dir: Path, p
     norm = Normalizer(cfg.data)
     permille = cfg.data.val_permille
     start = time.time()
-    bar = tqdm(desc="prepare", unit="char", unit_scale=True, disable=not progress)
+    # disable=None: a bar on a terminal; in a log file (containers, CI) no carriage-return spam.
+    bar = tqdm(desc="prepare", unit="char", unit_scale=True, disable=None if progress else True)
 
     encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets
 

@@ -1,11 +1,16 @@
-"""`status`: what a bucket holds for each run (checkpoints, LATEST, last metrics, export)."""
+"""`status`: what a bucket holds for each run (checkpoints, LATEST, last metrics, export), whether
+a job is running it now (its lease in the bucket is unexpired) and how far it is (step k/N, ETA)."""
 
 from __future__ import annotations
 
 import json
+import time
+
+import yaml
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config
+from trainer.lease import lease_key
 from trainer.storage import join, open_storage
 
 
@@ -25,12 +30,32 @@ def run_status(store, run_id: str) -> dict:
     rows = [json.loads(line) for line in metrics.splitlines() if line.strip()]
     last_val = next((r for r in reversed(rows) if "val_loss" in r), None)
     final = store.read_text_or_none(f"runs/{run_id}/final/{ckpt.MANIFEST}")
+    lease = json.loads(store.read_text_or_none(lease_key(run_id)) or "null")
+    live = bool(lease) and lease["expires_at"] > time.time()
+    target, eta = run_length(store, run_id, steps), None
+    if live and rows and target and rows[-1].get("tok_per_s"):
+        cfg = yaml.safe_load(store.read_text_or_none(f"runs/{run_id}/config.yaml") or "{}") or {}
+        tokens_per_step = (cfg.get("train") or {}).get("batch_tokens") or rows[-1]["tokens"] / rows[-1]["step"]
+        eta = max(0.0, (target - rows[-1]["step"]) * tokens_per_step / rows[-1]["tok_per_s"])
     return {
+        "live": live, "owner": lease["owner"] if live else None, "target_steps": target, "eta_seconds": eta,
         "run": run_id, "latest": latest.strip() if latest else None, "checkpoints": steps,
         "last_step": rows[-1]["step"] if rows else None, "last_loss": rows[-1].get("loss") if rows else None,
         "last_val_loss": last_val.get("val_loss") if last_val else None,
         "final": store.url(f"runs/{run_id}/final") if final else None,
     }
+
+
+def run_length(store, run_id: str, steps: list[int]) -> int | None:
+    """The steps the run trains to: fixed by a budget in its newest checkpoint, else its config's."""
+    if steps:
+        state = json.loads(store.read_text(join(ckpt.checkpoints_prefix(run_id), ckpt.step_name(steps[0]),
+                                                "trainer_state.json")))
+        if state.get("max_steps"):
+            return state["max_steps"]
+    cfg = yaml.safe_load(store.read_text_or_none(f"runs/{run_id}/config.yaml") or "{}") or {}
+    train = cfg.get("train") or cfg.get("sft") or {}
+    return None if train.get("budget_minutes") else train.get("max_steps")
 
 
 def status_report(cfg: Config) -> str:
@@ -42,7 +67,10 @@ def status_report(cfg: Config) -> str:
     for run_id in ids:
         s = run_status(store, run_id)
         marker = " (this config's run.id)" if run_id == cfg.run.id else ""
-        lines.append(f"run {run_id}{marker}")
+        progress = f"step {s['last_step']}/{s['target_steps'] or '?'}" if s["last_step"] is not None else "no step yet"
+        state = (f"LIVE ({s['owner']}), {progress}" + (f", ETA {s['eta_seconds'] / 60:.1f} min" if s["eta_seconds"]
+                                                          is not None else "")) if s["live"] else f"idle, {progress}"
+        lines.append(f"run {run_id}{marker}: {state}")
         lines.append(f"  LATEST: {s['latest']}   complete checkpoints: "
                      f"{', '.join(ckpt.step_name(x) for x in s['checkpoints']) or 'none'}")
         lines.append(f"  last logged step {s['last_step']}  loss {s['last_loss']}  val_loss {s['last_val_loss']}")
