@@ -1,4 +1,4 @@
-# The training image: CUDA 12.4 + cuDNN 9, PyTorch, flash-attn, liger-kernel and this project.
+# The training image: CUDA 12.4 + cuDNN 9, PyTorch, flash-attn and this project.
 #
 #   docker build -t zh-pretrain:latest .
 #   docker run --rm --gpus all --ipc=host -e BUCKET=s3://... zh-pretrain:latest   # = run --config $CONFIG
@@ -18,7 +18,6 @@ FROM pytorch/pytorch:${BASE_TAG}-devel AS builder
 ARG TORCH_VERSION
 ARG CUDA_VERSION
 ARG FLASH_ATTN_VERSION=2.8.3
-ARG LIGER_KERNEL_VERSION=0.8.5
 # Parallel nvcc jobs for a flash-attn source build: each takes several GB of RAM, so keep it bounded.
 ARG MAX_JOBS=4
 
@@ -50,11 +49,10 @@ RUN py="cp$(python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_inf
     fi
 
 # Dependencies straight from pyproject.toml (runtime + the gpu extra), in their own layer so code
-# changes don't reinstall them. flash-attn is already there; liger-kernel must match the Dockerfile.
+# changes don't reinstall them. flash-attn is already there and must match the Dockerfile.
 WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', fromlist=['load']); p = toml.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
-    && grep -qx "liger-kernel==${LIGER_KERNEL_VERSION}" /tmp/requirements.txt \
     && grep -qx "flash-attn==${FLASH_ATTN_VERSION}" /tmp/requirements.txt \
     && pip install -c /opt/constraints.txt -r /tmp/requirements.txt
 
@@ -63,7 +61,7 @@ RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3
 COPY entrypoint.py ./
 COPY trainer ./trainer
 RUN pip install -c /opt/constraints.txt ".[gpu]" \
-    && python -I -c "import flash_attn, flash_attn_2_cuda, liger_kernel, trainer.config, entrypoint"
+    && python -I -c "import flash_attn, flash_attn_2_cuda, trainer.config, entrypoint"
 
 
 FROM pytorch/pytorch:${BASE_TAG}-runtime
@@ -107,7 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 
 # Fail the build, not the run: the compiled extensions must load against this image's libraries.
-RUN python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, liger_kernel, trainer.job, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"
+RUN python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, trainer.job, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"
 
 # The user `trainer`, by number so Kubernetes can verify runAsNonRoot.
 USER 1000:1000
