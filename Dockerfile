@@ -92,6 +92,7 @@ WORKDIR /app
 COPY --chown=1000:0 entrypoint.py ./
 COPY --chown=1000:0 configs ./configs
 COPY --chown=1000:0 data/sample ./data/sample
+COPY --chown=1000:0 data/sft-sample ./data/sft-sample
 
 # LOCAL_DIR: scratch for the pulled corpus, shards and staged checkpoints (mount a volume here).
 # HOME is fixed so caches land in one writable place whichever user runs the container.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from trainer.config import ENV_KEYS, TrainConfig, load_config, to_dict
+from trainer.config import ENV_KEYS, TrainConfig, load_config, replace, to_dict
 from trainer.submit import (
     EXIT_BAD_INPUT,
     EXIT_PREEMPTED,
@@ -580,3 +581,25 @@ def test_k8s_names_are_dns_labels():
         assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) and len(name) <= 50
         assert len(f"{name}-999") <= 63  # indexed pod hostnames
     assert k8s_name("cloud-run_1") == "zh-pretrain-cloud-run-1"
+
+
+def test_render_docker_mounts_local_corpus_sources(cfg, config_file, tmp_path):
+    corpus = tmp_path / "中文 语料"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "床前明月光"}\n', encoding="utf-8")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("", encoding="utf-8")
+    local = replace(cfg, **{"data.sources": [f"{corpus}/*.jsonl", "s3://test-bucket/more/*.jsonl"],
+                            "sft.sources": [str(chats), "data/sft-sample"]})
+    text = render("docker", local, str(config_file))
+    assert f"{corpus}:/data/0:ro" in text and f"{tmp_path}:/data/1:ro" in text
+    argv = shlex.split(text.split("\n", 1)[1].replace("\\\n", " "))
+    overrides = dict(a[2:].split("=", 1) for a in argv[argv.index("run", 2) + 1:])
+    assert json.loads(overrides["data.sources"]) == ["/data/0/*.jsonl", "s3://test-bucket/more/*.jsonl"]
+    assert json.loads(overrides["sft.sources"]) == ["/data/1/chats.jsonl", "data/sft-sample"]  # bundled: as is
+
+
+def test_render_docker_refuses_a_folder_bucket_on_several_nodes(cfg, config_file, tmp_path):
+    local = replace(cfg, **{"storage.bucket": str(tmp_path / "bucket")})
+    with pytest.raises(ValueError, match="--nodes 2: storage.bucket must be s3://"):
+        render("docker", local, str(config_file), nodes=2)

@@ -56,6 +56,9 @@ def render(target: str, cfg: Config, config_path: str | None, nodes: int = 1, gp
     if target != "docker" and not cfg.storage.bucket.startswith("s3://"):
         raise ValueError(f"submit {target}: storage.bucket must be s3://bucket/prefix (got {cfg.storage.bucket!r}); "
                          "a folder on a cloud node disappears with the node, checkpoints included")
+    if target == "docker" and nodes > 1 and not cfg.storage.bucket.startswith("s3://"):
+        raise ValueError(f"submit docker --nodes {nodes}: storage.bucket must be s3://bucket/prefix (got "
+                         f"{cfg.storage.bucket!r}); a folder is one host's, the other nodes would never see it")
     if target == "docker":
         text = _docker(cfg, config_path, nodes, gpus_per_node, image)
     elif target == "skypilot":
@@ -140,10 +143,45 @@ def _docker(cfg: Config, config_path: str | None, nodes: int, gpus_per_node: int
                        "-e", f"MASTER_PORT={MASTER_PORT}"])
         comment = [f"# {nodes} nodes: run this on every node, with NODE_RANK=0..{nodes - 1} and MASTER_ADDR=<node 0's",
                    "# address> exported there; node 0 must accept TCP on MASTER_PORT from the others."]
-    groups.append([image, "run", *cli_overrides(cfg, config_path)])
+    mounts, sources = local_sources(cfg)
+    groups[1:1] = [["-v", v] for v in mounts]
+    overrides = [o for o in cli_overrides(cfg, config_path) if not o.startswith(tuple(f"--{k}=" for k in sources))]
+    overrides += [f"--{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sources.items()]
+    groups.append([image, "run", *overrides])
     body = " \\\n  ".join(" ".join(shlex.quote(a) for a in g) for g in groups)
     return "\n".join([*comment, "# AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY come from this shell's environment.",
                       body]) + "\n"
+
+
+BUNDLED = (["data", "sample"], ["data", "sft-sample"])  # the Dockerfile copies these samples into the image
+
+
+def local_sources(cfg: Config) -> tuple[list[str], dict[str, list[str]]]:
+    """(read-only volume specs, {config key: sources as the container sees them}) for the local
+    paths in data.sources and sft.sources: each one's folder (the part before any glob character)
+    is mounted at /data/<n>, so the container reads the files the config names on this host.
+    s3:// sources pass through unchanged."""
+    mounts: dict[Path, str] = {}
+    out: dict[str, list[str]] = {}
+    for key, sources in (("data.sources", cfg.data.sources), ("sft.sources", cfg.sft.sources)):
+        mapped = []
+        for src in sources:
+            if src.startswith(("s3://", "hf://")) or src.split("/")[:2] in BUNDLED:
+                mapped.append(src)  # in the bucket, or bundled in the image (/app/data/...)
+                continue
+            parts = Path(src).expanduser().parts
+            # The folder to mount: up to the first glob part that is not a real name (as data.py reads it).
+            cut = next((i for i, part in enumerate(parts)
+                        if re.search(r"[*?[]", part) and not Path(*parts[:i + 1]).exists()), len(parts))
+            base = Path(*parts[:cut]) if cut else Path(".")
+            if cut == len(parts) and not base.is_dir():
+                base = base.parent  # a file: mount its folder
+            rest = parts[len(base.parts):]
+            where = mounts.setdefault(base.resolve(), f"/data/{len(mounts)}")
+            mapped.append(str(Path(where, *rest)))
+        if mapped != list(sources):
+            out[key] = mapped
+    return [f"{host}:{where}:ro" for host, where in mounts.items()], out
 
 
 # SkyPilot --------------------------------------------------------------------------------------
