@@ -352,3 +352,16 @@ def test_sft_on_two_processes_preempted_then_resumed_on_one(sft_straight, chat_m
     rows = metrics(open_storage(cfg.storage.bucket), "base-sft")
     assert [r["step"] for r in rows] == list(range(1, SFT_STEPS + 1))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-4)
+
+
+def test_samples_that_fail_never_stand_between_a_run_and_its_checkpoint(template, tmp_path, in_process, caplog):
+    class BrokenSamples(FaultyTask):
+        def at_checkpoint(self, *args):
+            raise RuntimeError("cannot reshape tensor of 0 elements")
+
+    cfg = make_config(tiny_settings(template["corpus"], str(copy_bucket(template, tmp_path / "bucket")),
+                                    str(tmp_path / "work"), **{"train.max_steps": 8}))
+    arts = Artifacts(template["tokenizer_key"], template["data_key"])
+    assert run_task(cfg, lambda: BrokenSamples(pretrain_task(cfg, arts)))["step"] == 8
+    assert ckpt.complete_steps(open_storage(cfg.storage.bucket), "rel") == [8, 4]
+    assert "samples at step-00000004 failed (cannot reshape tensor of 0 elements); training goes on" in caplog.text

@@ -140,3 +140,14 @@ def test_every_shipped_config_runs_on_1_2_4_or_8_gpus(path, world):
     if "sft" in yaml.safe_load(path.read_text()) or path.name.startswith("sft"):
         micro, accum = batch_geometry(cfg.sft.batch_sequences, world, cfg.train.micro_batch_size)
         assert micro * accum * world == cfg.sft.batch_sequences
+
+
+def test_a_corpus_smaller_than_one_sequence_is_exit_2_before_training(tmp_path, tiny_config, shards, single_process):
+    from trainer.data import DataError
+
+    cfg = tiny_config(tmp_path, {"run.id": "short", "data.sources": [str(shards[0])], "train.seq_len": 100_000,
+                                 "train.batch_tokens": 100_000})
+    with pytest.raises(DataError, match="train.seq_len"):
+        run(cfg)
+    assert ckpt.complete_steps(open_storage(cfg.storage.bucket), "short") == []
+    assert not open_storage(cfg.storage.bucket).exists("runs/short/config.yaml")
