@@ -77,3 +77,14 @@ def test_muon_state_round_trips_through_a_checkpoint(tmp_path):
     other.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=False))
     a, b = _flat(opt.state_dict()), _flat(other.state_dict())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_muon_on_a_torch_without_it_is_a_config_error_before_anything_runs(tmp_path, monkeypatch):
+    from trainer.config import ConfigError, load_config
+    from trainer.stages import check_before_start
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    cfg = load_config(None, {"train.optimizer": "muon", "storage.local_dir": str(tmp_path / "w")}, env={})
+    with pytest.raises(ConfigError, match="train.optimizer=muon needs torch >= 2.9"):
+        check_before_start(cfg)
+    assert not (tmp_path / "w").exists()

@@ -49,13 +49,19 @@ def build_optimizer(model: torch.nn.Module, hp: TrainConfig):
     return torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=ADAM_EPS, fused=True)
 
 
+def muon_available() -> None:
+    """Raise ValueError naming train.optimizer when this torch has no torch.optim.Muon (< 2.9)."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is {torch.__version__}: "
+                         f"use train.optimizer=adamw here")
+
+
 class MuonAdamW:
     """torch.optim.Muon on the hidden matrices, fused AdamW on the rest, stepped as one optimizer:
     param_groups (both), step(), zero_grad(), state_dict() / load_state_dict()."""
 
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]], hp: TrainConfig):
-        if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is {torch.__version__}")
+        muon_available()
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
         rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
         muon_lr = hp.muon_lr or MUON_LR_FACTOR * hp.lr

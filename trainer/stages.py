@@ -24,6 +24,7 @@ from trainer.generate import load_for_generation
 from trainer.lease import Lease
 from trainer.log import logger
 from trainer.loop import batch_geometry
+from trainer.optim import muon_available
 from trainer.prepare import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.report import write_run_report
 from trainer.sft import load_chat_tokenizer, prepare_conversations, sft_run_id
@@ -141,6 +142,8 @@ def check_before_start(cfg: Config) -> None:
     nproc, nnodes = nproc_nnodes(cfg)
     try:
         batch_geometry(cfg.train.batch_tokens // cfg.train.seq_len, nproc * nnodes, cfg.train.micro_batch_size)
+        if cfg.train.optimizer == "muon":
+            muon_available()
     except ValueError as e:
         raise ConfigError(f"invalid configuration:\n  {e}") from None
 
