@@ -15,10 +15,10 @@ import torch
 import yaml
 
 import entrypoint
+from faults import chat_model  # noqa: F401 - fixture
 from trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SFT_SAMPLE = ROOT / "data" / "sft-sample" / "poetry-chat.jsonl"
 CONFIG_ENV = ("CONFIG", "RUN_ID", "BUCKET", "LOCAL_DIR", "AWS_ENDPOINT_URL", "AWS_REGION")
 
 
@@ -30,22 +30,10 @@ def clean_env(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def model_folder(tmp_path_factory):
-    """A Hugging Face folder as an export holds it: our tokenizer (trained here on the sample
-    conversations, with the chat template) and a random tiny Llama with a 128-token context."""
-    from trainer.model import build_model, llama_config
-    from trainer.sft import load_chat_tokenizer
-    from trainer.tokenizer import save_tokenizer, train_tokenizer
-
-    out = tmp_path_factory.mktemp("model")
-    texts = [t["content"] for line in SFT_SAMPLE.read_text(encoding="utf-8").splitlines()
-             for t in json.loads(line)["messages"]]
-    save_tokenizer(train_tokenizer(texts, 512, 4), out)
-    tok = load_chat_tokenizer(out)
-    torch.manual_seed(0)
-    cfg = llama_config("tiny", len(tok), 128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    build_model(cfg, "sdpa").save_pretrained(str(out))
-    return out
+def model_folder(chat_model):
+    """A Hugging Face folder as an export holds it (faults.chat_model: our tokenizer with the chat
+    template and a random tiny Llama)."""
+    return chat_model
 
 
 def exits_2(capsys, *args: str) -> str:
