@@ -12,6 +12,12 @@ parquet text too. Errors name the file and line (or array index, or parquet row)
 `data.on_error: skip` the bad record (or the unreadable rest of a corrupt file) is skipped and counted
 instead. Text that is not valid Unicode (bytes that are not UTF-8, an unpaired surrogate escape such
 as "\\ud83d" in JSON) is a bad record like any other.
+
+Hugging Face `datasets` sources (trainer/hf_datasets.py): a folder written by `save_to_disk`, a local
+copy of a Hub dataset repository (a `data/` subfolder or a dataset card declaring configs) and
+`hf://datasets/<owner>/<name>[@<revision>][/<config>]` are read as their `train` split through
+`datasets`, one listing entry each, with the same checks, errors and skip counts as file records: a
+bad row is named by the source and its index in the split ("<source> (train split, index 7)").
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from trainer import hf_datasets
 from trainer.config import Config, DataConfig
+from trainer.hf_datasets import HUB_PREFIX, DatasetSource, DatasetSourceError, MissingColumn, iter_column
 from trainer.storage import is_s3, open_storage
 
 logger = logging.getLogger(__name__)
@@ -85,6 +93,7 @@ class CorpusFile:
     size: int  # bytes
     etag: str  # content fingerprint (S3 ETag, or a hash of a local file's head, tail and size)
     local: str = ""  # path of the readable copy on this machine, once pulled
+    dataset: DatasetSource | None = None  # set for a Hugging Face datasets source (read through `datasets`)
 
     @property
     def name(self) -> str:
@@ -133,16 +142,21 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 
 def resolve_sources(cfg: Config) -> list[CorpusFile]:
-    """Expand data.sources (files, folders, globs; local or s3://) into a sorted file listing.
+    """Expand data.sources (files, folders, globs; local or s3://; `datasets` folders and hf://
+    datasets ids, one entry each) into a sorted listing.
 
     A path (or key, or folder prefix) that exists is taken as named, glob characters and all; only
     otherwise is a source with *, ? or [ a glob. Files a folder or glob finds but does not read
     (hidden, or not a corpus file type) are logged as a warning, naming each and why. A source that
-    matches no corpus file is a DataError naming it (a typo must not train on nothing).
+    matches no corpus file is a DataError naming it (a typo must not train on nothing), and so is
+    an hf:// id that is malformed, unknown to the Hub, or unreachable from this machine.
     """
     files: dict[str, CorpusFile] = {}
     for i, source in enumerate(cfg.data.sources):
-        found, skipped = _resolve_s3(source, cfg) if is_s3(source) else _resolve_local(source)
+        if source.startswith("hf://"):
+            found, skipped = [_hub_entry(f"data.sources[{i}]", source)], []
+        else:
+            found, skipped = _resolve_s3(source, cfg) if is_s3(source) else _resolve_local(source)
         if not found:
             why = f"; skipped {_skipped_text(skipped)}" if skipped else ""
             raise DataError(f"data.sources[{i}]: {source!r} matches no corpus file (supported: {SUPPORTED}){why}")
@@ -169,9 +183,58 @@ def _local_file(p: Path) -> CorpusFile:
     return CorpusFile(str(p), p.stat().st_size, _local_fingerprint(p), local=str(p))
 
 
+def _dataset_entry(path: Path, layout: str) -> CorpusFile:
+    """One listing entry for a `datasets` folder. Its size is the folder's, its fingerprint covers
+    every file in it (relative name, size and each file's head/tail fingerprint; hidden files and
+    folders such as .git and .cache left out), so a re-saved or edited dataset is a changed input."""
+    path = path.resolve()
+    h, size = hashlib.sha256(layout.encode()), 0
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            size += p.stat().st_size
+            h.update(f"{rel}|{p.stat().st_size}|{_dataset_file_fingerprint(p)}\n".encode())
+    logger.info("%s: a Hugging Face datasets %s, read as its train split", path,
+                "folder (save_to_disk)" if layout == "saved" else "repository copy")
+    return CorpusFile(str(path), size, h.hexdigest()[:32], local=str(path),
+                      dataset=DatasetSource(str(path), layout, str(path)))
+
+
+def _dataset_file_fingerprint(path: Path) -> str:
+    """_local_fingerprint, except for save_to_disk's state.json: without its `_fingerprint`, which
+    `datasets` draws at random for a dataset built in memory, so the same rows saved twice are the
+    same input (the rows themselves are in the .arrow files, hashed as they are)."""
+    if path.name == "state.json":
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return _local_fingerprint(path)
+        if isinstance(state, dict):
+            state.pop("_fingerprint", None)
+            return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
+    return _local_fingerprint(path)
+
+
+def _hub_entry(key: str, source: str) -> CorpusFile:
+    """One listing entry for an hf://datasets/ id, pinned to the commit the Hub names now; a
+    DataError (one line, naming `key` and the source) when that cannot be found out."""
+    if not source.startswith(HUB_PREFIX):
+        raise DataError(f"{key}: {source!r}: only Hub datasets are sources (hf://datasets/<owner>/<name>[/<config>])")
+    try:
+        repo_id, revision, config = hf_datasets.parse_hub_id(source)
+        sha = hf_datasets.hub_revision(source, repo_id, revision)
+    except DatasetSourceError as e:
+        raise DataError(f"{key}: {e}") from None
+    url = HUB_PREFIX + repo_id + (f"/{config}" if config else "")
+    etag = hashlib.sha256(f"{repo_id}|{config}|{sha}".encode()).hexdigest()[:32]
+    return CorpusFile(url, 0, etag, dataset=DatasetSource(url, "hub", repo_id, config, sha))
+
+
 def _resolve_local(source: str) -> tuple[list[CorpusFile], list[tuple[str, str]]]:
     """(files to read, [(path, why skipped)]) for one local source."""
     path = Path(source).expanduser()
+    if path.is_dir() and (layout := hf_datasets.folder_layout(path)):
+        return [_dataset_entry(path, layout)], []
     if path.is_file():  # named explicitly: read whatever its name, if it is a corpus type
         kind = file_kind(path.name)
         return ([_local_file(path)], []) if kind else ([], [(path.name, "not a corpus file type")])
@@ -452,6 +515,9 @@ class DocumentReader:
         self.skipped[reason] += 1
 
     def iter_file(self, f: CorpusFile) -> Iterator[str]:
+        if f.dataset is not None:
+            yield from self._dataset(f)
+            return
         path = f.local or f.url
         kind = file_kind(f.name) or file_kind(path)
         if kind is None:
@@ -477,6 +543,24 @@ class DocumentReader:
             after = f" after line {self._lines_read}" if fmt != "parquet" else ""
             self._bad(f.url, "unreadable file", f"cannot read{after} ({type(e).__name__}: {e}); the file is corrupt "
                                                 f"or truncated")
+
+    field_key, missing_reason = "data.text_field", "missing text field"  # what _dataset names a missing column
+
+    def _dataset(self, f: CorpusFile) -> Iterator:
+        """The rows of a `datasets` source, each checked as a parsed record (`_checked`). A source
+        that `datasets` cannot open, or without a train split, is a DataError whatever data.on_error
+        says (like a source that matches no file); a missing column or no rows is a bad source."""
+        field, index = self.cfg.text_field, -1
+        try:
+            for index, value in iter_column(f.dataset, field):
+                yield from self._checked(f"{f.url} (train split, index {index})", {field: value})
+        except MissingColumn as e:
+            self._bad(f.url, self.missing_reason, f"no column '{field}' ({self.field_key}); columns: {e.columns}")
+            return
+        except DatasetSourceError as e:
+            raise DataError(str(e)) from None
+        if index < 0:
+            self._bad(f.url, "empty dataset", "the train split has no rows")
 
     def _decoded_lines(self, f: CorpusFile, fh) -> Iterator[tuple[int, str]]:
         """(line number, text) of each line that is valid UTF-8, without its line end or a BOM."""

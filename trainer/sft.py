@@ -2,8 +2,9 @@
 
 From a pretrained model (an export or any checkpoint, local or s3://) to a chat model:
   1. read conversations (`{"messages": [{"role": ..., "content": ...}, ...]}`, the smoltalk format)
-     from sft.sources, pulled like pretraining data; a bad record is reported with its file and
-     line, or skipped and counted (data.on_error);
+     from sft.sources (files, or `datasets` folders and hf://datasets/ ids: trainer/hf_datasets.py),
+     pulled like pretraining data; a bad record is reported with its file and line (a dataset row
+     with its index), or skipped and counted (data.on_error);
   2. render each with the tokenizer's chat template, cut at the assistant replies and tokenized
      piece by piece, so every token is known to be prompt (no loss) or reply (loss);
   3. pack whole conversations into rows of sft.seq_len + 1 tokens (next-fit, padding at the end).
@@ -84,9 +85,12 @@ def conversation_problem(messages) -> tuple[str, str] | None:
 
 
 class ConversationReader(DocumentReader):
-    """Yields (where, turns) from jsonl/json/parquet conversation files. Reuses DocumentReader's
-    file handling (compression, empty and corrupt files) and data.on_error; `skipped` counts bad
+    """Yields (where, turns) from jsonl/json/parquet conversation files and Hugging Face `datasets`
+    sources (their sft.messages_field column). Reuses DocumentReader's file handling (compression,
+    empty and corrupt files, datasets folders and hf:// ids) and data.on_error; `skipped` counts bad
     records by reason, over-long ones included (counted by prepare_conversations)."""
+
+    field_key, missing_reason = "sft.messages_field", "missing messages field"
 
     def __init__(self, cfg: Config):
         super().__init__(dataclasses.replace(cfg.data, text_field=cfg.sft.messages_field))
