@@ -67,7 +67,7 @@ class DataConfig:
     """The pretraining corpus: where it is, how records are read, cleaned and split."""
 
     sources: tuple[str, ...] = ("data/sample",)
-    """files, folders or globs; local or s3://..."""
+    """files, folders, globs (local or s3://), datasets folders, hf://datasets/<owner>/<name>[/<config>]"""
     text_field: str = "text"
     """field holding the document in jsonl/json/parquet records"""
     on_error: str = "fail"
@@ -229,7 +229,7 @@ class SftConfig:
     run_id: str = ""
     """outputs go to <bucket>/runs/<sft.run_id>/; "" = <run.id>-sft; rerunning the same id resumes"""
     sources: tuple[str, ...] = ("data/sft-sample",)
-    """conversations (jsonl/json/parquet): files, folders, globs, s3://"""
+    """conversations (jsonl/json/parquet): files, folders, globs, s3://, datasets folders, hf://datasets/..."""
     messages_field: str = "messages"
     """record field holding the turns: [{"role": ..., "content": ...}, ...]"""
     seq_len: int = 0
