@@ -4,8 +4,10 @@ Every tokenizer here is trained inside the test on a few thousand poems (well un
 
 import dataclasses
 import json
+import logging
 import random
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,13 +19,16 @@ from trainer.tokenizer import (
     EOS,
     IM_END,
     IM_START,
+    LLAMA_CPP_PRE,
     PAD,
     SPECIAL_TOKENS,
     build_pretokenizer,
     chars_per_token,
     doc_hash,
     han_chunk_chars,
+    llama_cpp_pre_name,
     load_tokenizer,
+    log_progress,
     sample_documents,
     save_tokenizer,
     token_strings,
@@ -112,6 +117,37 @@ def test_pretokenizer_separates_scripts_and_keeps_newline_with_punctuation():
     assert pieces == ["明月光", "。\n", "GPT", "-", "4", " ", "模型", "2", "0", "2", "6"]
 
 
+@pytest.mark.parametrize("pre", sorted(LLAMA_CPP_PRE))
+def test_each_pre_tokenizer_trains_round_trips_and_is_named_for_llama_cpp(tmp_path, poems, pre):
+    text = "床前明月光，疑是地上霜。\nHello, it's 2026年11月30日 🙂\t end\n\n"
+    save_tokenizer(train_tokenizer(poems[:1000], 1024, 4, pre_tokenizer=pre), tmp_path)
+    tok = load_tokenizer(tmp_path)  # as an export reloads it
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and [tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    saved = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    assert llama_cpp_pre_name(saved) == LLAMA_CPP_PRE[pre]  # None for zh: llama.cpp has no such split
+    assert max(len(w) for w in han_tokens(tok)) <= 4  # max_token_length holds whatever the split
+
+
+def test_llama_cpp_pre_tokenizers_split_as_their_models_do():
+    from tokenizers import decoders
+
+    dec = decoders.ByteLevel()
+
+    def split(kind, text):
+        return [dec.decode([p]) for p, _ in build_pretokenizer(16, kind).pre_tokenize_str(text)]
+
+    text = "床前明月光，疑是地上霜。\nIt's 2026"
+    # Qwen2: Han runs whole, a punctuation mark joins the letters after it, digits singly
+    assert split("qwen2", text) == ["床前明月光", "，疑是地上霜", "。\n", "It", "'s", " ", "2", "0", "2", "6"]
+    # DeepSeek LLM: newlines alone, punctuation runs, CJK runs, digit runs
+    assert split("deepseek-llm", text) == ["床前明月光", "，", "疑是地上霜", "。", "\n", "It", "'", "s", " ", "2026"]
+    assert split("gpt-2", text) == ["床前明月光", "，", "疑是地上霜", "。", "\n", "It", "'s", " 2026"]
+    assert llama_cpp_pre_name({"pre_tokenizer": None}) is None
+    with pytest.raises(ValueError, match="unknown pre-tokenizer"):
+        build_pretokenizer(16, "llama3")
+
+
 # The sample ------------------------------------------------------------------------------------
 
 def synthetic_files(n_files=4, n_docs=500):
@@ -166,6 +202,32 @@ def test_hash_follows_every_setting_that_changes_the_tokenizer():
     hashes = {tokenizer_hash(cfg_with(**{k: v}), "corpus-a") for k, v in changed.items()}
     assert len(hashes) == len(changed) and h not in hashes
     assert data_hash(base, "c", "tok") != data_hash(cfg_with(**{"data.dedup": False}), "c", "tok")
+    assert tokenizer_hash(cfg_with(**{"tokenizer.pre_tokenizer": "qwen2"}), "corpus-a") not in hashes | {h}
+
+
+def test_default_tokenizer_hash_and_training_are_what_they_were():
+    """Adding tokenizer.pre_tokenizer changed nothing for zh: the hash a run reuses its tokenizer by
+    (computed before the key existed, commit deafe08) and the trained tokenizer.json."""
+    assert tokenizer_hash(cfg_with(), "fp") == "6029e65ef9b1a8ca"
+    pre = json.loads(train_tokenizer(["床前明月光"] * 3, 300, 4).to_str())["pre_tokenizer"]
+    assert [p.get("pattern", {}).get("Regex") for p in pre["pretokenizers"]] == [
+        r"\p{Han}{1,16}| ?[\p{L}\p{M}&&[^\p{Han}]]{1,32}|\p{N}| ?[^\s\p{L}\p{N}]{1,16}[\r\n]*|"
+        r"\s*[\r\n]+|\s+(?!\S)|\s+", None]
+
+
+def test_training_logs_readable_progress(caplog, poems, monkeypatch):
+    caplog.set_level(logging.INFO, logger="trainer")
+    clock = iter(range(0, 10_000, 20))  # 20 s per document read
+    monkeypatch.setattr("trainer.tokenizer.time", SimpleNamespace(time=lambda: float(next(clock))))
+    assert list(log_progress(["春眠", "不覺曉", "處處"], start=0.0, every_seconds=30)) == ["春眠", "不覺曉", "處處"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["tokenizer: reading the corpus, 2 documents, 0.0 M characters (0.0 M/s)"]
+    monkeypatch.undo()
+    caplog.clear()
+    train_tokenizer(poems[:200], 400, 4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("tokenizer: counted the words of 200 texts in ")
+    assert lines[0].endswith("merging to 400 tokens") and lines[1].startswith("tokenizer: 400 tokens trained in ")
 
 
 # Normalisation ---------------------------------------------------------------------------------

@@ -98,6 +98,8 @@ class TokenizerConfig:
     """target vocabulary size including special and byte tokens"""
     max_token_length: int = 4
     """longest token in characters"""
+    pre_tokenizer: str = "zh"
+    """how text is split before BPE: zh (ours), or qwen2, deepseek-llm, gpt-2 (llama.cpp implements these)"""
     # Past 4 Han characters merges memorise phrases, not words (docs/tokenizer.md: 4 gives the best
     # held-out chars/token at 32k on classical poetry).
     min_frequency: int = 2
@@ -282,6 +284,7 @@ CHOICES = {
     "train.compile": ("auto", "on", "off"),
     "train.on_nonfinite": ("skip", "rollback", "fail"),
     "train.optimizer": ("adamw", "muon"),
+    "tokenizer.pre_tokenizer": ("zh", "qwen2", "deepseek-llm", "gpt-2"),
 }
 
 

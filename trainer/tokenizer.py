@@ -16,6 +16,10 @@ distinct, so memory grows with the corpus (5.4 GB for 26 M characters of poetry)
   * `max_token_length` (characters of Han; the trainer counts byte symbols, 3 per Han character)
     stops the vocabulary memorising titles and lines: classical words are one or two characters,
     set phrases four. docs/tokenizer.md has the measurements behind each choice.
+
+`tokenizer.pre_tokenizer` picks another split: `qwen2`, `deepseek-llm` or `gpt-2` are the patterns
+of those model families, which llama.cpp implements under the same names (a GGUF of a `zh` tokenizer
+would be split differently by llama.cpp; scripts/convert_to_gguf.py refuses it).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Iterable, Iterator
 
 from trainer.config import Config
 from trainer.data import DataError
+from trainer.log import logger
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -49,6 +54,26 @@ PRETOKENIZER_VERSION = "zh-v2"  # bump when the pre-tokenization changes (part o
 HAN_CHUNK_TOKENS = 4  # a Han pre-token is this many max-length tokens long (docs/tokenizer.md)
 HELDOUT_BYTES = 2_000_000  # held-out text kept to measure compression in the report
 SAMPLE_PIECES = 16  # a document over 1/16 of tokenizer.sample_bytes is sampled in pieces of that size
+PROGRESS_SECONDS = 30.0  # at most one progress line per this many seconds while reading the corpus
+
+# Pre-tokenizers that llama.cpp implements, by the name the GGUF key tokenizer.ggml.pre takes
+# (llama.cpp src/llama-vocab.cpp, llama_vocab::impl::load; the patterns are its `regex_exprs`).
+# qwen2: Qwen2's tokenizer.json. Han runs are whole \p{L}+ words; one leading punctuation mark joins them.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# deepseek-llm: DeepSeek LLM's tokenizer.json, six splits applied in turn: newlines, Latin/Greek/
+# Cyrillic... words, ASCII and CJK punctuation, trailing space, CJK (Han, Hangul) runs, digit runs.
+DEEPSEEK_LLM_PATTERNS = (
+    '[\r\n]',
+    '\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+',
+    '\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+',
+    '\\s+$',
+    '[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+',
+    '\\p{N}+',
+)
+# tokenizer.pre_tokenizer -> llama.cpp's name (None: llama.cpp has no such split).
+# gpt-2: ByteLevel's own regex (GPT-2's), i.e. the usual recipe.
+LLAMA_CPP_PRE = {"zh": None, "qwen2": "qwen2", "deepseek-llm": "deepseek-llm", "gpt-2": "gpt-2"}
 
 
 def han_chunk_chars(max_token_length: int) -> int:
@@ -67,13 +92,42 @@ def pretokenizer_pattern(han_chunk: int) -> str:
             r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def build_pretokenizer(han_chunk: int):
+def build_pretokenizer(han_chunk: int, kind: str = "zh"):
+    """The `tokenizers` pre-tokenizer of `tokenizer.pre_tokenizer` = kind (a key of LLAMA_CPP_PRE);
+    han_chunk (characters) only shapes "zh". Raises ValueError for another kind."""
     from tokenizers import Regex, pre_tokenizers
 
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pretokenizer_pattern(han_chunk)), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if kind == "zh":
+        patterns = [pretokenizer_pattern(han_chunk)]
+    elif kind == "qwen2":
+        patterns = [QWEN2_PATTERN]
+    elif kind == "deepseek-llm":
+        patterns = list(DEEPSEEK_LLM_PATTERNS)
+    elif kind == "gpt-2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        raise ValueError(f"unknown pre-tokenizer {kind!r} (one of {', '.join(LLAMA_CPP_PRE)})")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
+                                   + [byte_level])
+
+
+def llama_cpp_pre_name(tokenizer_json: dict) -> str | None:
+    """llama.cpp's name for the pre-tokenizer in a tokenizer.json (parsed), or None when it is not
+    one llama.cpp implements (our "zh" split, or another project's). Matches on the serialised
+    pre-tokenizer, whatever the vocabulary: llama.cpp's converter identifies pre-tokenizers by
+    hashing token ids, which no newly trained vocabulary reproduces (scripts/convert_to_gguf.py)."""
+    from tokenizers import Tokenizer, models
+
+    pre = tokenizer_json.get("pre_tokenizer")
+    for kind, name in LLAMA_CPP_PRE.items():
+        if name is None:
+            continue
+        probe = Tokenizer(models.BPE())
+        probe.pre_tokenizer = build_pretokenizer(0, kind)
+        if json.loads(probe.to_str())["pre_tokenizer"] == pre:
+            return name
+    return None
 
 
 def trainer_max_length(max_token_length: int) -> int:
@@ -91,7 +145,9 @@ def tokenizer_hash(cfg: Config, corpus_fp: str) -> str:
     t, d = cfg.tokenizer, cfg.data
     key = json.dumps({
         "corpus": corpus_fp, "vocab_size": t.vocab_size, "max_token_length": t.max_token_length,
-        "min_frequency": t.min_frequency, "sample_bytes": t.sample_bytes, "pre": PRETOKENIZER_VERSION,
+        "min_frequency": t.min_frequency, "sample_bytes": t.sample_bytes,
+        # "zh" keeps its old key, so tokenizers trained before tokenizer.pre_tokenizer existed are reused
+        "pre": PRETOKENIZER_VERSION if t.pre_tokenizer == "zh" else t.pre_tokenizer,
         "text_field": d.text_field, "nfkc": d.nfkc, "to_simplified": d.to_simplified,
         "min_chars": d.min_chars, "max_chars": d.max_chars, "val_permille": d.val_permille,
     }, sort_keys=True)
@@ -158,22 +214,37 @@ def sample_pieces(text: str, max_bytes: int) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, min_frequency: int = 2,
-                    han_chunk: int | None = None):
+                    han_chunk: int | None = None, pre_tokenizer: str = "zh"):
     """Train the byte-level BPE on `texts`; returns a `tokenizers.Tokenizer`. `han_chunk` overrides
-    han_chunk_chars(max_token_length) (scripts/bench_tokenizer.py --sweep measures the choice)."""
+    han_chunk_chars(max_token_length) (scripts/bench_tokenizer.py --sweep measures the choice);
+    `pre_tokenizer` is a key of LLAMA_CPP_PRE (ValueError otherwise).
+
+    Logs through trainer.log when the sample has been read into the trainer and when the merges
+    are done; `tokenizers`' own progress bars are drawn only on an interactive terminal."""
+    import sys
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = build_pretokenizer(han_chunk or han_chunk_chars(max_token_length))
+    tok.pre_tokenizer = build_pretokenizer(han_chunk or han_chunk_chars(max_token_length), pre_tokenizer)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        max_token_length=trainer_max_length(max_token_length), show_progress=False,
+        max_token_length=trainer_max_length(max_token_length), show_progress=sys.stderr.isatty(),
     )
+    start = time.time()
+
+    def fed() -> Iterator[str]:
+        yield from texts
+        # The iterator is drained: Rust has counted the words and now counts pairs and merges.
+        logger.info(f"tokenizer: counted the words of {len(texts)} texts in {time.time() - start:.1f} s; "
+                    f"merging to {vocab_size} tokens")
+
     # One text per item: the binding copies 256 items at a time into Rust, so batching here would
     # only copy more of the sample at once; the Rust side spreads pre-tokenization over all cores.
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok.train_from_iterator(fed(), trainer=trainer, length=len(texts))
+    logger.info(f"tokenizer: {tok.get_vocab_size()} tokens trained in {time.time() - start:.1f} s")
     return tok
 
 
@@ -294,7 +365,9 @@ def build_report(tok, sample: list[str], heldout: list[str], seconds: float, cfg
     return {
         "vocab_size": backend.get_vocab_size(), "requested_vocab_size": t.vocab_size,
         "max_token_length": t.max_token_length, "han_chunk_chars": han_chunk_chars(t.max_token_length),
-        "min_frequency": t.min_frequency, "pretokenizer": PRETOKENIZER_VERSION,
+        "min_frequency": t.min_frequency,
+        "pretokenizer": PRETOKENIZER_VERSION if t.pre_tokenizer == "zh" else t.pre_tokenizer,
+        "llama_cpp_pre": LLAMA_CPP_PRE.get(t.pre_tokenizer),
         "special_tokens": {s: backend.token_to_id(s) for s in SPECIAL_TOKENS},
         "sample_documents": len(sample), "sample_bytes": sum(len(x.encode()) for x in sample),
         "sample_bytes_cap": t.sample_bytes, "heldout_documents": len(heldout),
@@ -302,6 +375,23 @@ def build_report(tok, sample: list[str], heldout: list[str], seconds: float, cfg
         "longest_tokens": longest_tokens(backend, 20), "token_length_histogram": token_length_histogram(backend),
         "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss_bytes(), **extra,
     }
+
+
+def log_progress(docs: Iterable[str], start: float, every_seconds: float = PROGRESS_SECONDS) -> Iterator[str]:
+    """`docs` passed through, with a log line (MB and documents read, MB/s) at most every
+    `every_seconds` seconds: reading a large corpus to sample it takes minutes, and a line per
+    interval stays readable in a non-interactive log where a progress bar would not."""
+    n_docs = n_bytes = 0
+    last = time.time()
+    for text in docs:
+        n_docs += 1
+        n_bytes += len(text)  # characters: cheap, and a close lower bound on the UTF-8 bytes read
+        now = time.time()
+        if now - last >= every_seconds:
+            last = now
+            logger.info(f"tokenizer: reading the corpus, {n_docs} documents, {n_bytes / 1e6:.1f} M characters "
+                        f"({n_bytes / 1e6 / max(now - start, 1e-9):.1f} M/s)")
+        yield text
 
 
 def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldout) -> dict:
@@ -318,7 +408,7 @@ def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldou
 
     def train_docs() -> Iterator[str]:
         nonlocal heldout_bytes
-        for text in docs:
+        for text in log_progress(docs, start):
             if is_heldout(text):
                 seen["heldout_documents"] += 1
                 if heldout_bytes < HELDOUT_BYTES:
@@ -337,8 +427,10 @@ def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldou
                         f"{seen['heldout_documents']} held out for validation (data.val_permille="
                         f"{cfg.data.val_permille}); the data.* filters or data.on_error=skip removed the rest")
     sampled = time.time()
+    logger.info(f"tokenizer: sampled {len(sample)} texts, {sum(len(x.encode()) for x in sample) / 1e6:.1f} MB, "
+                f"from {seen['bytes'] / 1e6:.1f} MB read in {sampled - start:.1f} s; training")
     tok = train_tokenizer(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.max_token_length,
-                          cfg.tokenizer.min_frequency)
+                          cfg.tokenizer.min_frequency, pre_tokenizer=cfg.tokenizer.pre_tokenizer)
     trained = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, out_dir)
