@@ -230,6 +230,16 @@ def test_a_repository_copy_without_a_train_split_names_the_splits(tmp_path):
         read([repo])
 
 
+def test_a_corrupt_file_in_a_repository_copy_names_the_source(tmp_path):
+    repo = hub_copy(tmp_path / "repo", {"train": [{"text": t} for t in DOCS]})
+    (repo / "data" / "train-00000-of-00001.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    for on_error in ("fail", "skip"):  # the schema cannot be read: the source, not a record, is bad
+        with pytest.raises(DataError) as e:
+            read([repo], **{"data.on_error": on_error})
+        assert str(e.value).startswith(f"{repo}: `datasets` cannot read the train split (ArrowInvalid: ")
+        assert "\n" not in str(e.value)
+
+
 def cli(capsys, *args: str) -> tuple[int, str]:
     import entrypoint
 

@@ -549,7 +549,8 @@ class DocumentReader:
     def _dataset(self, f: CorpusFile) -> Iterator:
         """The rows of a `datasets` source, each checked as a parsed record (`_checked`). A source
         that `datasets` cannot open, or without a train split, is a DataError whatever data.on_error
-        says (like a source that matches no file); a missing column or no rows is a bad source."""
+        says (like a source that matches no file); a missing column, no rows or a corrupt local file
+        is a bad source. Errors while streaming from the Hub propagate (exit 1: retrying may help)."""
         field, index = self.cfg.text_field, -1
         try:
             for index, value in iter_column(f.dataset, field):
@@ -559,6 +560,14 @@ class DocumentReader:
             return
         except DatasetSourceError as e:
             raise DataError(str(e)) from None
+        except DataError:
+            raise
+        except (OSError, ValueError) as e:  # a corrupt local file; from the Hub (network) retrying may help
+            if f.dataset.layout == "hub":
+                raise
+            self._bad(f.url, "unreadable file", f"cannot read after index {index} ({type(e).__name__}: "
+                                                f"{' '.join(str(e).split())[:300]}); a file of it is corrupt")
+            return
         if index < 0:
             self._bad(f.url, "empty dataset", "the train split has no rows")
 

@@ -130,7 +130,8 @@ def open_split(src: DatasetSource):
     """The `train` split of `src`: a memory-mapped `datasets.Dataset` (saved), None for a saved
     split without rows (datasets 5 cannot load one: IndexError), or a streaming
     `datasets.IterableDataset` (repo, hub). Raises DatasetSourceError naming the source when the
-    folder is not readable by `datasets` or has no train split (the message lists the splits)."""
+    folder is not readable by `datasets` or has no train split (the message lists the splits);
+    a network error while opening a Hub dataset (OSError) propagates: retrying may help."""
     import datasets
 
     try:
@@ -149,7 +150,12 @@ def open_split(src: DatasetSource):
         return datasets.load_dataset(location, src.config, split=SPLIT, streaming=True, revision=src.revision)
     except DatasetSourceError:
         raise
-    except (ValueError, KeyError, OSError, datasets.exceptions.DatasetsError) as e:
+    except (ValueError, KeyError, datasets.exceptions.DatasetsError) as e:
+        raise DatasetSourceError(f"{src.url}: `datasets` cannot read the {SPLIT} split ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]})") from None
+    except OSError as e:  # a local folder: missing or unreadable files; from the Hub: the network (retry)
+        if src.layout == "hub":
+            raise
         detail = " ".join(str(e).split())[:300]
         raise DatasetSourceError(f"{src.url}: `datasets` cannot read the {SPLIT} split ({type(e).__name__}: "
                                  f"{detail})") from None
