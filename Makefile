@@ -5,8 +5,20 @@ PY := $(VENV)/bin/python
 # The CPU wheel of this version is what CI and the tests use; the GPU image brings its own torch.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# The GPU image's torch (Dockerfile ARG TORCH_VERSION; tests/test_infra.py keeps the two equal), from
+# PyPI: its CUDA 12.8 build, which imports and runs on CPU-only machines too (7.6 GB installed with
+# its nvidia-* wheels). `make test-image-torch` runs the end-to-end, resume, reliability, Muon, loop and
+# FSDP tests on it in a second venv, so what the image ships is what CI ran.
+IMAGE_TORCH_SPEC ?= torch==2.9.1
+IMAGE_VENV ?= .venv-image
+IMAGE_PY := $(IMAGE_VENV)/bin/python
+# One stamp per torch spec: changing IMAGE_TORCH_SPEC reinstalls torch in the same venv.
+IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(subst ==,-,$(IMAGE_TORCH_SPEC))
+IMAGE_TESTS ?= tests/test_run.py tests/test_resume.py tests/test_reliability_kill.py \
+	tests/test_reliability_preemption.py tests/test_optim.py tests/test_loop_stages.py \
+	$(wildcard tests/test_fsdp*.py)
 
-.PHONY: install demo test lint bench-tokenizer clean
+.PHONY: install demo test test-image-torch lint bench-tokenizer clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +29,25 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The constraint keeps `pip install -e .[test]` from moving torch off the image's version.
+$(IMAGE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_PY) -m pip install -q --upgrade pip
+	echo "$(IMAGE_TORCH_SPEC)" > $(IMAGE_VENV)/constraints.txt
+	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt "$(IMAGE_TORCH_SPEC)"
+	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt -e ".[test]"
+	$(IMAGE_PY) -c "import torch; print('torch', torch.__version__, 'CUDA build', torch.version.cuda, \
+		'GPU available:', torch.cuda.is_available())"
+	touch $@
+
 demo: install
 	$(PY) entrypoint.py run --config configs/demo.yaml $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+test-image-torch: $(IMAGE_STAMP)
+	$(IMAGE_PY) -m pytest -q $(IMAGE_TESTS) $(ARGS)
 
 lint: install
 	$(PY) -m ruff check .
