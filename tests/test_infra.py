@@ -97,12 +97,48 @@ def test_dockerfile_versions_agree_with_pyproject():
     assert args["FLASH_ATTN_VERSION"] == pin(gpu["flash-attn"])
     assert "LIGER_KERNEL_VERSION" not in args and "liger-kernel" not in gpu  # dropped: nothing used it
     assert deps["torch"].specifier.contains(args["TORCH_VERSION"]), (deps["torch"], args["TORCH_VERSION"])
-    # transformers 5 turns itself off below torch 2.6 ("Disabling PyTorch because PyTorch >= 2.6 is required").
-    assert tuple(int(x) for x in args["TORCH_VERSION"].split(".")[:2]) >= (2, 6)
-    assert args["CUDA_VERSION"] == "12.4"
-    assert args["BASE_TAG"] == "${TORCH_VERSION}-cuda${CUDA_VERSION}-cudnn9"
+    torch_minor = tuple(int(x) for x in args["TORCH_VERSION"].split(".")[:2])
+    # transformers 5 turns itself off below torch 2.6 ("Disabling PyTorch because PyTorch >= 2.6 is required");
+    # train.optimizer=muon needs torch.optim.Muon, new in 2.9.
+    assert torch_minor >= (2, 9)
+    # A CUDA 12.4 toolkit base (nvcc for flash-attn) under a torch wheel that brings its own CUDA 12.x runtime:
+    # one CUDA major, or the extension won't load against torch's libraries.
+    assert args["CUDA_VERSION"] == "12.4.1"
+    assert args["TORCH_CUDA_VERSION"].split(".")[0] == args["CUDA_VERSION"].split(".")[0]
+    assert args["PYTHON_VERSION"] == "3.11"
     froms = [a for _, i, a in dockerfile() if i == "FROM"]
-    assert froms == ["pytorch/pytorch:${BASE_TAG}-devel AS builder", "pytorch/pytorch:${BASE_TAG}-runtime"]
+    assert froms == ["nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS builder", "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04"]
+    # The final stage asserts what it ships: these versions, and torch.optim.Muon.
+    check = [a for s, i, a in dockerfile() if s == 1 and i == "RUN" and "assert" in a][-1]
+    for name in ("TORCH_VERSION", "TORCH_CUDA_VERSION", "FLASH_ATTN_VERSION"):
+        assert "${%s}" % name in check
+    assert "torch.optim, 'Muon'" in check
+
+
+def make_variable(name: str) -> str:
+    (value,) = re.findall(rf"^{name} \?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    return value.strip()
+
+
+def test_ci_runs_the_image_torch_tests():
+    """`make test-image-torch` installs the Dockerfile's torch and runs the end-to-end, resume, reliability,
+    Muon, loop and FSDP tests on it; CI runs it after `make test`."""
+    assert make_variable("IMAGE_TORCH_SPEC") == f"torch=={dockerfile_args()['TORCH_VERSION']}"
+    r = subprocess.run(["make", "-n", "--no-print-directory", "test-image-torch", "IMAGE_VENV=/nonexistent/venv"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any('-c /nonexistent/venv/constraints.txt "torch==' in line for line in lines)
+    (pytest_line,) = [line for line in lines if "-m pytest" in line]
+    selected = pytest_line.split()
+    must = ["tests/test_run.py", "tests/test_resume.py", "tests/test_reliability_kill.py",
+            "tests/test_reliability_preemption.py", "tests/test_optim.py", "tests/test_loop_stages.py"]
+    fsdp = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_fsdp*.py"))  # picked up by a glob
+    assert set(must + fsdp) <= set(selected) and all((ROOT / t).is_file() for t in must)
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci.index("make test-image-torch") > ci.index("make test")
+    assert dockerfile_args()["TORCH_VERSION"] in (ROOT / "docs" / "image.md").read_text()
+    assert ".venv-image/" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_image_runs_the_job_as_trainer_under_tini(monkeypatch):
@@ -161,36 +197,41 @@ def test_dockerignore_keeps_build_inputs_and_drops_the_rest():
 
 @pytest.mark.parametrize("prebuilt", [True, False])
 def test_flash_attn_step_takes_the_matching_release_wheel_else_builds(tmp_path, prebuilt):
-    """Run the Dockerfile's flash-attn RUN with a stand-in torch (2.6.0+cu124, pre-C++11 ABI) and pip."""
+    """Run the Dockerfile's flash-attn RUN with a stand-in torch (the image's version, its CUDA build, C++11
+    ABI as PyPI's wheels since 2.7) and pip."""
+    args = dockerfile_args()
     script = next(a for s, i, a in dockerfile() if i == "RUN" and "flash_attn-" in a)
     fake = tmp_path / "site"
     (fake / "torch").mkdir(parents=True)
+    cuda = args["TORCH_CUDA_VERSION"]
     (fake / "torch" / "__init__.py").write_text(
-        "__version__ = '2.6.0+cu124'\nclass _C:\n    _GLIBCXX_USE_CXX11_ABI = False\n")
+        f"__version__ = '{args['TORCH_VERSION']}+cu{cuda.replace('.', '')}'\n"
+        f"class version:\n    cuda = '{cuda}'\nclass _C:\n    _GLIBCXX_USE_CXX11_ABI = True\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\nPYTHONPATH="{fake}" exec "{sys.executable}" "$@"\n')
     log = tmp_path / "pip.log"
     # The release download fails when there is no prebuilt wheel; everything else succeeds.
-    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "MAX_JOBS=$MAX_JOBS $*" >> "{log}"\n'
+    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "MAX_JOBS=$MAX_JOBS ARCHS=$FLASH_ATTN_CUDA_ARCHS $*" >> "{log}"\n'
                                  f'case "$*" in *https://*) exit {0 if prebuilt else 1};; esac\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    args = dockerfile_args()
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", **{k: args[k] for k in ("FLASH_ATTN_VERSION", "CUDA_VERSION", "MAX_JOBS")}}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", **{k: args[k] for k in ("FLASH_ATTN_VERSION", "MAX_JOBS")}}
     r = subprocess.run(["bash", "-o", "pipefail", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     calls = log.read_text().splitlines()
     py = f"cp{sys.version_info[0]}{sys.version_info[1]}"
-    wheel = f"flash_attn-{args['FLASH_ATTN_VERSION']}+cu12torch2.6cxx11abiFALSE-{py}-{py}-linux_x86_64.whl"
+    torch_minor = ".".join(args["TORCH_VERSION"].split(".")[:2])
+    wheel = f"flash_attn-{args['FLASH_ATTN_VERSION']}+cu{cuda.split('.')[0]}torch{torch_minor}cxx11abiTRUE-{py}-{py}-linux_x86_64.whl"
     assert f"https://github.com/Dao-AILab/flash-attention/releases/download/v{args['FLASH_ATTN_VERSION']}/{wheel}" in calls[0]
-    assert "-c /opt/constraints.txt" in calls[0], "torch must stay the base image's build"
+    assert "-c /opt/constraints.txt" in calls[0], "torch must stay the version the builder installed"
     if prebuilt:
         assert len(calls) == 1
     else:
         build = calls[-1]
         assert "--no-build-isolation" in build and f"flash-attn=={args['FLASH_ATTN_VERSION']}" in build
         assert build.startswith(f"MAX_JOBS={args['MAX_JOBS']} ") and 1 <= int(args["MAX_JOBS"]) <= 16
+        assert "90" in build.split()[1].removeprefix("ARCHS=").split(";")  # Hopper: the H100/H200 kernels
         assert any("ninja" in c for c in calls[1:-1])
 
 
