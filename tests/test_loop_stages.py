@@ -356,7 +356,7 @@ def test_sft_on_two_processes_preempted_then_resumed_on_one(sft_straight, chat_m
 
 def test_samples_that_fail_never_stand_between_a_run_and_its_checkpoint(template, tmp_path, in_process, caplog):
     class BrokenSamples(FaultyTask):
-        def at_checkpoint(self, *args):
+        def at_checkpoint(self, *args, **kwargs):
             raise RuntimeError("cannot reshape tensor of 0 elements")
 
     cfg = make_config(tiny_settings(template["corpus"], str(copy_bucket(template, tmp_path / "bucket")),

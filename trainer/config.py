@@ -179,6 +179,10 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32"""
     compile: str = "auto"
     """torch.compile the model: auto (on GPU), on, off"""
+    strategy: str = "auto"
+    """ddp (each rank holds the whole model), fsdp (FSDP2: weights, grads, optimizer sharded); auto: fsdp from 2B"""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute"""
     on_nonfinite: str = "skip"
     """non-finite loss/grad: skip the update (counted), rollback to last checkpoint, fail"""
     spike_factor: float = 0.0
@@ -284,6 +288,7 @@ CHOICES = {
     "train.compile": ("auto", "on", "off"),
     "train.on_nonfinite": ("skip", "rollback", "fail"),
     "train.optimizer": ("adamw", "muon"),
+    "train.strategy": ("auto", "ddp", "fsdp"),
     "tokenizer.pre_tokenizer": ("zh", "qwen2", "deepseek-llm", "gpt-2"),
 }
 

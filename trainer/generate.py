@@ -56,8 +56,9 @@ def continue_texts(model, tok, prompts: list[str], decoding: str, max_new_tokens
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[str], s: SampleConfig, seed: int = 0) -> list[str]:
-    """Continuations of each prompt (the prompt included), by s.temperature / top_k / top_p."""
+def sample(model, tok, prompts: list[str], s: SampleConfig, seed: int = 0, synced_gpus: bool = False) -> list[str]:
+    """Continuations of each prompt (the prompt included), by s.temperature / top_k / top_p.
+    synced_gpus: every rank generates in step (transformers' option for sharded models)."""
     torch.manual_seed(seed)
     out = []
     for prompt in prompts:
@@ -67,7 +68,7 @@ def sample(model, tok, prompts: list[str], s: SampleConfig, seed: int = 0) -> li
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else s.temperature, top_k=None if greedy or not s.top_k else s.top_k,
             top_p=None if greedy else s.top_p, repetition_penalty=s.repetition_penalty,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=synced_gpus,
         )
         out.append(tok.decode(gen[0], skip_special_tokens=True))
     return out

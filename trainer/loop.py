@@ -39,6 +39,7 @@ from trainer.metrics import RunLog
 from trainer.model import peak_flops
 from trainer.optim import build_optimizer, step_skipping_nonfinite
 from trainer.schedule import lr_at
+from trainer.sharding import clip_grad_norm, decoder_layers, is_sharded, resolve_strategy, shard, shard_root
 from trainer.storage import Storage
 
 MAX_ROLLBACKS_IN_A_ROW = 3  # train.on_nonfinite=rollback gives up after this many without a new checkpoint
@@ -84,7 +85,8 @@ class Task(Protocol):
     def loader(self, position: int, d: Dist, micro: int): ...  # BatchLoader from global sequence `position`
     def targets_in_step(self, position: int) -> int: ...  # loss terms in the step starting at `position`
     def evaluate(self, loss_module, d: Dist, autocast) -> dict: ...  # metrics row entries, {} if none
-    def at_checkpoint(self, model, tokenizer, step: int, autocast) -> list[dict]: ...  # sample rows (rank 0)
+    def at_checkpoint(self, model, tokenizer, step: int, autocast, synced: bool = False) -> list[dict]: ...
+    # sample rows (rank 0; synced: every rank generates in step, the model being sharded)
 
 
 def batch_geometry(samples_per_step: int, world: int, micro_max: int, key: str = "train.batch_tokens"
@@ -232,19 +234,21 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on GPU
     torch.manual_seed(hp.seed)  # the same starting weights on every rank
     model, tokenizer = task.build_model(d.device)
+    use_bf16 = hp.dtype == "bf16" or (hp.dtype == "auto" and d.device.type == "cuda")
+    strategy = _prepare(model, hp, d, use_bf16)
     optimizer = build_optimizer(model, hp)
     ckpts = Checkpointer(store, task.run_id, run_local, cfg.checkpoint.keep_last, d)
     state = _resume(task.name, ckpts, model, optimizer, hp.seed, d)
     state.inputs = task.inputs  # the stages refused a resume whose inputs changed (stages.check_resume)
     hp, cap = _run_length(hp, state, task)
 
-    train_model, eval_model = _wrap(task.loss_module(model), d, hp.compile)
-    use_bf16 = hp.dtype == "bf16" or (hp.dtype == "auto" and d.device.type == "cuda")
+    train_model, eval_model = _wrap(task.loss_module(model), d, hp.compile, strategy, use_bf16)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     runlog = RunLog(store, task.run_id, run_local, state.step, d.main)
     loader = task.loader(state.data_position, d, micro)
     params = [p for p in model.parameters() if p.requires_grad]
-    logger.info(f"{task.name}: {sum(p.numel() for p in params) / 1e6:.1f}M params on {d.world} x {d.device.type}, "
+    logger.info(f"{task.name}: {sum(p.numel() for p in params) / 1e6:.1f}M params on {d.world} x {d.device.type} "
+                f"({strategy}{', activation checkpointing' if hp.activation_checkpointing else ''}), "
                 f"{task.samples_per_step} sequences per step ({micro} per micro-batch, {accum} accumulation), "
                 f"steps {state.step} -> {hp.max_steps}")
 
@@ -276,8 +280,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                             loss = train_model(batch)
                         (loss * scale).backward()
                     step_loss += loss.detach() * (scale / d.world)
-                norm = torch.nn.utils.clip_grad_norm_(params, hp.grad_clip if hp.grad_clip > 0 else math.inf,
-                                                      foreach=True)
+                norm = clip_grad_norm(params, hp.grad_clip if hp.grad_clip > 0 else math.inf)
                 found_inf = (~torch.isfinite(norm)).float()
                 step_skipping_nonfinite(optimizer, found_inf)
                 optimizer.zero_grad(set_to_none=True)
@@ -365,10 +368,12 @@ def _checkpoint(run: _Run, state: LoopState, background: bool, samples: bool = T
         run.lease.check()
     state.wall_seconds = run.wall_before + time.time() - run.started_at
     run.ckpts.save(asdict(state), run.model, run.tokenizer, run.optimizer, run.config_yaml)
-    if run.d.main and samples:
+    sharded = is_sharded(run.model)  # every rank takes part in a sharded model's forward passes
+    if samples and (run.d.main or sharded):
         try:
-            run.runlog.append("samples.jsonl", run.task.at_checkpoint(run.model, run.tokenizer, state.step,
-                                                                      run.autocast))
+            rows = run.task.at_checkpoint(run.model, run.tokenizer, state.step, run.autocast, synced=sharded)
+            if run.d.main:
+                run.runlog.append("samples.jsonl", rows)
         except Exception as e:  # noqa: BLE001
             logger.warning(f"{run.task.name}: samples at {step_name(state.step)} failed ({e}); training goes on")
     run.runlog.flush()  # the logs up to this step are in the bucket before the checkpoint counts
@@ -429,14 +434,38 @@ def _resume(name: str, ckpts: Checkpointer, model, optimizer, seed: int, d: Dist
     return state
 
 
-def _wrap(loss_module: torch.nn.Module, d: Dist, compile_setting: str):
+def _prepare(model, hp: TrainConfig, d: Dist, bf16: bool) -> str:
+    """Activation checkpointing and FSDP sharding, in place, before the optimizer sees the
+    parameters; returns the strategy (train.strategy resolved for this model and world size)."""
+    strategy = resolve_strategy(hp.strategy, sum(p.numel() for p in model.parameters()), d.world)
+    if hp.activation_checkpointing:
+        # transformers' per-layer checkpointing (torch.utils.checkpoint, non-reentrant): layer
+        # activations are recomputed in the backward instead of kept.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if strategy == "fsdp":
+        if _compiles(hp.compile, d):
+            for layer in decoder_layers(model):  # per block, before sharding, as torchtitan does
+                layer.compile()
+        shard(model, bf16)
+    return strategy
+
+
+def _compiles(compile_setting: str, d: Dist) -> bool:
+    return compile_setting == "on" or (compile_setting == "auto" and d.device.type == "cuda")
+
+
+def _wrap(loss_module: torch.nn.Module, d: Dist, compile_setting: str, strategy: str = "ddp", bf16: bool = False):
     """(the module training runs: DDP over several processes, compiled on GPU by default; the module
-    evaluation runs: the same without DDP hooks)."""
+    evaluation runs: the same without DDP hooks). FSDP: the loss module becomes the root over the
+    units _prepare sharded (blocks compiled there)."""
+    if strategy == "fsdp":
+        shard_root(loss_module, bf16)
+        return loss_module, loss_module
     train_model = eval_model = loss_module
     if d.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    if compile_setting == "on" or (compile_setting == "auto" and d.device.type == "cuda"):
+    if _compiles(compile_setting, d):
         train_model, eval_model = torch.compile(train_model), torch.compile(loss_module)
     return train_model, eval_model
 

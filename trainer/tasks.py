@@ -26,6 +26,7 @@ from trainer.hf_files import export_generation_config
 from trainer.model import CAUSAL_SDPA, PRESETS, build_model, flops_per_token, llama_config, pick_attention
 from trainer.prepare import tokenizer_fingerprint
 from trainer.sft import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
+from trainer.sharding import is_sharded
 from trainer.tokenizer import load_tokenizer
 
 EVAL_BATCH = 16  # validation sequences per forward pass when train.micro_batch_size is 0 (no accumulation there)
@@ -120,12 +121,17 @@ class PretrainTask:
             return {}
         batch_size = self.hp.micro_batch_size or EVAL_BATCH  # memory bound; the sums are float64
         total = torch.zeros(2, dtype=torch.float64, device=d.device)
-        for batch in validation_batches(self.val_samples, self.hp.eval_sequences, batch_size, d.rank, d.world):
-            batch = batch.to(d.device)
+        batches = list(validation_batches(self.val_samples, self.hp.eval_sequences, batch_size, d.rank, d.world))
+        if is_sharded(loss_module):  # every rank runs as many forwards (each all-gathers weights); extras don't count
+            n_batches = -(-min(self.hp.eval_sequences, len(self.val_samples)) // batch_size)
+            first = next(validation_batches(self.val_samples, self.hp.eval_sequences, batch_size, 0, 1))
+            batches += [None] * (-(-n_batches // d.world) - len(batches))
+        for batch in batches:
             with autocast:
-                loss = loss_module(batch)
-            total += torch.stack([loss.double(), torch.tensor(float(batch[:, 1:].numel()), dtype=torch.float64,
-                                                              device=d.device)])
+                loss = loss_module((first if batch is None else batch).to(d.device))
+            if batch is not None:
+                total += torch.stack([loss.double(), torch.tensor(float(batch[:, 1:].numel()), dtype=torch.float64,
+                                                                  device=d.device)])
         if d.world > 1:
             torch.distributed.all_reduce(total)
         val = (total[0] / total[1]).item()
@@ -134,9 +140,10 @@ class PretrainTask:
             row["val_bpc"] = round(val / math.log(2) / self.chars_per_token, 6)
         return row
 
-    def at_checkpoint(self, model, tokenizer, step: int, autocast) -> list[dict]:
+    def at_checkpoint(self, model, tokenizer, step: int, autocast, synced: bool = False) -> list[dict]:
         """Continuations of sample.prompts from this step's weights (a few seconds), with their
-        degeneration metrics, so a run that starts to parrot shows it while it trains."""
+        degeneration metrics, so a run that starts to parrot shows it while it trains. synced: every
+        rank calls this and generates in step (a sharded model)."""
         s = self.cfg.sample
         if not (s.at_checkpoints and s.prompts):
             return []
@@ -145,7 +152,8 @@ class PretrainTask:
         device = next(model.parameters()).device
         # fork_rng: sampling seeds its own generator; training's RNG streams (saved in checkpoints) stay untouched.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
-            texts = [continuation(p, g) for p, g in zip(prompts, sample(model, tokenizer, prompts, s))]
+            generated = sample(model, tokenizer, prompts, s, synced_gpus=synced)
+            texts = [continuation(p, g) for p, g in zip(prompts, generated)]
         model.train()
         rep = degeneration_report(prompts, texts)
         return [{"step": step, "prompt": p, "text": text, "distinct_2": round(rep["distinct_2"], 4),
@@ -208,5 +216,5 @@ class SftTask:
     def evaluate(self, loss_module, d: Dist, autocast) -> dict:
         return {}
 
-    def at_checkpoint(self, model, tokenizer, step: int, autocast) -> list[dict]:
+    def at_checkpoint(self, model, tokenizer, step: int, autocast, synced: bool = False) -> list[dict]:
         return []

@@ -1,0 +1,251 @@
+"""FSDP2 (train.strategy=fsdp) on CPU over gloo: the same loop with another wrapper.
+
+One uninterrupted 2-process FSDP reference run, then the same config under other run ids:
+  * its checkpoints are DCP shards of both ranks, listed with their sha256 in the manifest;
+  * kill -9 after a checkpoint, rerun on 2 processes: bitwise equal to the reference;
+  * preempted on 2 processes, resumed on 1 (unsharded, from the DCP shards): equal within fp32
+    reduction noise (rel 1e-4), and a 1-process (Hugging Face) checkpoint resumed on 2 FSDP processes;
+  * FSDP's numbers match DDP's for the same global batch (rel 1e-4);
+  * two nodes (separate local disks, one bucket): each uploads its own shards, the manifest comes last;
+  * export consolidates the shards into the same Hugging Face folder a DDP run exports.
+The validation set (eval_sequences=6, micro-batch 2: 3 batches over 2 ranks) is uneven on purpose:
+FSDP ranks must run as many forward passes, or the run hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import sharding
+from trainer.config import replace
+from trainer.storage import open_storage
+
+pytestmark = pytest.mark.slow
+
+N = 16  # steps of every run
+K = 8  # the stop after checkpoint K
+COMPARED = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens")
+TWO = {"train.nproc": 2}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("fsdp")
+    return tiny_config(root, {"train.max_steps": N, "train.warmup_steps": 4, "train.strategy": "fsdp",
+                              "train.eval_sequences": 6, "checkpoint.upload_async": True})
+
+
+def run_config(base, run_id: str, **overrides):
+    return replace(base, **{"run.id": run_id, **overrides})
+
+
+def weights_of(store, run_id: str, step: int, scratch: Path) -> dict:
+    """The weights of a complete checkpoint (either format), by name."""
+    from safetensors.torch import load_file
+
+    src = ckpt.fetch_verified(store, run_id, step, scratch / f"{run_id}-{step}")
+    if (src / sharding.DCP_METADATA).is_file():
+        return load_file(str(sharding.consolidated_weights(src, scratch / f"{run_id}-{step}-hf")))
+    return load_file(str(src / "model.safetensors"))
+
+
+def outcome(cfg, metrics, scratch: Path) -> tuple[list[dict], dict]:
+    store = open_storage(cfg.storage.bucket)
+    rows = [{k: r[k] for k in COMPARED if k in r} for r in metrics(store, cfg.run.id)]
+    return rows, weights_of(store, cfg.run.id, ckpt.complete_steps(store, cfg.run.id)[0], scratch)
+
+
+def assert_same(got, expected, exact: bool):
+    rows, weights = got
+    ref_rows, ref_weights = expected
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    assert set(weights) == set(ref_weights)
+    if exact:
+        assert rows == ref_rows
+        assert not [k for k in weights if not torch.equal(weights[k], ref_weights[k])]
+        return
+    for r, ref in zip(rows, ref_rows):
+        assert r.keys() == ref.keys() and r["lr"] == ref["lr"] and r["tokens"] == ref["tokens"]
+        for k in ("loss", "val_loss", "grad_norm"):
+            if k in r:
+                assert r[k] == pytest.approx(ref[k], rel=1e-4), (r["step"], k, r[k], ref[k])
+    for k in weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference(base, metrics, cli, tmp_path_factory):
+    """N steps on 2 FSDP processes, uninterrupted."""
+    scratch = tmp_path_factory.mktemp("fsdp-ref")
+    cfg = run_config(base, "straight")
+    done = cli.run("pretrain", cli.write_config(cfg, scratch / "straight.yaml"), TWO)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert "on 2 x cpu (fsdp)" in done.stdout
+    rows, weights = outcome(cfg, metrics, scratch)
+    assert [r["step"] for r in rows] == list(range(1, N + 1))
+    assert [r["step"] for r in rows if "val_loss" in r] == list(range(4, N + 1, 4))
+    return rows, weights
+
+
+def test_a_sharded_checkpoint_holds_every_ranks_shards_in_its_manifest(base, reference, tmp_path):
+    store = open_storage(base.storage.bucket)
+    prefix = f"{ckpt.checkpoints_prefix('straight')}/{ckpt.step_name(N)}"
+    manifest = json.loads(store.read_text(f"{prefix}/{ckpt.MANIFEST}"))
+    names = set(manifest["files"])
+    assert {"__0_0.distcp", "__1_0.distcp", sharding.DCP_METADATA, "trainer_state.json", "rng.pt",
+            "config.json", "tokenizer.json"} <= names
+    assert "model.safetensors" not in names and "optimizer.pt" not in names
+    assert all(len(m["sha256"]) == 64 for m in manifest["files"].values())
+    assert json.loads(store.read_text(f"{prefix}/config.json"))["architectures"] == ["LlamaForCausalLM"]
+    # The manifest is checked: a flipped byte in a shard is caught on download.
+    shard = Path(base.storage.bucket) / prefix / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    try:
+        with pytest.raises(ckpt.StorageError, match="sha256"):
+            ckpt.fetch_verified(store, "straight", N, tmp_path / "check")
+    finally:
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+
+
+def test_kill_9_then_rerun_on_two_processes_is_exact(base, reference, metrics, cli, tmp_path):
+    cfg = run_config(base, "killed")
+    store = open_storage(cfg.storage.bucket)
+    path = cli.write_config(cfg, tmp_path / "killed.yaml")
+    log = tmp_path / "killed.log"
+    proc = cli.start("pretrain", path, TWO, log=log)
+    latest = f"{ckpt.checkpoints_prefix('killed')}/{ckpt.LATEST}"
+    try:
+        deadline = time.time() + 240
+        while not store.exists(latest):
+            assert proc.poll() is None, f"exited {proc.returncode} before a checkpoint:\n{log.read_text()[-4000:]}"
+            assert time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.01)
+    finally:
+        cli.kill(proc)
+    killed_at = ckpt.complete_steps(store, "killed")
+    assert killed_at and killed_at[0] < N, f"the run finished before the kill: {killed_at}"
+    again = cli.run("pretrain", path, {**TWO, "run.takeover": "true"})
+    assert again.returncode == 0, again.stdout[-6000:]
+    assert f"resumed from {ckpt.step_name(killed_at[0])} (saved by 2 process(es), now 2)" in again.stdout
+    assert_same(outcome(cfg, metrics, tmp_path), reference, exact=True)
+
+
+HOOK = '''
+import os
+if os.environ.get("TEST_SIGTERM_AFTER_CHECKPOINT"):
+    import signal
+    import trainer.checkpoint as _ckpt
+    _step, _publish = int(os.environ["TEST_SIGTERM_AFTER_CHECKPOINT"]), _ckpt.publish
+    def _publish_then_sigterm(store, run_id, local_dir, step):
+        url = _publish(store, run_id, local_dir, step)
+        if step == _step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return url
+    _ckpt.publish = _publish_then_sigterm
+'''
+
+
+def preempt_at_k(cli, cfg, tmp_path: Path, overrides: dict):
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOOK)
+    path = [str(hook)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = cli.env(TEST_SIGTERM_AFTER_CHECKPOINT=str(K), PYTHONPATH=os.pathsep.join(path))
+    out = cli.run("pretrain", cli.write_config(cfg, tmp_path / f"{cfg.run.id}.yaml"), overrides, env=env)
+    assert out.returncode == 75, out.stdout[-6000:]
+    assert f"stopped at step {K}" in out.stdout
+    return out
+
+
+def test_preempted_on_two_fsdp_processes_resumed_on_one(base, reference, metrics, cli, tmp_path, single_process,
+                                                         caplog):
+    from trainer.stages import stage_prepare
+    from trainer.worker import pretrain_worker
+
+    cfg = run_config(base, "shrunk", **{"checkpoint.upload_async": False})
+    preempt_at_k(cli, cfg, tmp_path, TWO)
+    caplog.clear()
+    assert pretrain_worker(cfg, stage_prepare(cfg))["step"] == N  # unsharded: the DCP shards reshard to one
+    assert f"resumed from step-{K:08d} (saved by 2 process(es), now 1)" in caplog.text
+    assert_same(outcome(cfg, metrics, tmp_path), reference, exact=False)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(base, reference, metrics, cli, tmp_path):
+    cfg = run_config(base, "grown", **{"checkpoint.upload_async": False})
+    preempt_at_k(cli, cfg, tmp_path, {"train.nproc": 1})
+    path = tmp_path / "grown.yaml"
+    store = open_storage(cfg.storage.bucket)
+    files = json.loads(store.read_text(f"{ckpt.checkpoints_prefix('grown')}/{ckpt.step_name(K)}/{ckpt.MANIFEST}"))
+    assert "model.safetensors" in files["files"]  # one process: a Hugging Face checkpoint
+    rest = cli.run("pretrain", path, TWO)
+    assert rest.returncode == 0, rest.stdout[-6000:]
+    assert "(saved by 1 process(es), now 2)" in rest.stdout and "(fsdp)" in rest.stdout
+    assert_same(outcome(cfg, metrics, tmp_path), reference, exact=False)
+
+
+def test_fsdp_matches_ddp_for_the_same_global_batch(base, reference, metrics, cli, tmp_path):
+    cfg = run_config(base, "ddp", **{"train.strategy": "ddp"})
+    done = cli.run("pretrain", cli.write_config(cfg, tmp_path / "ddp.yaml"), TWO)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert "on 2 x cpu (ddp)" in done.stdout
+    assert_same(outcome(cfg, metrics, tmp_path), reference, exact=False)
+
+
+def test_two_nodes_each_upload_their_shards_then_one_manifest(base, reference, metrics, cli, tmp_path):
+    cfg = run_config(base, "nodes")
+    path = cli.write_config(cfg, tmp_path / "nodes.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    for node in (0, 1):
+        logs.append(tmp_path / f"node{node}.log")
+        env = cli.env(NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # Separate local disks: node 1's shards reach the bucket only through its own upload.
+        procs.append(cli.start("pretrain", path, {"train.nproc": 1, "storage.local_dir": str(tmp_path / f"disk{node}")},
+                               log=logs[-1], env=env))
+    try:
+        for p, log in zip(procs, logs):
+            assert p.wait(timeout=300) == 0, log.read_text()[-6000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                cli.kill(p)
+    assert not list((tmp_path / "disk0").rglob("__1_0.distcp"))  # written on node 1 only
+    assert "(fsdp)" in logs[0].read_text()
+    assert_same(outcome(cfg, metrics, tmp_path), reference, exact=False)
+
+
+def test_export_consolidates_the_shards_into_a_hugging_face_folder(base, reference, cli, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_config(base, "straight")
+    out = cli.run("export", cli.write_config(cfg, tmp_path / "export.yaml"))
+    assert out.returncode == 0, out.stdout[-6000:]
+    final = Path(cfg.storage.bucket) / "runs" / "straight" / "final"
+    names = {p.name for p in final.iterdir()}
+    assert "model.safetensors" in names and not [n for n in names if sharding.is_dcp_file(n)]
+    assert not names & set(ckpt.TRAINING_FILES) - {ckpt.MANIFEST}
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    for name, tensor in model.state_dict().items():
+        if name in reference[1]:
+            assert torch.equal(tensor, reference[1][name]), name
+
+
+def test_strategy_auto_shards_from_two_billion_parameters_and_never_one_process():
+    assert sharding.resolve_strategy("auto", 1_900_000_000, 8) == "ddp"
+    assert sharding.resolve_strategy("auto", sharding.FSDP_AUTO_PARAMS, 8) == "fsdp"
+    assert sharding.resolve_strategy("fsdp", 1000, 2) == "fsdp"
+    assert sharding.resolve_strategy("ddp", 7_000_000_000, 8) == "ddp"
+    assert sharding.resolve_strategy("fsdp", 7_000_000_000, 1) == "ddp"  # nothing to shard over

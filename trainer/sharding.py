@@ -1,0 +1,187 @@
+"""FSDP2 (train.strategy=fsdp): the model sharded over the ranks, and its training state saved and
+loaded through torch.distributed.checkpoint (DCP).
+
+Sharding (as torchtitan applies it): `fully_shard` on every decoder layer, then on the whole model,
+so a layer's weights are all-gathered just before its forward/backward and freed after; gradients
+are reduce-scattered (averaged over ranks, as DDP averages them: the loop's loss scaling is the same).
+With bf16, MixedPrecisionPolicy computes in bf16 and keeps fp32 master weights, optimizer state and
+gradient reductions (Zhao et al. 2023, "PyTorch FSDP", sec. 4.4).
+
+Checkpoints of a sharded model hold, instead of model.safetensors + optimizer.pt, DCP files: every
+rank writes `__<rank>_0.distcp` with its shards (model and optimizer, keyed by parameter name), rank
+0 writes `.metadata`. DCP reshards on load, so a checkpoint resumes on any number of ranks, sharded
+or not; a sharded model also loads a Hugging Face checkpoint (model.safetensors + optimizer.pt).
+`consolidate` turns DCP weights back into a Hugging Face folder (export, chat, eval).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+FSDP_AUTO_PARAMS = 2_000_000_000  # train.strategy=auto shards models from this size (3b/7b presets; 1b stays DDP)
+DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint's FileSystemWriter
+
+
+def resolve_strategy(requested: str, n_params: int, world: int) -> str:
+    """"fsdp" or "ddp" for train.strategy (auto, ddp, fsdp) and a model of n_params parameters. One
+    process never shards (nothing to shard over): its checkpoints are Hugging Face folders, which a
+    sharded run resumes from, and the other way round."""
+    if world == 1:
+        return "ddp"
+    if requested == "auto":
+        return "fsdp" if n_params >= FSDP_AUTO_PARAMS else "ddp"
+    return requested
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face decoder (LlamaForCausalLM: model.model.layers)."""
+    return list(model.model.layers)
+
+
+def _mp_policy(bf16: bool):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+
+
+def shard(model, bf16: bool) -> None:
+    """fully_shard every decoder layer, and the embedding + final norm + head as one unit, in place
+    (parameters become DTensors sharded on dim 0 over all ranks); the model itself holds no
+    parameter of its own then, and shard_root makes the module training calls the root. bf16:
+    compute in bf16, reduce gradients and keep weights in fp32."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.config.architectures = [type(model).__name__]  # checkpoints' config.json: the class before wrapping
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=_mp_policy(bf16))
+    # One unit: all-gathered at the embedding's forward, kept until the head's; tied embeddings stay whole.
+    fully_shard([model.get_input_embeddings(), model.model.norm, model.get_output_embeddings()],
+                mp_policy=_mp_policy(bf16))
+
+
+def shard_root(module, bf16: bool) -> None:
+    """fully_shard the module the loop calls (the loss module around the model) as FSDP's root: its
+    first forward sets up every unit under it. After that the units also run outside it (the bare
+    model's generate for samples), each all-gathering its own parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mp_policy=_mp_policy(bf16))
+
+
+def is_dcp_file(name: str) -> bool:
+    return name == DCP_METADATA or name.endswith(".distcp")
+
+
+def is_sharded(model) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to max_norm (math.inf: measure only); return the norm before
+    clipping as a 0-dim fp32 tensor on the device (non-finite when a gradient is). Sharded
+    gradients: the norm is reduced over the ranks first (torchtitan's clip_grad_norm_)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+# Training state through torch.distributed.checkpoint ---------------------------------------------
+
+def _optimizers(optimizer) -> dict[str, torch.optim.Optimizer]:
+    """The torch optimizers inside `optimizer` (MuonAdamW holds two), by their state-dict key."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return {"optimizer": optimizer}
+    return {"adamw": optimizer.adamw, "muon": optimizer.muon}
+
+
+def _state_dicts(model, optimizer) -> dict:
+    """Model and optimizer state keyed by parameter name (DTensors when sharded), as DCP saves them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out = {"model": get_model_state_dict(model)}
+    for key, opt in _optimizers(optimizer).items():
+        out[key] = get_optimizer_state_dict(model, opt)
+    return out
+
+
+def save_dcp(folder: Path, model, optimizer) -> None:
+    """Every rank writes its shards of model and optimizer into folder (which must exist on every
+    node); rank 0 also writes .metadata. Collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state_dicts(model, optimizer), storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1))
+
+
+def load_dcp(folder: Path, model, optimizer) -> None:
+    """Load a DCP checkpoint into model and optimizer, resharding to this run's ranks (or into an
+    unsharded model). Collective when a process group exists."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _state_dicts(model, optimizer)
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    set_model_state_dict(model, state["model"])
+    for key, opt in _optimizers(optimizer).items():
+        set_optimizer_state_dict(model, opt, state[key])
+
+
+def load_full_into_sharded(model, optimizer, weights: dict, saved_optimizer: dict) -> None:
+    """A Hugging Face checkpoint (full weights by name; torch optimizer state dicts keyed by
+    parameter index, as optimizer.pt holds them) into a sharded model and its optimizer. The indices
+    follow the optimizer's parameter order, which optim.build_optimizer derives from the parameter
+    names, so index i of a group list is the same parameter sharded or not."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=full)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opts = _optimizers(optimizer)
+    for key, opt in opts.items():
+        saved = saved_optimizer if len(opts) == 1 else saved_optimizer[key]
+        order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]
+        by_name = {"state": {order[int(i)]: s for i, s in saved["state"].items()}, "param_groups": groups}
+        set_optimizer_state_dict(model, opt, by_name, options=full)
+
+
+def consolidated_weights(ckpt_dir: Path, out_dir: Path) -> Path:
+    """Write the weights of a DCP checkpoint folder as out_dir/model.safetensors (fp32, one file,
+    the names and tied-weight layout save_pretrained writes), built from ckpt_dir's config.json; no
+    process group needed. Returns the file. Raises FileNotFoundError when ckpt_dir holds no DCP
+    checkpoint."""
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (ckpt_dir / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: no sharded checkpoint there (no {DCP_METADATA})")
+    config = AutoConfig.from_pretrained(str(ckpt_dir))
+    with torch.device("meta"):  # no random init of billions of weights: every one is loaded below
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.to_empty(device="cpu")  # non-persistent buffers (RoPE) stay unset: only weights are written
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+    model.load_state_dict(state["model"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        model.save_pretrained(tmp, max_shard_size="1000GB")
+        shutil.move(Path(tmp) / "model.safetensors", out_dir / "model.safetensors")
+    return out_dir / "model.safetensors"
