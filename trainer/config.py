@@ -40,6 +40,12 @@ class RunConfig:
     """a job's lease on run.id expires this long after its last renewal"""
     resume_on_new_data: bool = False
     """resume this run's checkpoint although its corpus changed (tokenizer, model and seq_len must not)"""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """where metrics also go while training: tensorboard (runs/<id>/tensorboard/), wandb (pip install '.[wandb]')"""
+    wandb_project: str = ""
+    """W&B project when run.report_to has wandb; "" = WANDB_PROJECT, else zh-pretrain"""
+    wandb_entity: str = ""
+    """W&B team or user when run.report_to has wandb; "" = WANDB_ENTITY, else your default entity"""
 
 
 @dataclass(frozen=True)
@@ -291,6 +297,7 @@ CHOICES = {
     "train.strategy": ("auto", "ddp", "fsdp"),
     "tokenizer.pre_tokenizer": ("zh", "qwen2", "deepseek-llm", "gpt-2"),
 }
+REPORT_TO = ("tensorboard", "wandb")  # run.report_to: trainer/metrics.py RunLog writes to each
 
 
 def _resolve(cls: type, name: str):
@@ -359,7 +366,8 @@ def load_config(path: str | None = None, overrides: dict | None = None, env: dic
     """Build the Config from defaults, the YAML file at `path`, the environment and overrides.
 
     `overrides` maps dotted keys ("train.max_steps") to values (strings are parsed as YAML).
-    Raises ConfigError listing every problem.
+    Raises ConfigError listing every problem; from this machine's environment (env None) that
+    includes optional packages the config needs and this machine lacks (missing_packages).
     """
     problems: list[str] = []
     layers: list[tuple[str, dict]] = []
@@ -377,6 +385,7 @@ def load_config(path: str | None = None, overrides: dict | None = None, env: dic
             if not isinstance(body, dict):
                 problems.append(f"{section}: expected a mapping of keys, got {body!r} (in {path})")
         layers.append((str(path), _flatten({k: v for k, v in tree.items() if isinstance(v, dict)})))
+    here = env is None  # this machine's environment: a command about to run here, not a saved or rendered config
     env = os.environ if env is None else env
     layers.append(("environment", {key: env[name] for name, key in ENV_KEYS.items() if env.get(name)}))
     layers.append(("overrides", dict(overrides or {})))
@@ -399,10 +408,22 @@ def load_config(path: str | None = None, overrides: dict | None = None, env: dic
     # Check the values that parsed too, so one error lists every problem, not the first kind only.
     sections = {s: _resolve(Config, s)(**values[s]) for s in hints}
     cfg = Config(**sections)
-    problems += check(cfg)
+    problems += check(cfg) + (missing_packages(cfg) if here else [])
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def missing_packages(cfg: Config) -> list[str]:
+    """Optional packages the config names that this machine lacks. Checked only for a command about
+    to run here (load_config from the environment): a config saved with a run or rendered by
+    `submit` for another machine (the image) may name them."""
+    from importlib.util import find_spec
+
+    if "wandb" in cfg.run.report_to and find_spec("wandb") is None:
+        return ["run.report_to: wandb is not installed here: pip install '.[wandb]', or leave wandb out of "
+                "run.report_to"]
+    return []
 
 
 def validate(cfg: Config) -> None:
@@ -427,6 +448,9 @@ def check(cfg: Config) -> list[str]:
     need(bool(cfg.run.id) and all(c.isalnum() or c in "-_." for c in cfg.run.id), "run.id",
          "must be non-empty letters, digits, '-', '_' or '.'")
     need(cfg.run.lease_seconds >= 10, "run.lease_seconds", "must be at least 10")
+    for i, name in enumerate(cfg.run.report_to):
+        if name not in REPORT_TO:
+            problems.append(f"run.report_to[{i}]: {name!r} is not one of {', '.join(REPORT_TO)}")
     need(bool(cfg.storage.bucket), "storage.bucket", "must be set")
     need(not cfg.storage.bucket.startswith("s3://") or len(cfg.storage.bucket) > 5, "storage.bucket",
          "s3:// needs a bucket name")
