@@ -3,6 +3,9 @@
 
     python scripts/bench_tokenizer.py                        # all shards of ../shared/corpus/poetry, 32k
     python scripts/bench_tokenizer.py --shards 2 --vocab 8000 --skip-recipe   # a quick look
+    python scripts/make_modern_corpus.py --out /tmp/modern                       # modern prose
+    python scripts/bench_tokenizer.py --shards 3 --modern /tmp/modern --pre zh:4,qwen2:4,gpt-2:4 \
+        --skip-recipe --skip-throughput   # pre-tokenizers on poetry and modern prose
 
 Each variant runs in a subprocess of its own, so its peak RSS (from wait4) is its own:
   recipe       ByteLevel(add_prefix_space=False) + BpeTrainer(vocab, ["<|endoftext|>"]) +
@@ -13,7 +16,10 @@ Each variant runs in a subprocess of its own, so its peak RSS (from wait4) is it
   encode_batch raw `Tokenizer.encode_batch` of the in-memory texts, BATCH_DOCS per call (the
                target's reference), and encode_batch_fast (no offsets: what prepare calls);
   prepare      trainer.prepare.prepare_shards from the files (read, normalise, split, encode, write),
-               then once more on --small-shards shards: its memory does not follow the corpus.
+               then once more on --small-shards shards: its memory does not follow the corpus;
+  pre          (--pre) the steps of train_from_corpus with each tokenizer.pre_tokenizer and
+               max_token_length given, on the poetry shards and the --modern shards together (one
+               sample of sample_bytes over both); chars/token on the held-out documents of each source.
 Both sides hold out the same validation documents (data.val_permille, by hash) and are measured on
 them. Timings on a shared machine are noisy: compare only numbers from the same run (the load
 average around each variant is recorded). Prints a table; writes JSON under bench/results/.
@@ -52,6 +58,7 @@ def _config(params):
 
     return load_config(None, {"tokenizer.vocab_size": params["vocab"], "tokenizer.sample_bytes": params["sample_bytes"],
                               "tokenizer.max_token_length": params["max_token_length"],
+                              "tokenizer.pre_tokenizer": params.get("pre", "zh"),
                               "data.val_permille": params["val_permille"]}, env={})
 
 
@@ -147,6 +154,56 @@ def worker_sweep(params) -> dict:
             "max_token_length": params["max_token_length"]}
 
 
+def worker_pre(params) -> dict:
+    """A pre-tokenizer on several sources: one sample over all files, held-out chars/token per source
+    (the file name's first word: poetry-00000.jsonl.zst is "poetry")."""
+    import dataclasses
+
+    from trainer.data import iter_documents, local_files
+    from trainer.prepare import Normalizer, is_validation
+    from trainer.tokenizer import chars_per_token, sample_documents, train_tokenizer
+
+    cfg = _config(params)
+    normalize = Normalizer(dataclasses.replace(cfg.data, dedup=False))
+    heldout: dict[str, list[str]] = {}
+    trained_chars: dict[str, int] = {}
+
+    def train_docs():
+        for f in params["files"]:
+            source = Path(f).name.split("-")[0]
+            for text in normalize(iter_documents(cfg.data, local_files([f]))):
+                if is_validation(text, cfg.data.val_permille):
+                    heldout.setdefault(source, []).append(text)
+                    continue
+                trained_chars[source] = trained_chars.get(source, 0) + len(text)
+                yield text
+
+    start = time.time()
+    sample = sample_documents(train_docs(), params["sample_bytes"])
+    tok = train_tokenizer(sample, params["vocab"], params["max_token_length"], pre_tokenizer=params["pre"])
+    seconds = time.time() - start
+    texts = {k: heldout[k] for k in sorted(heldout)}
+    modern = [t for k, v in texts.items() if k != "poetry" for t in v]
+    per_source = {k: round(chars_per_token(tok, v), 4) for k, v in texts.items()}
+    if modern and "poetry" in texts:
+        per_source["modern"] = round(chars_per_token(tok, modern), 4)
+    everything = [t for v in texts.values() for t in v]
+    encode_start = time.time()
+    tok.encode_batch_fast(everything, add_special_tokens=False)  # what prepare calls
+    encode_seconds = time.time() - encode_start
+    return {"seconds": round(seconds, 2), "pre": params["pre"], "max_token_length": params["max_token_length"],
+            "chars_per_token": per_source, "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
+            "corpus_train_chars": trained_chars, "sample_bytes": sum(len(t.encode()) for t in sample),
+            "vocab_size": tok.get_vocab_size(), "longest_tokens": longest_tokens_of(tok),
+            "encode_chars_per_second": round(sum(map(len, everything)) / encode_seconds)}
+
+
+def longest_tokens_of(tok) -> list[str]:
+    from trainer.tokenizer import longest_tokens
+
+    return longest_tokens(tok, 8)
+
+
 def worker_encode_batch(params) -> dict:
     from tokenizers import Tokenizer
 
@@ -186,6 +243,7 @@ def worker_prepare(params) -> dict:
 
 
 WORKERS = {"recipe": worker_recipe, "ours": worker_ours, "sweep": worker_sweep, "prepare": worker_prepare,
+           "pre": worker_pre,
            "encode_batch": worker_encode_batch, "encode_batch_fast": worker_encode_batch}  # params["method"]
 
 
@@ -214,7 +272,22 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
+def print_pre_table(rows: list[dict]) -> None:
+    sources = sorted({k for v in rows for k in v["chars_per_token"]}, key=lambda k: (k == "modern", k))
+    print(f"\n{'pre_tokenizer':<14} {'max tok':>7} " + " ".join(f"{s:>8}" for s in sources)
+          + f" {'wall s':>7} {'peak RSS GB':>11} {'enc Mchar/s':>11}  (chars/token on held-out text of each source)")
+    for v in rows:
+        print(f"{v['pre']:<14} {v['max_token_length']:>7} "
+              + " ".join(f"{v['chars_per_token'].get(s, float('nan')):>8.4f}" for s in sources)
+              + f" {v['seconds']:>7.1f} {gb(v['peak_rss_bytes']):>11} "
+              + f"{v.get('encode_chars_per_second', 0) / 1e6:>11.2f}")
+
+
 def print_table(res: dict) -> None:
+    if res.get("pre"):
+        print_pre_table(res["pre"])
+    if not res["training"]:
+        return
     print(f"\n{'variant':<16} {'shards':>6} {'sample MB':>9} {'max tok':>7} {'chunk':>5} {'wall s':>7} "
           f"{'peak RSS GB':>11} {'chars/token':>11} {'longest':>7}")
     for v in res["training"]:
@@ -237,6 +310,18 @@ def print_table(res: dict) -> None:
               f"prepare / encode_batch_fast: {res['prepare_vs_encode_batch_fast']:.3f}")
 
 
+def run_pre(args, files: list[str], base: dict, work: Path) -> list[dict]:
+    """The --pre comparison: one worker per pre_tokenizer:max_token_length."""
+    modern = sorted(str(f) for f in Path(args.modern).glob("*.jsonl.zst")) if args.modern else []
+    rows = []
+    for point in filter(None, args.pre.split(",")):
+        pre, _, mtl = point.partition(":")
+        params = {**base, "files": files + modern, "pre": pre, "max_token_length": int(mtl or base["max_token_length"]),
+                  "out_dir": str(work / f"pre-{pre}")}
+        rows.append(run_child("pre", params, f"pre {point}"))
+    return rows
+
+
 def main(argv=None) -> int:
     from trainer.config import TokenizerConfig
 
@@ -253,6 +338,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--sweep", default="", help="also train ours at max_token_length:han_chunk:sample_MB,... "
                                                 "(e.g. 4:16:10,4:8:10,2:8:10) and compare")
+    p.add_argument("--modern", default="", help="folder of modern-prose *.jsonl.zst (scripts/make_modern_corpus.py)")
+    p.add_argument("--pre", default="", help="train each pre_tokenizer:max_token_length,... on the shards and "
+                                             "--modern together (e.g. zh:4,qwen2:4,deepseek-llm:4,gpt-2:4)")
+    p.add_argument("--pre-only", action="store_true", help="run only the --pre comparison")
     p.add_argument("--out", default="", help="JSON path (default bench/results/tokenizer-<date>.json)")
     p.add_argument("--keep-work", action="store_true", help="keep the tokenizers and shards in the work dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -284,12 +373,16 @@ def main(argv=None) -> int:
     print(f"corpus: {len(files)} shards of {args.corpus}; vocab {args.vocab}, sample {args.sample_bytes / 1e6:.1f} MB, "
           f"max_token_length {args.max_token_length}; work dir {work}", flush=True)
 
-    plan = [("ours", "ours", files, base)]
-    if not args.skip_recipe:
+    if args.pre:
+        res["pre"] = run_pre(args, files, base, work)
+        res["corpus"]["modern"] = args.modern
+    plan = [] if args.pre_only else [("ours", "ours", files, base)]
+    if not args.skip_recipe and not args.pre_only:
         plan.insert(0, ("recipe", "recipe", files, base))
-    if len(small) < len(files):
+    if len(small) < len(files) and plan:
         plan.append(("ours", "ours-small", small, base))
-    plan.append(("ours", "ours-half", files, {**base, "sample_bytes": args.sample_bytes // 2}))
+    if plan:
+        plan.append(("ours", "ours-half", files, {**base, "sample_bytes": args.sample_bytes // 2}))
     for kind, label, fs, settings in plan:
         params = {**settings, "files": fs, "out_dir": str(work / label)}
         res["training"].append({**run_child(kind, params, label), "shards": len(fs)})
@@ -307,7 +400,7 @@ def main(argv=None) -> int:
                          "peak_rss": round(ours["peak_rss_bytes"] / rec["peak_rss_bytes"], 4),
                          "chars_per_token": round(ours["chars_per_token"] / rec["chars_per_token"], 4)}
 
-    if not args.skip_throughput:
+    if not args.skip_throughput and not args.pre_only:
         tok_dir = str(work / "ours")
         for run in range(1, args.repeat + 1):  # alternating, so a burst of load hits each side alike
             for kind in ("encode_batch", "encode_batch_fast", "prepare"):
