@@ -4,6 +4,8 @@ same model shapes, same packed token shards, same card, one process, one run.
 
     python scripts/bench_pretrain.py --models 124m:32,350m:16 --steps 30
     python scripts/bench_pretrain.py --scaling 1,2,4 --models 124m:32      # DDP efficiency
+    python scripts/bench_pretrain.py --models 1b:16:8 --variants hf,compile,fp8   # ours at 16, Trainer at 8
+    python scripts/bench_pretrain.py --scaling 1,2,4,8 --strategy fsdp --models 1b:16
 
 Prints a table (tok/s, MFU, peak memory, data-wait fraction, ratio to the baseline) and writes
 JSON under bench/results/. Ours runs through trainer.loop.train() (via trainer.worker), what `run` uses.
@@ -90,7 +92,8 @@ def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict)
     Trainer(model=model, args=targs, train_dataset=Packed(), callbacks=[Clock()]).train()
     steps = [b - a for a, b in zip(times[args.warmup:], times[args.warmup + 1:])]
     tok_s = batch * args.seq_len / statistics.median(steps)
-    out = {"setup": "transformers.Trainer", "tok_per_s": tok_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+    out = {"setup": "transformers.Trainer", "batch": batch, "tok_per_s": tok_s,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
            "data_wait": None, "mfu": mfu_of(tok_s, preset, index["vocab_size"], args.seq_len)}
     del model
     torch.cuda.empty_cache()
@@ -98,9 +101,9 @@ def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict)
 
 
 def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, index: dict, base_cfg,
-               compile_mode: str, label: str, nproc: int = 1) -> dict:
-    """trainer.loop.train() with the given settings (the job's worker); tok/s is the median logged
-    window after warm-up."""
+               compile_mode: str, label: str, nproc: int = 1, **settings) -> dict:
+    """trainer.loop.train() with the given settings (the job's worker; `settings`: more train.*
+    keys, e.g. float8=True); tok/s is the median logged window after warm-up."""
     import torch
 
     from trainer.config import replace
@@ -112,8 +115,8 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
         "train.batch_tokens": batch * args.seq_len * nproc, "train.micro_batch_size": batch,
         "train.max_steps": args.warmup + args.steps, "train.warmup_steps": 10, "train.lr": 3e-4,
         "train.log_every_steps": log_every, "train.eval_every_steps": 0, "train.eval_sequences": 16,
-        "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode,
-        "checkpoint.upload_async": False})
+        "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode, "train.strategy": args.strategy,
+        "checkpoint.upload_async": False, **{f"train.{k}": v for k, v in settings.items()}})
     if nproc == 1:
         from trainer.tasks import PretrainTask
         from trainer.worker import run_task
@@ -134,7 +137,7 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     steady = [r for r in rows if r["step"] > args.warmup]
     tok_s = statistics.median(r["tok_per_s"] for r in steady)
-    return {"setup": f"ours ({label})", "tok_per_s": tok_s, "gpus": nproc,
+    return {"setup": f"ours ({label})", "tok_per_s": tok_s, "gpus": nproc, "strategy": args.strategy, **settings,
             "peak_mem_gb": max(r.get("peak_mem_gb", 0) for r in rows),
             "data_wait": statistics.median(r["data_wait"] for r in steady),
             "mfu": mfu_of(tok_s, preset, index["vocab_size"], args.seq_len, nproc),
@@ -143,14 +146,17 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="124m:32,350m:16", help="preset:batch per GPU, comma separated")
+    p.add_argument("--models", default="124m:32,350m:16",
+                   help="preset:batch per GPU[:Trainer's batch if other], comma separated")
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps (compile, allocator)")
     p.add_argument("--corpus", default=str(ROOT / "data/sample/*.jsonl.zst"))
-    p.add_argument("--variants", default="hf,eager,compile", help="hf, eager, compile")
-    p.add_argument("--scaling", default="", help="GPU counts for DDP scaling of ours, e.g. 1,2,4")
+    p.add_argument("--variants", default="hf,eager,compile",
+                   help="hf, eager, compile, fp8 (compile + train.float8), ac (compile + activation checkpointing)")
+    p.add_argument("--scaling", default="", help="GPU counts for scaling of ours, e.g. 1,2,4,8")
+    p.add_argument("--strategy", default="auto", help="train.strategy of ours: auto, ddp, fsdp (1 GPU: unsharded)")
     p.add_argument("--workdir", default=tempfile.mkdtemp(prefix="bench-pretrain-"))
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     args = p.parse_args()
@@ -167,7 +173,7 @@ def main():
     results = []
     variants = args.variants.split(",")
     for spec in args.models.split(","):
-        preset, batch = spec.split(":")
+        preset, batch, *hf_batch = spec.split(":")
         batch = int(batch)
         rows = []
         if args.scaling:
@@ -175,15 +181,21 @@ def main():
                 rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile", n))
         else:
             if "hf" in variants:
-                rows.append(bench_hf_trainer(preset, batch, args, data_dir, index))
+                rows.append(bench_hf_trainer(preset, int(hf_batch[0]) if hf_batch else batch, args, data_dir, index))
             if "eager" in variants:
                 rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "off", "eager"))
             if "compile" in variants:
                 rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile"))
+            if "fp8" in variants:
+                rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile+fp8",
+                                       float8=True))
+            if "ac" in variants:
+                rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile+ac",
+                                       activation_checkpointing=True))
         base = rows[0]["tok_per_s"]
         for r in rows:
-            r.update(model=preset, batch=batch, seq_len=args.seq_len, vocab=index["vocab_size"],
-                     ratio=r["tok_per_s"] / base)
+            r.setdefault("batch", batch)
+            r.update(model=preset, seq_len=args.seq_len, vocab=index["vocab_size"], ratio=r["tok_per_s"] / base)
             if args.scaling:
                 r["scaling_efficiency"] = r["tok_per_s"] / (base * r["gpus"])
         results += rows

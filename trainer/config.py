@@ -189,6 +189,8 @@ class TrainConfig:
     """ddp (each rank holds the whole model), fsdp (FSDP2: weights, grads, optimizer sharded); auto: fsdp from 2B"""
     activation_checkpointing: bool = False
     """recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute"""
+    float8: bool = False
+    """FP8 matmuls in the decoder layers (torchao float8 training; Hopper/Ada GPUs); exports stay bf16/fp32"""
     on_nonfinite: str = "skip"
     """non-finite loss/grad: skip the update (counted), rollback to last checkpoint, fail"""
     spike_factor: float = 0.0

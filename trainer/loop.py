@@ -442,12 +442,47 @@ def _prepare(model, hp: TrainConfig, d: Dist, bf16: bool) -> str:
         # transformers' per-layer checkpointing (torch.utils.checkpoint, non-reentrant): layer
         # activations are recomputed in the backward instead of kept.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hp.float8:
+        float8_training(model)
     if strategy == "fsdp":
         if _compiles(hp.compile, d):
             for layer in decoder_layers(model):  # per block, before sharding, as torchtitan does
                 layer.compile()
         shard(model, bf16)
     return strategy
+
+
+def float8_available(device: str) -> None:
+    """Raise ValueError naming train.float8 unless torchao is installed and the GPU has FP8 tensor
+    cores (compute capability 8.9+: Ada, Hopper and newer)."""
+    from importlib.util import find_spec
+
+    if find_spec("torchao") is None:
+        raise ValueError("train.float8 needs torchao (pip install torchao); or set train.float8=false")
+    if device == "cpu" or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError("train.float8 needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+                         "set train.float8=false here")
+
+
+def float8_training(model) -> list[str]:
+    """Swap the decoder layers' nn.Linear (dims multiples of 16) for torchao's Float8Linear, in
+    place: matmuls in FP8 with dynamic tensorwise scales (Micikevicius et al. 2022, "FP8 formats for
+    deep learning"), weights and their checkpoints unchanged (fp32 parameters under the same names).
+    Embedding and lm_head stay in bf16, as torchtitan's float8 recipe keeps its output layer.
+    Returns the converted module names. Raises ImportError without torchao."""
+    from torchao.float8 import convert_to_float8_training
+
+    converted = []
+
+    def wanted(module, fqn: str) -> bool:
+        ok = (isinstance(module, torch.nn.Linear) and ".layers." in f".{fqn}"
+              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        if ok:
+            converted.append(fqn)
+        return ok
+
+    convert_to_float8_training(model, module_filter_fn=wanted)
+    return converted
 
 
 def _compiles(compile_setting: str, d: Dist) -> bool:

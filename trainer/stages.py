@@ -23,7 +23,7 @@ from trainer.evaluate import evaluate_model, heldout_documents
 from trainer.generate import load_for_generation
 from trainer.lease import Lease
 from trainer.log import logger
-from trainer.loop import batch_geometry
+from trainer.loop import batch_geometry, float8_available
 from trainer.optim import muon_available
 from trainer.prepare import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.report import write_run_report
@@ -144,6 +144,8 @@ def check_before_start(cfg: Config) -> None:
         batch_geometry(cfg.train.batch_tokens // cfg.train.seq_len, nproc * nnodes, cfg.train.micro_batch_size)
         if cfg.train.optimizer == "muon":
             muon_available()
+        if cfg.train.float8:
+            float8_available(cfg.train.device)
     except ValueError as e:
         raise ConfigError(f"invalid configuration:\n  {e}") from None
 

@@ -99,7 +99,8 @@ class PretrainTask:
     def build_model(self, device: torch.device):
         tok = load_tokenizer(self.tok_dir)
         self.model_config.pad_token_id = tok.pad_token_id
-        model = build_model(self.model_config, pick_attention(self.cfg.model.attn_implementation, device.type))
+        with device:  # initialised where it trains: seconds for billions of weights on a GPU, not minutes on CPU
+            model = build_model(self.model_config, pick_attention(self.cfg.model.attn_implementation, device.type))
         # Sampling defaults in every checkpoint and export: plain model.generate() does not parrot.
         model.generation_config = export_generation_config(self.cfg.sample, tok.eos_token_id, tok.pad_token_id)
         return model.to(device), tok
