@@ -136,7 +136,7 @@ def test_plan_json_and_table():
     ({}, "compute"),
     ({"compute": 1e19, "gpu": "tpu"}, "gpu"),
     ({"compute": 1e19, "mfu": 1.5}, "mfu"),
-    ({"compute": 1e19, "preset": "7b"}, "preset"),
+    ({"compute": 1e19, "preset": "70b"}, "preset"),
     ({"compute": 1e19, "seq_len": 4}, "seq_len"),
     ({"compute": 1e19, "seq_len": 100.5}, "seq_len"),
     ({"compute": 1e19, "gpus": 0}, "gpus"),
@@ -177,3 +177,43 @@ def test_a_plan_that_repeats_data_writes_the_repeated_data_settings():
     assert repeated["train"]["max_epochs"] == MAX_EPOCHS
     fresh = plan_to_config(plan(compute=1e19, corpus_tokens=1e12), {})
     assert "optimizer" not in fresh["train"] and "max_epochs" not in fresh["train"]
+
+
+# Memory: trainer.model.training_memory and the plan's strategy, micro-batch and GPU count ---------
+
+def test_training_memory_124m_by_hand():
+    from trainer.model import MEMORY_OVERHEAD_BYTES, training_memory
+
+    m = training_memory(PRESETS["124m"], 32000, 1024, 32)
+    # params: 2 x 32000 x 768 (embedding, lm_head) + 12 x 7_079_424 (layer) + 768 (final norm) = 134_105_856
+    assert m["state"] == 16 * 134_105_856
+    assert m["activations"] == 12 * 34 * 1024 * 32 * 768  # Korthikanti eq. 1 without the 5as/h term
+    assert m["logits"] == 6 * 1024 * 32 * 32000  # bf16 logits + fp32 for the loss
+    assert m["gathered_params"] == 0  # DDP gathers nothing
+    assert m["total"] - MEMORY_OVERHEAD_BYTES == 18_704_805_888
+
+
+def test_training_memory_7b_sharded_with_checkpointing_by_hand():
+    from trainer.model import training_memory
+
+    m = training_memory(PRESETS["7b"], 32000, 1024, 1, shards=8, activation_checkpointing=True)
+    assert m["state"] == 16 * 6_738_415_616 / 8  # Llama 2 7B has 6,738,415,616 parameters at vocab 32000
+    assert m["activations"] == 32 * 2 * 1024 * 4096 + 34 * 1024 * 4096  # layer inputs + one whole layer
+    # bf16 weights of 2 decoder layers (6_476_267_520 / 32 each) and of embedding + norm + lm_head
+    assert m["gathered_params"] == 2 * (2 * 202_383_360 + 2 * 131_072_000 + 4096)
+
+
+@pytest.mark.parametrize("preset, batch, measured_gb", [("124m", 32, 15.05), ("350m", 16, 21.3)])
+def test_training_memory_is_near_what_one_h200_measured(preset, batch, measured_gb):
+    """bench/RESULTS.md: DDP, no checkpointing, torch.compile, bf16, seq 1024, max_memory_allocated
+    (which leaves out what the overhead term stands for)."""
+    from trainer.model import MEMORY_OVERHEAD_BYTES, training_memory
+
+    predicted = (training_memory(PRESETS[preset], 32000, 1024, batch)["total"] - MEMORY_OVERHEAD_BYTES) / 1e9
+    assert 1.0 <= predicted / measured_gb <= 1.3  # never under the measurement, not far over it
+
+
+def test_gpu_memory_table_covers_every_gpu_the_planner_takes():
+    from trainer.model import GPU_MEMORY_GB, PEAK_FLOPS
+
+    assert set(GPU_MEMORY_GB) == set(PEAK_FLOPS)

@@ -28,6 +28,14 @@ PRESETS: dict[str, Shape] = {
     "350m": Shape(n_layer=24, d_model=1024, n_head=16, n_kv_head=16, d_ffn=2816),
     "760m": Shape(n_layer=24, d_model=1536, n_head=16, n_kv_head=16, d_ffn=4096),
     "1b": Shape(n_layer=24, d_model=2048, n_head=16, n_kv_head=8, d_ffn=5632),
+    # Published Llama shapes (their vocabularies are not: ours is the tokenizer's). 3b is Llama 3.2 3B
+    # (config.json of meta-llama/Llama-3.2-3B: 28 layers, hidden 3072, 24 heads, 8 kv heads, intermediate
+    # 8192); 7b is Llama 2 7B (Touvron et al. 2023, arXiv 2307.09288, table 1 and config.json of
+    # meta-llama/Llama-2-7b-hf: 32 layers, hidden 4096, 32 heads, no GQA, intermediate 11008).
+    # Both train with train.strategy=fsdp (auto picks it from sharding.FSDP_AUTO_PARAMS); `plan` says on
+    # how many GPUs of which memory.
+    "3b": Shape(n_layer=28, d_model=3072, n_head=24, n_kv_head=8, d_ffn=8192),
+    "7b": Shape(n_layer=32, d_model=4096, n_head=32, n_kv_head=32, d_ffn=11008),
 }
 
 
@@ -125,6 +133,88 @@ def flops_per_token(shape: Shape, vocab_size: int, seq_len: int, tie_embeddings:
 
 # Dense bf16 peak FLOP/s used for MFU (vendor datasheets, SXM parts).
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "4090": 165e12}
+# Memory per GPU in GB as the vendor datasheets give it: H100 SXM5 80 GB HBM3, H200 141 GB HBM3e,
+# A100 SXM4 80 GB HBM2e (the 80 GB part; the 40 GB A100 is not this row), L40S 48 GB GDDR6, GeForce
+# RTX 4090 24 GB GDDR6X. The memory model reads them as 1e9 bytes, which is conservative: the
+# datasheets' GB are nearer GiB (nvidia-smi shows 143,771 MiB = 150.8e9 bytes on our H200s, KINDS
+# notes of the device machines), and ECC (on by default on L40S) takes a few percent of GDDR6.
+GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "a100": 80.0, "l40s": 48.0, "4090": 24.0}
+
+# Training memory -------------------------------------------------------------------------------
+# Per parameter with AdamW under bf16 autocast: fp32 weights 4 + fp32 gradients 4 + two fp32 moments
+# 8 = 16 bytes, the same total ZeRO counts for mixed-precision Adam (Rajbhandari et al. 2020, arXiv
+# 1910.02054, sec. 3.1: 2 + 2 + 12). DDP keeps it whole on every GPU (its buckets are views of the
+# gradients: gradient_as_bucket_view=True in trainer/loop.py); FSDP divides it by the ranks.
+# Muon keeps one moment instead of two on the hidden matrices: 16 over-counts it by ~20%.
+STATE_BYTES_PER_PARAM = 16
+# Activations of one transformer layer: s b h (34 + 5 a s / h) bytes (Korthikanti et al. 2022,
+# "Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198, eq. 1, 16-bit
+# activations, no parallelism). The 5 a s / h term is the stored attention-score matrix, which
+# flash/SDPA attention (what we train with) never materialises, so it is 0 here. The 34 is counted
+# for GPT's 4h MLP with dropout; LLaMA's SwiGLU at ~8/3 h without dropout lands close to it.
+ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH = 34
+# With activation checkpointing each layer keeps only its bf16 input (2 s b h, Korthikanti sec. 4.1)
+# and one layer's full activations exist at a time in the backward.
+CHECKPOINTED_BYTES_PER_TOKEN_PER_WIDTH = 2
+# Logits of one micro-batch: bf16 from the lm_head (2) and fp32 for the cross-entropy (4), s b V.
+LOGIT_BYTES_PER_TOKEN_PER_VOCAB = 2 + 4
+# FSDP2 all-gathers a layer's bf16 weights before its forward/backward and prefetches the next one:
+# ~2 decoder layers exist whole at once (trainer/sharding.py; Zhao et al. 2023, "PyTorch FSDP", sec.
+# 3.3 on prefetching), and the root unit (embedding, final norm, lm_head) stays gathered from the
+# embedding's forward to the head's.
+FSDP_GATHERED_LAYERS = 2
+# What max_memory_allocated does not see but the card must hold: the CUDA context with cuBLAS/cuDNN
+# workspaces (~0.5-1 GB on Hopper), NCCL buffers (~0.5-1 GB), and the caching allocator's reserved but
+# unallocated blocks (fragmentation). An assumption, not a measurement; see memory_per_gpu.
+MEMORY_OVERHEAD_BYTES = 3e9
+
+
+def training_memory(shape: Shape, vocab_size: int, seq_len: int, micro_batch_size: int, shards: int = 1,
+                    activation_checkpointing: bool = False, tie_embeddings: bool = False) -> dict[str, float]:
+    """Predicted peak bytes on one GPU while training, by part, and their "total".
+
+    shards: the FSDP world size the training state is divided over (1 for DDP, which keeps it whole
+    on every GPU). state = STATE_BYTES_PER_PARAM x params / shards; activations (one micro-batch of
+    micro_batch_size sequences of seq_len tokens, s b) = n_layer x ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH
+    x s b h (Korthikanti et al. 2022 eq. 1 without the attention-score term), or with activation
+    checkpointing n_layer x 2 s b h + one layer's full 34 s b h; logits = 6 s b V; gathered (shards > 1)
+    = bf16 weights of FSDP_GATHERED_LAYERS decoder layers and of the root unit; overhead =
+    MEMORY_OVERHEAD_BYTES. Pure arithmetic on the constants above, whose sources they cite.
+
+    Checked against bench/RESULTS.md (one H200, DDP, no checkpointing, torch.compile, bf16 autocast,
+    vocab 32000, seq 1024; the measurement is torch.cuda.max_memory_allocated, which leaves out what
+    MEMORY_OVERHEAD_BYTES stands for, so compare it with total - overhead):
+        124m, 32 sequences: predicted 18.7 GB without overhead, measured 15.05 GB (1.24x);
+        350m, 16 sequences: predicted 22.8 GB without overhead, measured 21.3 GB (1.07x).
+    The compiled loss keeps no full fp32 logits (the eager loop measured 32.0 and 35.9 GB), which is
+    most of the over-estimate at 124m, where logits are a third of the total. ../shared/GPU_NOTES.md's
+    plain compiled loop (loss outside the graph) measured 20, 39, 25 and 45 GB for 124m x 32, 124m x 64,
+    350m x 16 and 350m x 32, against 18.7, 35.3, 22.8 and 39.7 predicted (0.88-0.94x): the two loops
+    bracket the prediction, and the overhead term covers the gap. No figure for 1b, activation
+    checkpointing or FSDP has been measured: those parts are the papers' counts only.
+    """
+    p = n_params(shape, vocab_size, tie_embeddings)
+    s_b = float(seq_len * micro_batch_size)  # tokens in one micro-batch
+    h, n = shape.d_model, shape.n_layer
+    full_layer = ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH * s_b * h
+    if activation_checkpointing:
+        activations = n * CHECKPOINTED_BYTES_PER_TOKEN_PER_WIDTH * s_b * h + full_layer
+    else:
+        activations = n * full_layer
+    gathered = 0.0
+    if shards > 1:
+        per_layer = p["layers"] / n
+        root = p["total"] - p["layers"]  # embedding, final norm, lm_head
+        gathered = 2.0 * (FSDP_GATHERED_LAYERS * per_layer + root)
+    parts = {
+        "state": STATE_BYTES_PER_PARAM * p["total"] / shards,
+        "activations": activations,
+        "logits": LOGIT_BYTES_PER_TOKEN_PER_VOCAB * s_b * vocab_size,
+        "gathered_params": gathered,
+        "overhead": MEMORY_OVERHEAD_BYTES,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def peak_flops(device_name: str) -> float | None:
