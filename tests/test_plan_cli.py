@@ -172,3 +172,20 @@ def test_out_is_not_written_when_the_base_config_is_missing(tmp_path, capsys):
     assert e.value.code == 2
     assert "missing.yaml" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_7b_on_8_h100_writes_a_sharded_config_run_accepts(tmp_path, capsys):
+    out = tmp_path / "planned.yaml"
+    entrypoint.main(["plan", "--preset=7b", "--gpu=h100", "--gpus=8", "--json", f"--out={out}"])
+    p = json.loads(capsys.readouterr().out)
+    assert (p["strategy"], p["fits"], p["activation_checkpointing"]) == ("fsdp", True, False)
+    assert p["micro_batch_size"] in (16, 8, 4, 2, 1) and p["memory_gb_per_gpu"] <= p["gpu_memory_gb"] == 80
+    cfg = load_config(str(out), {}, env={})  # validated: raises on any bad key or value
+    assert cfg.model.preset == "7b" and cfg.train.strategy == "fsdp"
+    assert cfg.train.micro_batch_size == p["micro_batch_size"]
+
+
+def test_7b_on_one_4090_table_names_the_gpus_it_needs(capsys):
+    entrypoint.main(["plan", "--preset=7b", "--gpu=4090"])
+    out = capsys.readouterr().out
+    assert "warning: 7b does not fit on 1 x 4090" in out and "at least 8 x 4090" in out

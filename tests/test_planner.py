@@ -217,3 +217,64 @@ def test_gpu_memory_table_covers_every_gpu_the_planner_takes():
     from trainer.model import GPU_MEMORY_GB, PEAK_FLOPS
 
     assert set(GPU_MEMORY_GB) == set(PEAK_FLOPS)
+
+
+def test_7b_on_8_h100_is_sharded_and_picks_a_micro_batch():
+    p = plan(preset="7b", gpu="h100", gpus=8)
+    assert p.strategy == "fsdp" and p.fits and not p.activation_checkpointing
+    assert not p.ddp.fits  # 16 B x 6.7e9 parameters alone is 108 GB
+    # 16 sequences: 73 GB of activations alone; 8: 13.5 state + 36.5 activations + 1.6 logits + 1.3 gathered + 3
+    assert p.micro_batch_size == 8 and p.memory_gb_per_gpu == pytest.approx(55.9, abs=0.1)
+    assert p.min_gpus_fsdp == 2 and p.min_gpus_fsdp_ac == 2
+    assert not any("does not fit" in w for w in p.warnings)
+    tree = plan_to_config(p, {})
+    assert tree["train"]["strategy"] == "fsdp" and tree["train"]["micro_batch_size"] == 8
+    assert "activation_checkpointing" not in tree["train"]
+    cfg = load_config_tree(tree)
+    assert (cfg.train.strategy, cfg.train.micro_batch_size, cfg.train.activation_checkpointing) == ("fsdp", 8, False)
+
+
+def test_7b_on_one_4090_warns_how_many_it_needs():
+    p = plan(preset="7b", gpu="4090", gpus=1)
+    assert not p.fits and p.strategy == "fsdp" and p.activation_checkpointing and p.micro_batch_size == 1
+    # 4 GPUs: 27.0 state + 0.4 + 0.2 + 1.3 + 3 = 31.9 GB > 24; 8: 13.5 + ... = 18.4 GB (22.6 without checkpointing)
+    assert p.min_gpus_fsdp_ac == 8 and p.min_gpus_fsdp == 8
+    [w] = [w for w in p.warnings if "does not fit" in w]
+    assert "at least 8 x 4090" in w
+    assert "at least 8 x 4090" in format_table(p)
+    cfg = load_config_tree(plan_to_config(p, {}))
+    assert cfg.train.strategy == "fsdp" and cfg.train.activation_checkpointing and cfg.train.micro_batch_size == 1
+
+
+def test_124m_on_one_h100_stays_ddp_and_writes_nothing_new():
+    p = plan(preset="124m", gpu="h100", gpus=1)
+    assert p.strategy == "ddp" and p.fits and p.micro_batch_size == 16 and not p.activation_checkpointing
+    assert p.min_gpus_fsdp == 1
+    tree = plan_to_config(p, {})
+    assert not {"strategy", "activation_checkpointing", "micro_batch_size"} & set(tree["train"])
+    assert load_config_tree(tree).train.strategy == "auto"
+
+
+def test_sharding_beats_checkpointing_when_ddp_needs_it():
+    # 1b on 24 GB: DDP fits only with activation checkpointing (~1/3 more compute); FSDP over 4 without
+    p = plan(preset="1b", gpu="4090", gpus=4)
+    assert p.ddp.fits and p.ddp.activation_checkpointing
+    assert p.strategy == "fsdp" and p.fits and not p.activation_checkpointing
+    one = plan(preset="1b", gpu="4090", gpus=1)  # one GPU: nothing to shard over
+    assert one.strategy == "ddp" and one.fits and one.activation_checkpointing
+
+
+def test_a_sequence_too_long_for_any_number_of_gpus():
+    # 7b at 65536 tokens: layer inputs alone 32 x 2 x 65536 x 4096 = 17.2 GB, logits 6 x 65536 x 32000 = 12.6 GB
+    p = plan(preset="7b", gpu="4090", gpus=8, seq_len=65536)
+    assert not p.fits and p.min_gpus_fsdp_ac is None and p.min_gpus_fsdp is None
+    assert any("any number of 4090" in w and "seq_len" in w for w in p.warnings)
+
+
+def test_memory_in_json_and_table():
+    p = plan(preset="7b", gpu="h100", gpus=8)
+    j = json.loads(json.dumps(plan_json(p)))
+    assert (j["strategy"], j["fits"], j["micro_batch_size"], j["min_gpus_fsdp"]) == ("fsdp", True, 8, 2)
+    assert j["memory"]["ddp"]["fits"] is False and j["memory"]["fsdp"]["shards"] == 8
+    table = format_table(p)
+    assert "fsdp, micro-batch 8" in table and "FSDP over 8" in table

@@ -13,6 +13,12 @@ so that compute is C = M D (D = training tokens), and fits (eqs. 1 and 4)
 The Chinchilla rule (Hoffmann et al. 2022, arXiv 2203.15556: about 20 tokens per parameter, with
 C = 6 N D) is shown beside it for comparison; it does not drive the plan.
 
+Memory: for the chosen preset on --gpus GPUs of --gpu's memory (trainer.model.training_memory),
+DDP needs the whole training state on each GPU, FSDP divides it by the GPUs; the plan picks the
+strategy (FSDP when DDP does not fit or the model is past sharding.FSDP_AUTO_PARAMS), the largest
+micro-batch that fits, activation checkpointing only when nothing fits without it, and says how many
+GPUs FSDP needs at least.
+
 `plan` is a pure function of its arguments; `plan_to_config` turns a plan into the config keys
 `run` reads, `format_table` and `plan_json` present it.
 """
@@ -25,7 +31,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 
-from trainer.model import PEAK_FLOPS, PRESETS, Shape, flops_per_token, n_params
+from trainer.model import GPU_MEMORY_GB, PEAK_FLOPS, PRESETS, Shape, flops_per_token, n_params, training_memory
+from trainer.sharding import FSDP_AUTO_PARAMS
 
 # DeepSeek LLM, arXiv 2401.02954: eq. 1 (hyperparameters) and eq. 4 (model/data allocation).
 BATCH_COEF, BATCH_EXP = 0.2920, 0.3271
@@ -50,6 +57,22 @@ MAX_GOOD_EPOCHS = 4.0
 REPEATED_DATA_TRAIN = {"optimizer": "muon", "weight_decay": 1.6}
 MAX_EPOCHS = 5.0
 DEFAULT_VOCAB = 32000  # TokenizerConfig.vocab_size default; only parameter counts and lm_head FLOPs use it
+# Micro-batches (sequences per GPU per forward) tried, largest first; 16 is what the loop takes when
+# train.micro_batch_size is 0 (trainer/loop.py batch_geometry), so a plan that fits it writes none.
+MICRO_BATCHES = (16, 8, 4, 2, 1)
+MAX_GPUS = 4096  # the GPU counts FSDP is tried on: powers of two up to this
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """How one strategy holds the chosen model on GPUs of the plan's kind: the largest micro-batch
+    that fits, without activation checkpointing when any does (it costs ~1/3 more compute)."""
+    strategy: str  # ddp or fsdp
+    shards: int  # GPUs the training state is divided over: 1 for ddp, the plan's gpus for fsdp
+    fits: bool
+    micro_batch_size: int  # most sequences per GPU per forward (train.micro_batch_size); 1 when nothing fits
+    activation_checkpointing: bool
+    gb_per_gpu: float  # predicted peak per GPU, 1e9 bytes (trainer.model.training_memory, overhead included)
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,17 @@ class Plan:
     gpu_hours: float
     cost: float | None
     chinchilla: Chinchilla
+    # memory (trainer.model.training_memory) on gpus x gpu
+    strategy: str  # ddp or fsdp: what train.strategy should be
+    fits: bool  # the strategy, micro-batch and checkpointing below fit in gpu_memory_gb
+    micro_batch_size: int  # sequences per GPU per forward
+    activation_checkpointing: bool
+    memory_gb_per_gpu: float  # predicted peak per GPU with the above, 1e9 bytes
+    gpu_memory_gb: float  # trainer.model.GPU_MEMORY_GB[gpu]
+    ddp: MemoryFit
+    fsdp: MemoryFit  # over the plan's gpus
+    min_gpus_fsdp: int | None  # fewest GPUs (power of two) that hold it with FSDP at micro-batch 1; None: none
+    min_gpus_fsdp_ac: int | None  # the same with activation checkpointing
     warnings: tuple[str, ...]
 
 
@@ -133,6 +167,61 @@ def round_batch(batch_tokens: float, seq_len: int, gpus: int) -> int:
     """Nearest multiple of seq_len * gpus (every rank gets whole sequences), at least one."""
     unit = seq_len * gpus
     return max(1, round(batch_tokens / unit)) * unit
+
+
+def _micro(per_rank: int, cap: int) -> int:
+    """The micro-batch the loop runs for `per_rank` sequences per GPU and train.micro_batch_size=cap:
+    the largest divisor of per_rank up to cap (trainer/loop.py batch_geometry)."""
+    return max(k for k in range(1, min(cap, per_rank) + 1) if per_rank % k == 0)
+
+
+def fit_memory(shape: Shape, vocab_size: int, seq_len: int, gpu_gb: float, strategy: str, shards: int,
+               per_rank: int) -> MemoryFit:
+    """The first of MICRO_BATCHES (up to per_rank, the sequences per GPU per step) that fits in
+    gpu_gb, trying without activation checkpointing first; fits=False (micro-batch 1, with
+    checkpointing) when none does. The memory is the micro-batch's; the loop may run a smaller one
+    (_micro), never a larger."""
+    for checkpointing in (False, True):
+        for m in [m for m in MICRO_BATCHES if m <= per_rank] or [1]:
+            gb = training_memory(shape, vocab_size, seq_len, m, shards, checkpointing)["total"] / 1e9
+            if gb <= gpu_gb:
+                return MemoryFit(strategy, shards, True, m, checkpointing, gb)
+    return MemoryFit(strategy, shards, False, 1, True, gb)
+
+
+def min_gpus_fsdp(shape: Shape, vocab_size: int, seq_len: int, gpu_gb: float, checkpointing: bool) -> int | None:
+    """Fewest GPUs of gpu_gb, a power of two up to MAX_GPUS, that hold the model with FSDP at
+    micro-batch 1; None when none does (one sequence's activations alone are too large)."""
+    g = 1
+    while g <= MAX_GPUS:
+        if training_memory(shape, vocab_size, seq_len, 1, g, checkpointing)["total"] / 1e9 <= gpu_gb:
+            return g
+        g *= 2
+    return None
+
+
+def memory_plan(preset: str, vocab_size: int, seq_len: int, gpu: str, gpus: int, batch_tokens: int) -> dict:
+    """The Plan's memory fields for `preset` on `gpus` x `gpu`. Several GPUs: FSDP when DDP does not
+    fit one GPU without activation checkpointing or the model has FSDP_AUTO_PARAMS parameters or
+    more (as train.strategy=auto decides). One GPU: DDP whenever it fits (with checkpointing if it
+    must), since FSDP over one rank shards nothing (sharding.resolve_strategy); FSDP otherwise,
+    which the warning turns into a GPU count."""
+    shape, gpu_gb = PRESETS[preset], GPU_MEMORY_GB[gpu]
+    per_rank = max(1, batch_tokens // seq_len // gpus)
+    ddp = fit_memory(shape, vocab_size, seq_len, gpu_gb, "ddp", 1, per_rank)
+    fsdp = fit_memory(shape, vocab_size, seq_len, gpu_gb, "fsdp", gpus, per_rank)
+    big = n_params(shape, vocab_size)["total"] >= FSDP_AUTO_PARAMS
+    if gpus == 1:  # nothing to shard over: DDP's fit, or FSDP's (the same numbers) named as what it needs
+        chosen = ddp if ddp.fits else fsdp
+    else:  # checkpointing costs ~1/3 more compute; sharding costs ~1/2 more communication (Zhao et al. 2023)
+        chosen = ddp if ddp.fits and not ddp.activation_checkpointing and not big else fsdp
+    return {
+        "strategy": chosen.strategy, "fits": chosen.fits, "micro_batch_size": chosen.micro_batch_size,
+        "activation_checkpointing": chosen.activation_checkpointing, "memory_gb_per_gpu": chosen.gb_per_gpu,
+        "gpu_memory_gb": gpu_gb, "ddp": ddp, "fsdp": fsdp,
+        "min_gpus_fsdp": min_gpus_fsdp(shape, vocab_size, seq_len, gpu_gb, False),
+        "min_gpus_fsdp_ac": min_gpus_fsdp(shape, vocab_size, seq_len, gpu_gb, True),
+    }
 
 
 def _nearest(values: dict[str, float], target: float | dict[str, float]) -> str:
@@ -280,7 +369,7 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
         train_flops_per_token=f[chosen], params=params, batch_tokens=batch, steps=steps,
         warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
         epochs=epochs, wall_hours=wall_hours, gpu_hours=used_gpu_hours, cost=cost,
-        chinchilla=chinchilla, warnings=(),
+        chinchilla=chinchilla, warnings=(), **memory_plan(chosen, vocab_size, seq_len, gpu, gpus, batch),
     )
     return replace(p, warnings=plan_warnings(p, target_tokens))
 
@@ -309,14 +398,35 @@ def plan_warnings(p: Plan, target_tokens: float) -> tuple[str, ...]:
         warnings.append(f"only {p.steps} optimizer steps; the plan is too small for the fitted batch size")
     if abs(p.tokens - target_tokens) > 0.05 * target_tokens:
         warnings.append(f"whole steps change tokens from {target_tokens:.3g} to {p.tokens:.3g}")
+    if not p.fits:
+        warnings.append(memory_warning(p))
+    per_rank = max(1, p.batch_tokens // p.seq_len // p.gpus)
+    if p.fits and 2 * _micro(per_rank, p.micro_batch_size) <= p.micro_batch_size:
+        warnings.append(f"{per_rank} sequences per GPU split only into micro-batches of "
+                        f"{_micro(per_rank, p.micro_batch_size)} (memory allows {p.micro_batch_size}): a batch_tokens "
+                        f"that is a multiple of {p.micro_batch_size * p.seq_len * p.gpus} runs faster")
     return tuple(warnings)
+
+
+def memory_warning(p: Plan) -> str:
+    """Why plan `p` does not fit its GPUs, and how many it would need."""
+    gpus = f"{p.gpus} x {p.gpu} ({p.gpu_memory_gb:g} GB each)"
+    if p.min_gpus_fsdp_ac is None:
+        return (f"{p.preset} does not fit on any number of {p.gpu} at seq_len {p.seq_len}: one sequence's "
+                f"activations and logits alone exceed {p.gpu_memory_gb:g} GB; use a shorter seq_len or a larger GPU")
+    without = (f"{p.min_gpus_fsdp} without it" if p.min_gpus_fsdp is not None else "no number without it")
+    return (f"{p.preset} does not fit on {gpus}: {p.memory_gb_per_gpu:.0f} GB per GPU predicted with "
+            f"{p.strategy}, micro-batch 1 and activation checkpointing; it needs at least {p.min_gpus_fsdp_ac} x "
+            f"{p.gpu} with FSDP and activation checkpointing ({without})")
 
 
 def plan_to_config(plan: Plan, base: dict) -> dict:
     """A copy of the config tree `base` (as config.to_dict gives, or a YAML file's) with the plan's
     model.preset, train.max_steps, batch_tokens, lr, seq_len and warmup_steps set, and a run.id of
     its own (planned_run_id): a planned model must not resume, or overwrite, base's run. A plan that
-    reads its corpus more than once also gets REPEATED_DATA_TRAIN and train.max_epochs=MAX_EPOCHS."""
+    reads its corpus more than once also gets REPEATED_DATA_TRAIN and train.max_epochs=MAX_EPOCHS.
+    Memory: train.strategy=fsdp when the plan shards, train.activation_checkpointing=true when it
+    needs it, and train.micro_batch_size when memory allows fewer than the loop's default of 16."""
     tree = copy.deepcopy(base)
     tree.setdefault("model", {})["preset"] = plan.preset
     tree.setdefault("train", {}).update({
@@ -325,6 +435,12 @@ def plan_to_config(plan: Plan, base: dict) -> dict:
     })
     if plan.epochs is not None and plan.epochs > 1:  # repeated data: what trained it best (measured)
         tree["train"].update({**REPEATED_DATA_TRAIN, "max_epochs": MAX_EPOCHS})
+    if plan.strategy == "fsdp":
+        tree["train"]["strategy"] = "fsdp"
+    if plan.activation_checkpointing:
+        tree["train"]["activation_checkpointing"] = True
+    if plan.micro_batch_size < MICRO_BATCHES[0]:  # the loop's default (0) would run up to 16
+        tree["train"]["micro_batch_size"] = plan.micro_batch_size
     tree.setdefault("run", {})["id"] = planned_run_id(plan, tree)
     return tree
 
@@ -375,12 +491,31 @@ def plan_json(plan: Plan) -> dict:
         "gpu_hours": plan.gpu_hours,
         "price_per_gpu_hour": plan.price_per_gpu_hour,
         "cost": plan.cost,
+        "strategy": plan.strategy,
+        "fits": plan.fits,
+        "micro_batch_size": plan.micro_batch_size,
+        "activation_checkpointing": plan.activation_checkpointing,
+        "memory_gb_per_gpu": plan.memory_gb_per_gpu,
+        "gpu_memory_gb": plan.gpu_memory_gb,
+        "min_gpus_fsdp": plan.min_gpus_fsdp,
+        "min_gpus_fsdp_ac": plan.min_gpus_fsdp_ac,
+        "memory": {"ddp": asdict(plan.ddp), "fsdp": asdict(plan.fsdp)},
         "warnings": list(plan.warnings),
     }
 
 
 def _duration(hours: float) -> str:
     return f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+
+
+def _fit_cell(fit: MemoryFit) -> str:
+    checkpointing = ", activation checkpointing" if fit.activation_checkpointing else ""
+    verdict = "fits" if fit.fits else "does not fit"
+    return f"{verdict}: {fit.gb_per_gpu:.1f} GB/GPU at micro-batch {fit.micro_batch_size}{checkpointing}"
+
+
+def _gpus_cell(n: int | None) -> str:
+    return "none up to " + str(MAX_GPUS) if n is None else str(n)
 
 
 def format_table(plan: Plan) -> str:
@@ -406,6 +541,15 @@ def format_table(plan: Plan) -> str:
     rows.append(("GPU-hours", "", f"{plan.gpu_hours:.3g}", ""))
     if plan.cost is not None:
         rows.append(("cost", "", f"{plan.cost:.2f} at {plan.price_per_gpu_hour:g}/GPU-hour", ""))
+    rows += [
+        (f"memory: DDP ({plan.gpu}, {plan.gpu_memory_gb:g} GB)", "", _fit_cell(plan.ddp), ""),
+        (f"memory: FSDP over {plan.gpus}", "", _fit_cell(plan.fsdp), ""),
+        ("FSDP needs at least", "", f"{_gpus_cell(plan.min_gpus_fsdp)} x {plan.gpu} "
+                                    f"({_gpus_cell(plan.min_gpus_fsdp_ac)} with activation checkpointing)", ""),
+        ("strategy", "", f"{plan.strategy}, micro-batch {plan.micro_batch_size}, activation checkpointing "
+                         f"{'on' if plan.activation_checkpointing else 'off'}{'' if plan.fits else ' (does not fit)'}",
+         ""),
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for i, r in enumerate(rows):
