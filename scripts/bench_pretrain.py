@@ -108,7 +108,7 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
 
     from trainer.config import replace
 
-    run_id = f"bench-{preset}-{label}-{nproc}".replace(" ", "").replace(",", "")
+    run_id = f"bench-{preset}-{label}-{nproc}".replace(" ", "").replace(",", "").replace("+", "-")
     log_every = 5
     cfg = replace(base_cfg, **{
         "run.id": run_id, "model.preset": preset, "train.seq_len": args.seq_len,
@@ -135,6 +135,10 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
                        check=True)
     metrics = Path(cfg.storage.local_dir) / "runs" / run_id / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    import shutil
+
+    for folder in (Path(cfg.storage.local_dir) / "runs" / run_id, Path(cfg.storage.bucket) / "runs" / run_id):
+        shutil.rmtree(folder, ignore_errors=True)  # a 1b checkpoint is 15 GB: the disk holds few
     steady = [r for r in rows if r["step"] > args.warmup]
     tok_s = statistics.median(r["tok_per_s"] for r in steady)
     return {"setup": f"ours ({label})", "tok_per_s": tok_s, "gpus": nproc, "strategy": args.strategy, **settings,
