@@ -202,17 +202,29 @@ def test_hash_follows_every_setting_that_changes_the_tokenizer():
     hashes = {tokenizer_hash(cfg_with(**{k: v}), "corpus-a") for k, v in changed.items()}
     assert len(hashes) == len(changed) and h not in hashes
     assert data_hash(base, "c", "tok") != data_hash(cfg_with(**{"data.dedup": False}), "c", "tok")
-    assert tokenizer_hash(cfg_with(**{"tokenizer.pre_tokenizer": "qwen2"}), "corpus-a") not in hashes | {h}
+    assert tokenizer_hash(cfg_with(**{"tokenizer.pre_tokenizer": "zh"}), "corpus-a") not in hashes | {h}
 
 
-def test_default_tokenizer_hash_and_training_are_what_they_were():
-    """Adding tokenizer.pre_tokenizer changed nothing for zh: the hash a run reuses its tokenizer by
-    (computed before the key existed, commit deafe08) and the trained tokenizer.json."""
-    assert tokenizer_hash(cfg_with(), "fp") == "6029e65ef9b1a8ca"
-    pre = json.loads(train_tokenizer(["床前明月光"] * 3, 300, 4).to_str())["pre_tokenizer"]
+def test_zh_tokenizers_hash_and_train_as_before_the_default_changed():
+    """tokenizer.pre_tokenizer=zh (the default until 2026-11-30) gives the hash a run reuses its
+    tokenizer by and the tokenizer.json it trained before the key existed (commit deafe08), so a
+    run that sets it keeps its tokenizer; the new default (qwen2) is another tokenizer."""
+    zh = cfg_with(**{"tokenizer.pre_tokenizer": "zh"})
+    assert tokenizer_hash(zh, "fp") == "6029e65ef9b1a8ca" != tokenizer_hash(cfg_with(), "fp")
+    pre = json.loads(train_tokenizer(["床前明月光"] * 3, 300, 4, pre_tokenizer="zh").to_str())["pre_tokenizer"]
     assert [p.get("pattern", {}).get("Regex") for p in pre["pretokenizers"]] == [
         r"\p{Han}{1,16}| ?[\p{L}\p{M}&&[^\p{Han}]]{1,32}|\p{N}| ?[^\s\p{L}\p{N}]{1,16}[\r\n]*|"
         r"\s*[\r\n]+|\s+(?!\S)|\s+", None]
+
+
+def test_a_saved_zh_tokenizer_loads_and_encodes_as_it_did(tmp_path, poems):
+    """A tokenizer folder saved before the default changed is self-describing: loading it gives its
+    own split and ids, whatever tokenizer.pre_tokenizer now defaults to."""
+    text = "床前明月光，疑是地上霜。\nHello 2026"
+    trained = train_tokenizer(poems[:500], 600, 4, pre_tokenizer="zh")
+    save_tokenizer(trained, tmp_path)
+    assert load_tokenizer(tmp_path)(text, add_special_tokens=False)["input_ids"] == trained.encode(text).ids
+    assert llama_cpp_pre_name(json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))) is None
 
 
 def test_training_logs_readable_progress(caplog, poems, monkeypatch):

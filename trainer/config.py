@@ -104,8 +104,10 @@ class TokenizerConfig:
     """target vocabulary size including special and byte tokens"""
     max_token_length: int = 4
     """longest token in characters"""
-    pre_tokenizer: str = "zh"
-    """how text is split before BPE: zh (ours), or qwen2, deepseek-llm, gpt-2 (llama.cpp implements these)"""
+    pre_tokenizer: str = "qwen2"
+    """split before BPE: qwen2, deepseek-llm, gpt-2 (as those models; llama.cpp runs them), zh (until 2026-11-30)"""
+    # docs/tokenizer.md: qwen2 gives 4-7% more chars/token than zh on poetry, news and reviews, and
+    # only the llama.cpp splits convert to GGUF (scripts/convert_to_gguf.py).
     # Past 4 Han characters merges memorise phrases, not words (docs/tokenizer.md: 4 gives the best
     # held-out chars/token at 32k on classical poetry).
     min_frequency: int = 2

@@ -5,6 +5,10 @@ with read them alike: transformers 5 and 4.x, vLLM, llama.cpp's converter (issue
   config.json              the keys transformers 4.x reads beside those 5.x renamed (write_portable_config);
   tokenizer files          tokenizer.save_tokenizer (class, context length, chat template).
 
+llama.cpp: the converter's own table cannot name the split of a tokenizer trained here, so exports
+convert through scripts/convert_to_gguf.py, for tokenizer.pre_tokenizer qwen2 (the default),
+deepseek-llm or gpt-2 (docs/tokenizer.md "GGUF"; tests/test_gguf.py runs the result in llama.cpp).
+
 No trainer imports beyond config, so checkpoint.py (which writes these files) can import it.
 tests/test_export_compat.py loads each file in transformers 4.46, the newest 4.x and 5.
 """

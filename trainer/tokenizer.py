@@ -6,20 +6,19 @@ set of words each byte pair occurs in. Unspaced Chinese makes words of whole cla
 distinct, so memory grows with the corpus (5.4 GB for 26 M characters of poetry). Here:
   * training reads at most `tokenizer.sample_bytes` of text, sampled evenly across all files in one
     streaming pass (bottom-k by document hash: deterministic, memory bounded by the sample). The
-    trainer's memory is about 100 bytes per sampled byte of Chinese, whatever the corpus size;
-  * Han runs are cut into pre-tokens of at most `han_chunk_chars(max_token_length)` characters, so
-    no pre-token is a whole paragraph, and a chunk still holds several tokens so that BPE, not the
-    regex, decides where most word boundaries fall;
-  * digits are split singly (numbers compose from digits instead of wasting the vocabulary);
-  * Latin words, punctuation and whitespace are separate pre-tokens as in GPT-4's pattern, and a
-    punctuation run takes the newlines after it ("。\\n" is one token: one per line of poetry saved);
+    trainer's memory is about 100 bytes per sampled byte of Chinese, whatever the corpus size and
+    whatever the split;
+  * the split (`tokenizer.pre_tokenizer`) is by default Qwen2's: Han runs whole (one leading
+    punctuation mark joins them), Latin words, single digits, punctuation runs with the newlines
+    after them. llama.cpp implements it (and `deepseek-llm`, `gpt-2`) under the same name, so an
+    export converts to GGUF (scripts/convert_to_gguf.py). It gives 4-7% more characters per token
+    than our own `zh` split on poetry, news and reviews (docs/tokenizer.md);
+  * `zh`, the default before 2026-11-30 and kept so those tokenizers retrain identically, cuts Han
+    runs into pre-tokens of at most `han_chunk_chars(max_token_length)` characters and keeps
+    punctuation apart from Han; llama.cpp has no such split (scripts/convert_to_gguf.py refuses it);
   * `max_token_length` (characters of Han; the trainer counts byte symbols, 3 per Han character)
     stops the vocabulary memorising titles and lines: classical words are one or two characters,
     set phrases four. docs/tokenizer.md has the measurements behind each choice.
-
-`tokenizer.pre_tokenizer` picks another split: `qwen2`, `deepseek-llm` or `gpt-2` are the patterns
-of those model families, which llama.cpp implements under the same names (a GGUF of a `zh` tokenizer
-would be split differently by llama.cpp; scripts/convert_to_gguf.py refuses it).
 """
 
 from __future__ import annotations
@@ -217,7 +216,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, mi
                     han_chunk: int | None = None, pre_tokenizer: str = "zh"):
     """Train the byte-level BPE on `texts`; returns a `tokenizers.Tokenizer`. `han_chunk` overrides
     han_chunk_chars(max_token_length) (scripts/bench_tokenizer.py --sweep measures the choice);
-    `pre_tokenizer` is a key of LLAMA_CPP_PRE (ValueError otherwise).
+    `pre_tokenizer` is a key of LLAMA_CPP_PRE (ValueError otherwise); the job passes
+    tokenizer.pre_tokenizer (default qwen2), callers that pass nothing get zh, which the tests' small
+    tokenizers were written against.
 
     Logs through trainer.log when the sample has been read into the trainer and when the merges
     are done; `tokenizers`' own progress bars are drawn only on an interactive terminal."""
