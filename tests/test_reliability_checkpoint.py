@@ -76,13 +76,14 @@ def test_publishing_a_step_again_retracts_its_manifest_and_moves_latest_first(tm
 
     ckpt.publish(store, "r", staged(4, b"four"), 4)
     ckpt.publish(store, "r", staged(8, b"old eight"), 8)
-    real_upload_dir = store.upload_dir
+    real_upload_file = store.upload_file
 
-    def upload_dir(local_dir, prefix, skip=()):  # the moment the new files start to land
-        seen.append((ckpt.complete_steps(store, "r"), store.read_text("runs/r/checkpoints/LATEST")))
-        return real_upload_dir(local_dir, prefix, skip)
+    def upload_file(local_path, key):  # the moment the new files start to land
+        if not seen:
+            seen.append((ckpt.complete_steps(store, "r"), store.read_text("runs/r/checkpoints/LATEST")))
+        return real_upload_file(local_path, key)
 
-    store.upload_dir = upload_dir
+    store.upload_file = upload_file
     ckpt.publish(store, "r", staged(8, b"new eight!"), 8)
     assert seen == [([4], "step-00000004")]  # step 8 did not count while its files were replaced
     assert ckpt.complete_steps(store, "r") == [8, 4]
