@@ -79,11 +79,12 @@ RUN py="cp$(python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_inf
         && MAX_JOBS="${MAX_JOBS}" FLASH_ATTN_CUDA_ARCHS="80;90" pip install -c /opt/constraints.txt --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
     fi
 
-# Dependencies straight from pyproject.toml (runtime + the gpu extra), in their own layer so code
+# Dependencies straight from pyproject.toml (runtime + the gpu extra: flash-attn, torchao for
+# train.float8; + the wandb extra for run.report_to wandb), in their own layer so code
 # changes don't reinstall them. flash-attn is already there and must match the Dockerfile.
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', fromlist=['load']); p = toml.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
+RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', fromlist=['load']); p = toml.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu'] + p['optional-dependencies']['wandb']))" > /tmp/requirements.txt \
     && grep -qx "flash-attn==${FLASH_ATTN_VERSION}" /tmp/requirements.txt \
     && pip install -c /opt/constraints.txt -r /tmp/requirements.txt
 
@@ -91,8 +92,8 @@ RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3
 # `python -I` so the check imports the installed copy, not the one in this folder.
 COPY entrypoint.py ./
 COPY trainer ./trainer
-RUN pip install -c /opt/constraints.txt ".[gpu]" \
-    && python -I -c "import flash_attn, flash_attn_2_cuda, trainer.config, entrypoint"
+RUN pip install -c /opt/constraints.txt ".[gpu,wandb]" \
+    && python -I -c "import flash_attn, flash_attn_2_cuda, torchao.float8, wandb, trainer.config, entrypoint"
 
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04
