@@ -168,22 +168,27 @@ def preempt_at_k(cli, cfg, tmp_path: Path, overrides: dict):
     return out
 
 
+@pytest.mark.parametrize("strategy", ["auto", "fsdp"])
 def test_preempted_on_two_fsdp_processes_resumed_on_one(base, reference, metrics, cli, tmp_path, single_process,
-                                                         caplog):
+                                                         caplog, strategy):
+    """auto: the DCP shards load into an unsharded model; fsdp: into FSDP over one process (a
+    process group of one, made in this process)."""
     from trainer.stages import stage_prepare
     from trainer.worker import pretrain_worker
 
-    cfg = run_config(base, "shrunk", **{"checkpoint.upload_async": False})
+    cfg = run_config(base, f"shrunk-{strategy}", **{"checkpoint.upload_async": False})
     preempt_at_k(cli, cfg, tmp_path, TWO)
     caplog.clear()
-    assert pretrain_worker(cfg, stage_prepare(cfg))["step"] == N  # unsharded: the DCP shards reshard to one
+    one = replace(cfg, **{"train.strategy": strategy})
+    assert pretrain_worker(one, stage_prepare(one))["step"] == N
     assert f"resumed from step-{K:08d} (saved by 2 process(es), now 1)" in caplog.text
+    assert f"on 1 x cpu ({'ddp' if strategy == 'auto' else 'fsdp'})" in caplog.text
     assert_same(outcome(cfg, metrics, tmp_path), reference, exact=False)
 
 
 def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(base, reference, metrics, cli, tmp_path):
     cfg = run_config(base, "grown", **{"checkpoint.upload_async": False})
-    preempt_at_k(cli, cfg, tmp_path, {"train.nproc": 1})
+    preempt_at_k(cli, cfg, tmp_path, {"train.nproc": 1, "train.strategy": "auto"})
     path = tmp_path / "grown.yaml"
     store = open_storage(cfg.storage.bucket)
     files = json.loads(store.read_text(f"{ckpt.checkpoints_prefix('grown')}/{ckpt.step_name(K)}/{ckpt.MANIFEST}"))
@@ -248,4 +253,5 @@ def test_strategy_auto_shards_from_two_billion_parameters_and_never_one_process(
     assert sharding.resolve_strategy("auto", sharding.FSDP_AUTO_PARAMS, 8) == "fsdp"
     assert sharding.resolve_strategy("fsdp", 1000, 2) == "fsdp"
     assert sharding.resolve_strategy("ddp", 7_000_000_000, 8) == "ddp"
-    assert sharding.resolve_strategy("fsdp", 7_000_000_000, 1) == "ddp"  # nothing to shard over
+    assert sharding.resolve_strategy("auto", 7_000_000_000, 1) == "ddp"  # nothing to shard over
+    assert sharding.resolve_strategy("fsdp", 1000, 1) == "fsdp"  # asked for: the same path as on many GPUs

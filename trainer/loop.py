@@ -39,7 +39,15 @@ from trainer.metrics import RunLog
 from trainer.model import peak_flops
 from trainer.optim import build_optimizer, step_skipping_nonfinite
 from trainer.schedule import lr_at
-from trainer.sharding import clip_grad_norm, decoder_layers, is_sharded, resolve_strategy, shard, shard_root
+from trainer.sharding import (
+    clip_grad_norm,
+    decoder_layers,
+    ensure_process_group,
+    is_sharded,
+    resolve_strategy,
+    shard,
+    shard_root,
+)
 from trainer.storage import Storage
 
 MAX_ROLLBACKS_IN_A_ROW = 3  # train.on_nonfinite=rollback gives up after this many without a new checkpoint
@@ -445,6 +453,7 @@ def _prepare(model, hp: TrainConfig, d: Dist, bf16: bool) -> str:
     if hp.float8:
         float8_training(model)
     if strategy == "fsdp":
+        ensure_process_group(d.device)
         if _compiles(hp.compile, d):
             for layer in decoder_layers(model):  # per block, before sharding, as torchtitan does
                 layer.compile()

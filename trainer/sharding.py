@@ -26,14 +26,23 @@ DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint's FileSyst
 
 
 def resolve_strategy(requested: str, n_params: int, world: int) -> str:
-    """"fsdp" or "ddp" for train.strategy (auto, ddp, fsdp) and a model of n_params parameters. One
-    process never shards (nothing to shard over): its checkpoints are Hugging Face folders, which a
-    sharded run resumes from, and the other way round."""
-    if world == 1:
-        return "ddp"
+    """"fsdp" or "ddp" for train.strategy (auto, ddp, fsdp) and a model of n_params parameters. auto
+    never shards one process (nothing to shard over: its checkpoints are Hugging Face folders, which
+    a sharded run resumes from, and the other way round); an explicit fsdp does (the same code path
+    on one GPU as on many, e.g. to measure FSDP's per-GPU speed)."""
     if requested == "auto":
-        return "fsdp" if n_params >= FSDP_AUTO_PARAMS else "ddp"
+        return "fsdp" if n_params >= FSDP_AUTO_PARAMS and world > 1 else "ddp"
     return requested
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A process group of one (FSDP needs a device mesh) when torchrun started none: one process
+    alone, or the in-process path of `run`. An in-memory store, so no port is opened."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
