@@ -10,6 +10,9 @@ ARGS ?=
 # its nvidia-* wheels). `make test-image-torch` runs the end-to-end, resume, reliability, Muon, loop and
 # FSDP tests on it in a second venv, so what the image ships is what CI ran.
 IMAGE_TORCH_SPEC ?= torch==2.9.1
+# torchao is built for one torch: the image's (the gpu extra in pyproject.toml) is pinned here too,
+# or the test extra's newest torchao breaks transformers' import of it on this torch.
+IMAGE_TORCHAO_SPEC ?= torchao==0.15.0
 IMAGE_VENV ?= .venv-image
 IMAGE_PY := $(IMAGE_VENV)/bin/python
 # One stamp per torch spec: changing IMAGE_TORCH_SPEC reinstalls torch in the same venv.
@@ -33,7 +36,7 @@ install: $(VENV)/.installed
 $(IMAGE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(IMAGE_VENV)
 	$(IMAGE_PY) -m pip install -q --upgrade pip
-	echo "$(IMAGE_TORCH_SPEC)" > $(IMAGE_VENV)/constraints.txt
+	printf '%s\n' "$(IMAGE_TORCH_SPEC)" "$(IMAGE_TORCHAO_SPEC)" > $(IMAGE_VENV)/constraints.txt
 	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt "$(IMAGE_TORCH_SPEC)"
 	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt -e ".[test]"
 	$(IMAGE_PY) -c "import torch; print('torch', torch.__version__, 'CUDA build', torch.version.cuda, \

@@ -124,6 +124,9 @@ def test_ci_runs_the_image_torch_tests():
     """`make test-image-torch` installs the Dockerfile's torch and runs the end-to-end, resume, reliability,
     Muon, loop and FSDP tests on it; CI runs it after `make test`."""
     assert make_variable("IMAGE_TORCH_SPEC") == f"torch=={dockerfile_args()['TORCH_VERSION']}"
+    # torchao is built for one torch: the venv pins the image's (the gpu extra), not the test extra's newest.
+    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert make_variable("IMAGE_TORCHAO_SPEC") in gpu_extra
     r = subprocess.run(["make", "-n", "--no-print-directory", "test-image-torch", "IMAGE_VENV=/nonexistent/venv"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""})
     assert r.returncode == 0, r.stderr

@@ -348,6 +348,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
             loader.close()
     ckpts.wait()
     runlog.flush()
+    runlog.close()
     d.barrier()
     return state
 

@@ -78,6 +78,16 @@ class RunLog:
             if self.wandb is not None:
                 self.wandb.commit()
 
+    def close(self) -> None:
+        """End of training (after flush): close the TensorBoard writer and finish the W&B run, so
+        what the job does next (export, report) is not recorded in it."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -161,6 +171,16 @@ class WandbLog:
             self._log({"samples": table}, step)
         except Exception as e:  # noqa: BLE001
             self._failed(f"logging the samples of step {step}", e)
+
+    def finish(self) -> None:
+        """Finish the W&B run (its files are complete; the next init starts or resumes one)."""
+        if self.run is None:
+            return
+        try:
+            self.run.finish()
+        except Exception as e:  # noqa: BLE001
+            self._failed("finishing the run", e)
+        self.run = None
 
     def commit(self) -> None:
         """Commit the pending step (at checkpoints and at the end): W&B holds it from now on."""
