@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,22 @@ def tiny_config(tiny_corpus):
 
 # Running the CLI --------------------------------------------------------------------------------
 
+SIGTERM_AFTER_CHECKPOINT_HOOK = '''
+# Test hook (Cli.sigterm_after_checkpoint_env): rank 0 receives SIGTERM right after publishing a checkpoint.
+import os
+if os.environ.get("TEST_SIGTERM_AFTER_CHECKPOINT"):
+    import signal
+    import trainer.checkpoint as _ckpt
+    _step, _publish = int(os.environ["TEST_SIGTERM_AFTER_CHECKPOINT"]), _ckpt.publish
+    def _publish_then_sigterm(store, run_id, local_dir, step):
+        url = _publish(store, run_id, local_dir, step)
+        if step == _step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return url
+    _ckpt.publish = _publish_then_sigterm
+'''
+
+
 class Cli:
     """Runs `entrypoint.py <command> --config=... --key=value ...` in subprocesses."""
 
@@ -230,6 +247,32 @@ class Cli:
                 pass
         proc.wait(timeout=30)
         psutil.wait_procs(tree, timeout=30)
+
+    def kill_after_a_checkpoint(self, config_path: Path, overrides: dict, log: Path, store, run_id: str) -> list[int]:
+        """Start `pretrain`, SIGKILL its whole tree as soon as LATEST appears (a checkpoint is
+        published); return the complete steps left in the bucket, newest first."""
+        from trainer import checkpoint as ckpt
+
+        proc = self.start("pretrain", config_path, overrides, log=log)
+        latest = f"{ckpt.checkpoints_prefix(run_id)}/{ckpt.LATEST}"
+        try:
+            deadline = time.time() + 240
+            while not store.exists(latest):
+                assert proc.poll() is None, f"exited {proc.returncode} before a checkpoint:\n{log.read_text()[-4000:]}"
+                assert time.time() < deadline, log.read_text()[-4000:]
+                time.sleep(0.01)
+        finally:
+            self.kill(proc)
+        return ckpt.complete_steps(store, run_id)
+
+    def sigterm_after_checkpoint_env(self, step: int, tmp_path: Path) -> dict:
+        """env() for a CLI run whose rank 0 gets SIGTERM right after publishing checkpoint `step`
+        (a sitecustomize.py hook on PYTHONPATH, so torchrun's workers load it too)."""
+        hook = tmp_path / "hook"
+        hook.mkdir(exist_ok=True)
+        (hook / "sitecustomize.py").write_text(SIGTERM_AFTER_CHECKPOINT_HOOK)
+        path = [str(hook)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        return self.env(TEST_SIGTERM_AFTER_CHECKPOINT=str(step), PYTHONPATH=os.pathsep.join(path))
 
     @staticmethod
     def write_config(cfg: Config, path: Path) -> Path:

@@ -122,18 +122,7 @@ def test_kill_9_then_rerun_on_two_processes_is_exact(base, reference, metrics, c
     cfg = run_config(base, "killed")
     store = open_storage(cfg.storage.bucket)
     path = cli.write_config(cfg, tmp_path / "killed.yaml")
-    log = tmp_path / "killed.log"
-    proc = cli.start("pretrain", path, TWO, log=log)
-    latest = f"{ckpt.checkpoints_prefix('killed')}/{ckpt.LATEST}"
-    try:
-        deadline = time.time() + 240
-        while not store.exists(latest):
-            assert proc.poll() is None, f"exited {proc.returncode} before a checkpoint:\n{log.read_text()[-4000:]}"
-            assert time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.01)
-    finally:
-        cli.kill(proc)
-    killed_at = ckpt.complete_steps(store, "killed")
+    killed_at = cli.kill_after_a_checkpoint(path, TWO, tmp_path / "killed.log", store, "killed")
     assert killed_at and killed_at[0] < N, f"the run finished before the kill: {killed_at}"
     again = cli.run("pretrain", path, {**TWO, "run.takeover": "true"})
     assert again.returncode == 0, again.stdout[-6000:]
@@ -141,27 +130,8 @@ def test_kill_9_then_rerun_on_two_processes_is_exact(base, reference, metrics, c
     assert_same(outcome(cfg, metrics, tmp_path), reference, exact=True)
 
 
-HOOK = '''
-import os
-if os.environ.get("TEST_SIGTERM_AFTER_CHECKPOINT"):
-    import signal
-    import trainer.checkpoint as _ckpt
-    _step, _publish = int(os.environ["TEST_SIGTERM_AFTER_CHECKPOINT"]), _ckpt.publish
-    def _publish_then_sigterm(store, run_id, local_dir, step):
-        url = _publish(store, run_id, local_dir, step)
-        if step == _step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return url
-    _ckpt.publish = _publish_then_sigterm
-'''
-
-
 def preempt_at_k(cli, cfg, tmp_path: Path, overrides: dict):
-    hook = tmp_path / "hook"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(HOOK)
-    path = [str(hook)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = cli.env(TEST_SIGTERM_AFTER_CHECKPOINT=str(K), PYTHONPATH=os.pathsep.join(path))
+    env = cli.sigterm_after_checkpoint_env(K, tmp_path)
     out = cli.run("pretrain", cli.write_config(cfg, tmp_path / f"{cfg.run.id}.yaml"), overrides, env=env)
     assert out.returncode == 75, out.stdout[-6000:]
     assert f"stopped at step {K}" in out.stdout

@@ -119,18 +119,7 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(base, reference, metrics,
     cfg = run_config(base, "killed")
     store = open_storage(cfg.storage.bucket)
     path = cli.write_config(cfg, tmp_path / "killed.yaml")
-    log = tmp_path / "killed.log"
-    proc = cli.start("pretrain", path, log=log)
-    latest = f"{ckpt.checkpoints_prefix('killed')}/{ckpt.LATEST}"
-    try:
-        deadline = time.time() + 240
-        while not store.exists(latest):
-            assert proc.poll() is None, f"exited {proc.returncode} before a checkpoint:\n{log.read_text()[-4000:]}"
-            assert time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.01)
-    finally:
-        cli.kill(proc)
-    killed_at = ckpt.complete_steps(store, "killed")
+    killed_at = cli.kill_after_a_checkpoint(path, {}, tmp_path / "killed.log", store, "killed")
     assert killed_at and killed_at[0] < N, f"the run finished before the kill: {killed_at}"
     # The killed job's lease is still in the bucket, unexpired; taking over instead of waiting it out.
     again = cli.run("pretrain", path, {"run.takeover": "true"})
@@ -139,31 +128,12 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(base, reference, metrics,
     assert_same(outcome(cfg, metrics), reference)
 
 
-HOOK = '''
-# Test hook (tests/test_resume.py): rank 0 receives SIGTERM right after publishing checkpoint K.
-import os
-if os.environ.get("TEST_SIGTERM_AFTER_CHECKPOINT"):
-    import signal
-    import trainer.checkpoint as _ckpt
-    _step, _publish = int(os.environ["TEST_SIGTERM_AFTER_CHECKPOINT"]), _ckpt.publish
-    def _publish_then_sigterm(store, run_id, local_dir, step):
-        url = _publish(store, run_id, local_dir, step)
-        if step == _step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return url
-    _ckpt.publish = _publish_then_sigterm
-'''
-
 
 def test_two_processes_then_one_with_the_same_global_batch(base, reference, metrics, cli, tmp_path, single_process,
                                                            caplog):
     cfg = run_config(base, "shrunk", **{"checkpoint.upload_async": False})
     store = open_storage(cfg.storage.bucket)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK)
-    path = [str(hook)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = cli.env(TEST_SIGTERM_AFTER_CHECKPOINT=str(K), PYTHONPATH=os.pathsep.join(path))
+    env = cli.sigterm_after_checkpoint_env(K, tmp_path)
     two = cli.run("pretrain", cli.write_config(cfg, tmp_path / "shrunk.yaml"), {"train.nproc": 2}, env=env)
     assert two.returncode == 75, two.stdout[-6000:]  # preempted after a clean checkpoint
     assert "on 2 x cpu" in two.stdout and f"stopped at step {K}" in two.stdout
