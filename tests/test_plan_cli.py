@@ -48,7 +48,8 @@ def check_against_fits(p: dict, seq_len: int = 1024, gpus: int = 1):
     lr_opt = 0.3118 * c ** -0.1250
     unit = seq_len * gpus
     assert p["batch_tokens"] % unit == 0
-    assert abs(p["batch_tokens"] - b_opt) <= unit / 2
+    # ... into whole micro-batches per GPU, moving it at most 5% (planner.whole_micro_batches)
+    assert abs(p["batch_tokens"] - b_opt) <= max(unit / 2, 0.05 * b_opt)
     assert abs(p["lr"] - lr_opt) <= 0.5 * 10 ** (math.floor(math.log10(lr_opt)) - 2)
     assert p["deepseek_optimum"]["batch_tokens"] == pytest.approx(b_opt, rel=1e-9)
     assert p["deepseek_optimum"]["lr"] == pytest.approx(lr_opt, rel=1e-9)
@@ -75,9 +76,9 @@ def test_compute_budget_json(capsys):
         assert key in p, key
     assert p["basis"] == "compute" and p["compute_budget"] == pytest.approx(1e19)
     check_against_fits(p)
-    # 1e19: B_opt = 0.2920 * 10^(19 * 0.3271) = 478_942 tokens -> 468 x 1024 = 479_232;
-    # lr_opt = 0.3118 * 10^-2.375 = 1.3149e-3 -> 0.00131
-    assert p["batch_tokens"] == 468 * 1024 and p["lr"] == 0.00131
+    # 1e19: B_opt = 0.2920 * 10^(19 * 0.3271) = 478_942 tokens = 467.7 sequences -> 29 micro-batches
+    # of 16 = 464 x 1024 = 475_136; lr_opt = 0.3118 * 10^-2.375 = 1.3149e-3 -> 0.00131
+    assert p["batch_tokens"] == 464 * 1024 and p["lr"] == 0.00131
     # The preset is the one whose M is nearest (log distance) M_opt = 0.1715 C^0.5243.
     m_opt = 0.1715 * 1e19 ** 0.5243
     m = {k: deepseek_m(s.n_layer, s.d_model, 1024) for k, s in PRESETS.items()}

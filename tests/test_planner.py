@@ -13,6 +13,7 @@ from trainer.planner import (
     plan_json,
     plan_to_config,
     round_batch,
+    whole_micro_batches,
 )
 
 
@@ -37,6 +38,15 @@ def test_non_embedding_flops_per_token_by_hand():
     assert non_embedding_flops_per_token(PRESETS["350m"], 1024) == 2_113_929_216
 
 
+def test_the_batch_splits_into_whole_micro_batches_near_the_optimum():
+    # 124m's optimum is 263 sequences per GPU (a prime: micro-batches of 1); 256 = 16 x 16 is 2.7% away
+    assert whole_micro_batches(263 * 1024, 1024, 1, 16) == 256 * 1024
+    # 19.7 sequences of 2048 per GPU: 16 (-19%) and 24 (+22%) are too far, 20 = 5 x 4 is 1.5% away
+    assert whole_micro_batches(19.7 * 2048 * 8, 2048, 8, 16) == 20 * 2048 * 8
+    assert whole_micro_batches(3.4 * 1024, 1024, 1, 16) == 3 * 1024  # whole sequences when nothing else is near
+    assert whole_micro_batches(100, 1024, 2, 16) == 2048  # never below one sequence per GPU
+
+
 def test_round_batch_to_whole_sequences_per_gpu():
     assert round_batch(478_942, 1024, 1) == 468 * 1024  # 478942 / 1024 = 467.7
     assert round_batch(478_942, 1024, 8) == 58 * 8192  # 478942 / 8192 = 58.46
@@ -47,15 +57,17 @@ def test_plan_for_1e19_flops_by_hand():
     p = plan(compute=1e19, price_per_gpu_hour=2.0)
     # M_opt = 1.5702e9: ln distance to 350m (2.1139e9) is 0.297, to 124m (6.2285e8) 0.925
     assert p.preset == "350m" and p.basis == "compute"
-    assert p.batch_tokens == 479_232  # 468 x 1024
-    # tokens to fill 1e19: 1e19 / 2_113_929_216 = 4.73053e9 -> / 479_232 = 9871.1 steps -> 9871
-    assert p.steps == 9871 and p.tokens == 9871 * 479_232 == 4_730_499_072
-    assert p.warmup_steps == 493  # min(2000, 5% of 9871)
+    # 478_942 tokens = 467.7 sequences of 1024, rounded to whole micro-batches of 16 (what memory allows
+    # 350m at seq 1024 on one H100): 29.2 -> 29 x 16 = 464 sequences
+    assert p.micro_batch_size == 16 and p.batch_tokens == 475_136 == 464 * 1024
+    # tokens to fill 1e19: 1e19 / 2_113_929_216 = 4.73053e9 -> / 475_136 = 9956.3 steps -> 9956
+    assert p.steps == 9956 and p.tokens == 9956 * 475_136 == 4_730_454_016
+    assert p.warmup_steps == 497  # min(2000, 5% of 9956)
     assert p.lr == 0.00131  # 1.31485e-3 to three figures
-    assert p.compute == pytest.approx(2_113_929_216 * 4_730_499_072)
+    assert p.compute == pytest.approx(2_113_929_216 * 4_730_454_016)
     # train FLOPs/token of 350m at vocab 32000 (lm_head counted): 6 * 341_099_520 + 12 * 24 * 1024 * 1024
     assert p.train_flops_per_token == 2_348_587_008
-    # wall = 4_730_499_072 * 2_348_587_008 / (989e12 * 0.4) s = 28_084 s = 7.801 h
+    # wall = 4_730_454_016 * 2_348_587_008 / (989e12 * 0.4) s = 28_084 s = 7.801 h
     assert p.wall_hours == pytest.approx(7.801, rel=1e-3)
     assert p.cost == pytest.approx(2.0 * p.wall_hours)
     # Chinchilla: N = sqrt(C / 120) = sqrt(8.3333e16) = 2.8868e8, D = 20 N = 5.7735e9
@@ -101,7 +113,7 @@ def test_tokens_alone_and_fixed_tokens_with_budget():
 
 def test_epochs_and_repeat_warning():
     p = plan(compute=1e19, corpus_tokens=1e9)
-    assert p.epochs == pytest.approx(4_730_499_072 / 1e9)
+    assert p.epochs == pytest.approx(4_730_454_016 / 1e9)
     assert any("4 epochs" in w for w in p.warnings)
     assert not any("epochs" in w for w in plan(compute=1e19, corpus_tokens=2e9).warnings)
 
@@ -125,7 +137,7 @@ def test_plan_json_and_table():
         assert key in j
     assert j["model"]["preset"] == "350m" and j["model"]["n_layer"] == 24 and j["model"]["d_model"] == 1024
     table = format_table(p)
-    assert "350m" in table and "479232" in table and "Chinchilla" in table and "epochs" in table
+    assert "350m" in table and "475136" in table and "Chinchilla" in table and "epochs" in table
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -169,6 +169,21 @@ def round_batch(batch_tokens: float, seq_len: int, gpus: int) -> int:
     return max(1, round(batch_tokens / unit)) * unit
 
 
+BATCH_TOLERANCE = 0.05  # how far whole_micro_batches may move the batch from the fit's optimum (a judgement call)
+
+
+def whole_micro_batches(batch_tokens: float, seq_len: int, gpus: int, micro_max: int) -> int:
+    """batch_tokens rounded to whole sequences per GPU that split into the largest micro-batch of
+    micro_max, micro_max/2, ... 1 whose rounding moves the batch by at most BATCH_TOLERANCE (a prime
+    number of sequences per GPU would make the loop run them one at a time). Tokens; at least one
+    sequence per GPU."""
+    per_rank = batch_tokens / (seq_len * gpus)
+    m = micro_max
+    while m > 1 and abs(max(1, round(per_rank / m)) * m - per_rank) > BATCH_TOLERANCE * per_rank:
+        m //= 2
+    return max(1, round(per_rank / m)) * m * seq_len * gpus
+
+
 def _micro(per_rank: int, cap: int) -> int:
     """The micro-batch the loop runs for `per_rank` sequences per GPU and train.micro_batch_size=cap:
     the largest divisor of per_rank up to cap (trainer/loop.py batch_geometry)."""
@@ -342,6 +357,8 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
 
     opt = deepseek_optimum(c)
     batch = round_batch(opt["batch_tokens"], seq_len, gpus)
+    micro = memory_plan(chosen, vocab_size, seq_len, gpu, gpus, batch)["micro_batch_size"]
+    batch = whole_micro_batches(opt["batch_tokens"], seq_len, gpus, micro)
     steps = max(1, round(target_tokens / batch))
     warmup = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * steps))
     planned_tokens = steps * batch
