@@ -10,15 +10,17 @@ ARGS ?=
 # its nvidia-* wheels). `make test-image-torch` runs the end-to-end, resume, reliability, Muon, loop and
 # FSDP tests on it in a second venv, so what the image ships is what CI ran.
 IMAGE_TORCH_SPEC ?= torch==2.9.1
-# torchao is built for one torch: the image's (the gpu extra in pyproject.toml) is pinned here too,
-# or the test extra's newest torchao breaks transformers' import of it on this torch.
+# torchao (train.float8) is built for one torch: the image's (the gpu extra in pyproject.toml) is
+# installed here, so tests/test_float8.py runs against what the image ships. The main venv has no
+# torchao: transformers imports it whenever it is installed, and a torchao built for another torch
+# prints warnings at every start.
 IMAGE_TORCHAO_SPEC ?= torchao==0.15.0
 IMAGE_VENV ?= .venv-image
 IMAGE_PY := $(IMAGE_VENV)/bin/python
 # One stamp per torch spec: changing IMAGE_TORCH_SPEC reinstalls torch in the same venv.
 IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(subst ==,-,$(IMAGE_TORCH_SPEC))
 IMAGE_TESTS ?= tests/test_run.py tests/test_resume.py tests/test_reliability_kill.py \
-	tests/test_reliability_preemption.py tests/test_optim.py tests/test_loop_stages.py \
+	tests/test_reliability_preemption.py tests/test_optim.py tests/test_loop_stages.py tests/test_float8.py \
 	$(wildcard tests/test_fsdp*.py)
 
 .PHONY: install demo test test-image-torch lint bench-tokenizer clean
@@ -38,7 +40,7 @@ $(IMAGE_STAMP): pyproject.toml
 	$(IMAGE_PY) -m pip install -q --upgrade pip
 	printf '%s\n' "$(IMAGE_TORCH_SPEC)" "$(IMAGE_TORCHAO_SPEC)" > $(IMAGE_VENV)/constraints.txt
 	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt "$(IMAGE_TORCH_SPEC)"
-	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt -e ".[test]"
+	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt -e ".[test]" "$(IMAGE_TORCHAO_SPEC)"
 	$(IMAGE_PY) -c "import torch; print('torch', torch.__version__, 'CUDA build', torch.version.cuda, \
 		'GPU available:', torch.cuda.is_available())"
 	touch $@
