@@ -333,14 +333,9 @@ def test_sft_killed_with_sigkill_then_rerun_is_exact(sft_straight, chat_model, c
 def test_sft_on_two_processes_preempted_then_resumed_on_one(sft_straight, chat_model, cli, tmp_path):
     """2 processes stopped by SIGTERM after checkpoint 8, the rest on 1: equal to the straight run
     within float tolerance (the all-reduce sums in another order; measured differences ~1e-6)."""
-    from test_resume import HOOK
-
     straight_root, straight_rows = sft_straight
     cfg = sft_config(tmp_path, chat_model, [SFT_SAMPLE], **{**SFT_CLI, "checkpoint.upload_async": False})
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK)
-    env = cli.env(TEST_SIGTERM_AFTER_CHECKPOINT="8", PYTHONPATH=str(hook))
+    env = cli.sigterm_after_checkpoint_env(8, tmp_path)
     two = cli.run("sft", cli.write_config(cfg, tmp_path / "two.yaml"), {"train.nproc": 2}, env=env)
     assert two.returncode == EXIT_PREEMPTED, two.stdout[-6000:]
     assert "rank 0: stopped at step 8" in two.stdout and "rank 1: stopped at step 8" in two.stdout
