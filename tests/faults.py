@@ -625,6 +625,32 @@ def losses(store, run_id: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, filter(str.strip, text.splitlines()))}
 
 
+# Comparing a resumed run with an uninterrupted one ---------------------------------------------------
+
+def assert_same(got, expected, exact: bool = True) -> None:
+    """got, expected: (compared fields of every metrics row, final weights by name). exact: equal bit
+    for bit; else losses within rel 1e-4 and weights within rtol 1e-4 / atol 1e-5 (another number of
+    processes sums in another order). Every step is logged once in both."""
+    import torch
+
+    rows, weights = got
+    ref_rows, ref_weights = expected
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # each step once, none lost
+    assert set(weights) == set(ref_weights)
+    if exact:
+        assert rows == ref_rows
+        differ = [k for k in weights if not torch.equal(weights[k], ref_weights[k])]
+        assert not differ, f"weights differ: {differ}"
+        return
+    for r, ref in zip(rows, ref_rows):
+        assert r.keys() == ref.keys() and r["lr"] == ref["lr"] and r["tokens"] == ref["tokens"]
+        for k in ("loss", "val_loss", "grad_norm"):
+            if k in r:
+                assert r[k] == pytest.approx(ref[k], rel=1e-4), (r["step"], k, r[k], ref[k])
+    for k in weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
 if __name__ == "__main__":
     _main(sys.argv[1:])
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from faults import assert_same
 from trainer import checkpoint as ckpt
 from trainer import sharding
 from trainer.config import replace
@@ -61,24 +62,6 @@ def outcome(cfg, metrics, scratch: Path) -> tuple[list[dict], dict]:
     store = open_storage(cfg.storage.bucket)
     rows = [{k: r[k] for k in COMPARED if k in r} for r in metrics(store, cfg.run.id)]
     return rows, weights_of(store, cfg.run.id, ckpt.complete_steps(store, cfg.run.id)[0], scratch)
-
-
-def assert_same(got, expected, exact: bool):
-    rows, weights = got
-    ref_rows, ref_weights = expected
-    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
-    assert set(weights) == set(ref_weights)
-    if exact:
-        assert rows == ref_rows
-        assert not [k for k in weights if not torch.equal(weights[k], ref_weights[k])]
-        return
-    for r, ref in zip(rows, ref_rows):
-        assert r.keys() == ref.keys() and r["lr"] == ref["lr"] and r["tokens"] == ref["tokens"]
-        for k in ("loss", "val_loss", "grad_norm"):
-            if k in r:
-                assert r[k] == pytest.approx(ref[k], rel=1e-4), (r["step"], k, r[k], ref[k])
-    for k in weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")

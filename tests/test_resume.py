@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from faults import assert_same
 from trainer import checkpoint as ckpt
 from trainer.config import replace
 from trainer.storage import open_storage
@@ -72,25 +73,6 @@ def reference(base, metrics):
     assert [r["step"] for r in rows] == list(range(1, N + 1))
     assert [r["step"] for r in rows if "val_loss" in r] == list(range(4, N + 1, 4))
     return rows, weights
-
-
-def assert_same(got, expected, exact: bool = True):
-    rows, weights = got
-    ref_rows, ref_weights = expected
-    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # each step once, none lost
-    assert set(weights) == set(ref_weights)
-    if exact:
-        assert rows == ref_rows
-        differ = [k for k in weights if not torch.equal(weights[k], ref_weights[k])]
-        assert not differ, f"weights differ: {differ}"
-        return
-    for r, ref in zip(rows, ref_rows):
-        assert r.keys() == ref.keys() and r["lr"] == ref["lr"] and r["tokens"] == ref["tokens"]
-        for k in ("loss", "val_loss", "grad_norm"):
-            if k in r:
-                assert r[k] == pytest.approx(ref[k], rel=1e-4), (r["step"], k, r[k], ref[k])
-    for k in weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_preempted_and_resumed_in_process_is_exact(base, reference, metrics, monkeypatch, single_process):
