@@ -6,6 +6,7 @@ same model shapes, same packed token shards, same card, one process, one run.
     python scripts/bench_pretrain.py --scaling 1,2,4 --models 124m:32      # DDP efficiency
     python scripts/bench_pretrain.py --models 1b:16:8 --variants hf,compile,fp8   # ours at 16, Trainer at 8
     python scripts/bench_pretrain.py --scaling 1,2,4,8 --strategy fsdp --models 1b:16
+    python scripts/bench_pretrain.py --models 7b:4 --variants compile --measure_only --tag 7b-ddp   # does it fit?
 
 Prints a table (tok/s, MFU, peak memory, data-wait fraction, ratio to the baseline) and writes
 JSON under bench/results/. Ours runs through trainer.loop.train() (via trainer.worker), what `run` uses.
@@ -118,7 +119,12 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
         "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode, "train.strategy": args.strategy,
         "checkpoint.upload_async": False, **{f"train.{k}": v for k, v in settings.items()}})
     if nproc == 1:
+        from trainer import loop
         from trainer.tasks import PretrainTask
+
+        if args.measure_only:  # no final checkpoint (7b + AdamW state: 81 GB) and no final validation
+            loop._checkpoint = lambda *a, **k: None
+            PretrainTask.evaluate = lambda *a, **k: {}
         from trainer.worker import run_task
 
         torch.cuda.reset_peak_memory_stats()
@@ -161,6 +167,10 @@ def main():
                    help="hf, eager, compile, fp8 (compile + train.float8), ac (compile + activation checkpointing)")
     p.add_argument("--scaling", default="", help="GPU counts for scaling of ours, e.g. 1,2,4,8")
     p.add_argument("--strategy", default="auto", help="train.strategy of ours: auto, ddp, fsdp (1 GPU: unsharded)")
+    p.add_argument("--measure_only", action="store_true",
+                   help="ours on one GPU: skip the final checkpoint and validation (for models whose checkpoint "
+                        "outgrows the disk; a run that does not fit fails with torch.OutOfMemoryError)")
+    p.add_argument("--tag", default="", help="added to the JSON file's name (several runs on one day)")
     p.add_argument("--workdir", default=tempfile.mkdtemp(prefix="bench-pretrain-"))
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     args = p.parse_args()
@@ -216,7 +226,7 @@ def main():
     out = Path(os.environ.get("OUT", args.out))
     out.mkdir(parents=True, exist_ok=True)
     tag = "scaling" if args.scaling else "pretrain"
-    name = f"{tag}-{card.replace(' ', '_')}-{time.strftime('%Y-%m-%d')}.json"
+    name = f"{tag}-{card.replace(' ', '_')}-{time.strftime('%Y-%m-%d')}{'-' + args.tag if args.tag else ''}.json"
     (out / name).write_text(json.dumps({"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                         "command": " ".join(sys.argv), "results": results}, indent=1))
     print(f"wrote {out / name}")

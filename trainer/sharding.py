@@ -23,6 +23,10 @@ from torch.distributed.tensor import DTensor
 
 FSDP_AUTO_PARAMS = 2_000_000_000  # train.strategy=auto shards models from this size (3b/7b presets; 1b stays DDP)
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint's FileSystemWriter
+# Free each block's gathered weights after its forward and gather them again for its backward
+# (ZeRO-3; False keeps them until the backward: ZeRO-2's memory, one all-gather fewer).
+RESHARD_AFTER_FORWARD = True
+REDUCE_DTYPE = torch.float32  # gradient reduce-scatter dtype under bf16 (fp32: sums over many ranks stay exact)
 
 
 def resolve_strategy(requested: str, n_params: int, world: int) -> str:
@@ -53,7 +57,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 def _mp_policy(bf16: bool):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=REDUCE_DTYPE) if bf16 else \
         MixedPrecisionPolicy()
 
 
@@ -66,7 +70,7 @@ def shard(model, bf16: bool) -> None:
 
     model.config.architectures = [type(model).__name__]  # checkpoints' config.json: the class before wrapping
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=_mp_policy(bf16))
+        fully_shard(layer, mp_policy=_mp_policy(bf16), reshard_after_forward=RESHARD_AFTER_FORWARD)
     # One unit: all-gathered at the embedding's forward, kept until the head's; tied embeddings stay whole.
     fully_shard([model.get_input_embeddings(), model.model.norm, model.get_output_embeddings()],
                 mp_policy=_mp_policy(bf16))
