@@ -44,7 +44,7 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """batch: (B, T + 1) int64 token ids -> 0-dim float32, the sum of B x T token losses (nats)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        hidden = self.model.model(input_ids=inputs).last_hidden_state  # (B, T, C)
+        hidden = self.model.model(input_ids=inputs, use_cache=False).last_hidden_state  # (B, T, C)
         logits = self.model.lm_head(hidden)  # (B, T, V)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
 
