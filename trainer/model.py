@@ -190,8 +190,12 @@ def training_memory(shape: Shape, vocab_size: int, seq_len: int, micro_batch_siz
     most of the over-estimate at 124m, where logits are a third of the total. ../shared/GPU_NOTES.md's
     plain compiled loop (loss outside the graph) measured 20, 39, 25 and 45 GB for 124m x 32, 124m x 64,
     350m x 16 and 350m x 32, against 18.7, 35.3, 22.8 and 39.7 predicted (0.88-0.94x): the two loops
-    bracket the prediction, and the overhead term covers the gap. No figure for 1b, activation
-    checkpointing or FSDP has been measured: those parts are the papers' counts only.
+    bracket the prediction, and the overhead term covers the gap. Measured on one or two H200s
+    (bench/RESULTS.md, 2026-11-30), against total - overhead:
+        1b, 16 sequences: predicted 50.7 GB, measured 46.8 (1.08x);
+        1b, 16 sequences, FSDP over 2: predicted 41.1 GB, measured 38.8 per GPU (1.06x);
+        7b, 4 sequences: predicted 126.9 GB, measured 114.2 (1.11x);
+        7b, 16 sequences, activation checkpointing: predicted 117.5 GB, measured 111.1 (1.06x).
     """
     p = n_params(shape, vocab_size, tie_embeddings)
     s_b = float(seq_len * micro_batch_size)  # tokens in one micro-batch
