@@ -61,12 +61,12 @@ def llama_config(preset: str, vocab_size: int, seq_len: int, tie_embeddings: boo
 # Training attention for packed, unpadded sequences: SDPA with is_causal=True and no mask tensor.
 # Under torch.compile, transformers (5.x with torch < 2.14) builds an explicit (B, 1, T, T) mask for
 # plain "sdpa", which keeps SDPA off its flash/cuDNN kernels. Registering our own name through
-# transformers' AttentionInterface / AttentionMaskInterface keeps the stock model and skips the mask.
+# transformers' AttentionInterface, with no mask function, keeps the stock model and skips the mask.
 CAUSAL_SDPA = "sdpa_causal"
 
 
 def register_causal_sdpa() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def attention(module, query, key, value, attention_mask, **kwargs):  # query (B, H, Tq, D), key (B, Hkv, Tk, D)
@@ -79,7 +79,8 @@ def register_causal_sdpa() -> None:
         return sdpa_attention_forward(module, query, key, value, None, is_causal=q_len > 1, **kwargs)
 
     AttentionInterface.register(CAUSAL_SDPA, attention)
-    AttentionMaskInterface.register(CAUSAL_SDPA, lambda *args, **kwargs: None)
+    # No mask function: transformers then prepares no mask at all (no packed-sequence check, which
+    # reads the position ids back to the host on every forward outside torch.compile).
 
 
 def pick_attention(requested: str, device_type: str) -> str:
