@@ -208,3 +208,61 @@ def test_strategy_auto_shards_from_two_billion_parameters_and_never_one_process(
     assert sharding.resolve_strategy("ddp", 7_000_000_000, 8) == "ddp"
     assert sharding.resolve_strategy("auto", 7_000_000_000, 1) == "ddp"  # nothing to shard over
     assert sharding.resolve_strategy("fsdp", 1000, 1) == "fsdp"  # asked for: the same path as on many GPUs
+
+
+MATERIALIZE = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from trainer.model import build_model, llama_config
+from trainer.sharding import materialize, shard
+
+dist.init_process_group("gloo")
+rank, tie = dist.get_rank(), sys.argv[2] == "tied"
+config = llama_config("tiny", 256, 32, tie)
+with torch.device("meta"):
+    model = build_model(config, "sdpa")
+shard(model, bf16=False)
+calls = []
+
+def full():
+    calls.append(rank)
+    torch.manual_seed(7)
+    return build_model(config, "sdpa")
+
+materialize(model, full, torch.device("cpu"))
+local = sum(p.to_local().numel() for p in model.parameters())
+gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+torch.manual_seed(7)
+ref = build_model(config, "sdpa")
+out = {"calls": calls, "local": local, "total": sum(p.numel() for p in ref.parameters()),
+       "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+       "equal": sorted(k for k, v in ref.state_dict().items() if k in gathered and torch.equal(v, gathered[k])),
+       "keys": sorted(ref.state_dict()),
+       "inv_freq": torch.equal(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)}
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("tie", ["tied", "untied"])
+def test_sharded_starting_weights_come_from_rank_0_alone(tie, tmp_path):
+    """The FSDP path builds the model on the meta device, shards it, then rank 0 alone builds the
+    starting weights (on CPU) and broadcasts them: every rank ends with its half, equal to the
+    unsharded initialisation with the same seed, RoPE buffers set and tied weights still tied."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "materialize.py"
+    script.write_text(MATERIALIZE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path), tie], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["calls"] for r in ranks] == [[0], []]  # only rank 0 ever held the whole model
+    for r in ranks:
+        assert r["equal"] == r["keys"]  # every weight equals the unsharded init, bit for bit
+        assert r["inv_freq"] and r["tied"] == (tie == "tied")
+        assert r["local"] < 0.6 * r["total"]  # each rank holds about half

@@ -349,6 +349,24 @@ def test_sft_on_two_processes_preempted_then_resumed_on_one(sft_straight, chat_m
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_sft_on_two_fsdp_processes_matches_one_unsharded(sft_straight, chat_model, cli, tmp_path):
+    """SFT under FSDP: the model is built on the meta device and sharded, rank 0 alone loads the
+    starting weights (from_pretrained) and broadcasts the shards; the losses equal the unsharded
+    one-process run's within the reduction-order tolerance of the DDP test above."""
+    from trainer import sharding
+
+    _, straight_rows = sft_straight
+    cfg = sft_config(tmp_path, chat_model, [SFT_SAMPLE], **{**SFT_CLI, "train.strategy": "fsdp"})
+    done = cli.run("sft", cli.write_config(cfg, tmp_path / "fsdp.yaml"), {"train.nproc": 2})
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert "on 2 x cpu (fsdp)" in done.stdout
+    rows = metrics(open_storage(cfg.storage.bucket), "base-sft")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-4)
+    final = tmp_path / f"bucket/runs/base-sft/checkpoints/{ckpt.step_name(SFT_STEPS)}"
+    assert (final / sharding.DCP_METADATA).is_file()
+
+
 def test_samples_that_fail_never_stand_between_a_run_and_its_checkpoint(template, tmp_path, in_process, caplog):
     class BrokenSamples(FaultyTask):
         def at_checkpoint(self, *args, **kwargs):

@@ -44,6 +44,7 @@ from trainer.sharding import (
     decoder_layers,
     ensure_process_group,
     is_sharded,
+    materialize,
     resolve_strategy,
     shard,
     shard_root,
@@ -88,7 +89,8 @@ class Task(Protocol):
     inputs: dict  # what the weights depend on (tokenizer, data, model, seq_len): saved, checked on resume
     sequences_per_epoch: int  # training sequences (rows) in one pass over the data: train.max_epochs
 
-    def build_model(self, device: torch.device): ...  # -> (HF model, tokenizer): the starting weights
+    def build_model(self, device: torch.device, empty: bool = False): ...  # -> (HF model, tokenizer): the
+    # starting weights on device; empty: parameters on the meta device (for FSDP: sharding.materialize)
     def loss_module(self, model) -> torch.nn.Module: ...  # forward(micro-batch) -> summed loss (0-dim)
     def loader(self, position: int, d: Dist, micro: int): ...  # BatchLoader from global sequence `position`
     def targets_in_step(self, position: int) -> int: ...  # loss terms in the step starting at `position`
@@ -240,10 +242,8 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     run_local = Path(cfg.storage.local_dir) / "runs" / task.run_id
     run_local.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on GPU
-    torch.manual_seed(hp.seed)  # the same starting weights on every rank
-    model, tokenizer = task.build_model(d.device)
     use_bf16 = hp.dtype == "bf16" or (hp.dtype == "auto" and d.device.type == "cuda")
-    strategy = _prepare(model, hp, d, use_bf16)
+    model, tokenizer, strategy = _build(task, hp, d, use_bf16)
     optimizer = build_optimizer(model, hp)
     ckpts = Checkpointer(store, task.run_id, run_local, cfg.checkpoint.keep_last, d)
     state = _resume(task.name, ckpts, model, optimizer, hp.seed, d)
@@ -443,10 +443,22 @@ def _resume(name: str, ckpts: Checkpointer, model, optimizer, seed: int, d: Dist
     return state
 
 
-def _prepare(model, hp: TrainConfig, d: Dist, bf16: bool) -> str:
-    """Activation checkpointing and FSDP sharding, in place, before the optimizer sees the
-    parameters; returns the strategy (train.strategy resolved for this model and world size)."""
+def _build(task: Task, hp: TrainConfig, d: Dist, bf16: bool) -> tuple[torch.nn.Module, object, str]:
+    """(model ready for the optimizer, tokenizer, strategy): train.strategy resolved from the model's
+    size on the meta device; DDP builds the model on d.device, FSDP shards the meta model first."""
+    model, tokenizer = task.build_model(d.device, empty=True)  # the shape, no storage
     strategy = resolve_strategy(hp.strategy, sum(p.numel() for p in model.parameters()), d.world)
+    if strategy == "ddp":
+        torch.manual_seed(hp.seed)  # the same starting weights on every rank
+        model, tokenizer = task.build_model(d.device)
+    _prepare(model, task, hp, d, bf16, strategy)
+    return model, tokenizer, strategy
+
+
+def _prepare(model, task: Task, hp: TrainConfig, d: Dist, bf16: bool, strategy: str) -> None:
+    """Activation checkpointing, float8 and, for strategy "fsdp", sharding, in place, before the
+    optimizer sees the parameters. FSDP: `model` comes with its parameters on the meta device and
+    leaves sharded, with this rank's shards of the starting weights (seed hp.seed) on d.device."""
     if hp.activation_checkpointing:
         # transformers' per-layer checkpointing (torch.utils.checkpoint, non-reentrant): layer
         # activations are recomputed in the backward instead of kept.
@@ -459,7 +471,14 @@ def _prepare(model, hp: TrainConfig, d: Dist, bf16: bool) -> str:
             for layer in decoder_layers(model):  # per block, before sharding, as torchtitan does
                 layer.compile()
         shard(model, bf16)
-    return strategy
+        materialize(model, lambda: _starting_weights(task, hp.seed), d.device)
+
+
+def _starting_weights(task: Task, seed: int) -> torch.nn.Module:
+    """The task's starting model on the CPU, initialised as the unsharded path initialises it (seed
+    `seed`): what rank 0 broadcasts into a sharded model."""
+    torch.manual_seed(seed)
+    return task.build_model(torch.device("cpu"))[0]
 
 
 def float8_available(device: str) -> None:

@@ -85,6 +85,27 @@ def shard_root(module, bf16: bool) -> None:
     fully_shard(module, mp_policy=_mp_policy(bf16))
 
 
+def materialize(model, build_full, device: torch.device) -> None:
+    """Give a model sharded while its parameters were on the meta device storage on `device` and its
+    starting weights, in place. Rank 0 calls build_full() (-> the same model with real weights, on
+    the CPU) and broadcasts it: every rank receives only its shards of the weights, plus every buffer
+    (RoPE's inv_freq, which no state dict holds). So no GPU ever holds the whole model, and only
+    rank 0's host memory does (7b: 27 GB in fp32). Collective: every rank calls it.
+    Raises KeyError when build_full's model lacks a buffer the sharded model has."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)  # tied weights stay tied (one Parameter, moved in place)
+    full = build_full() if dist.get_rank() == 0 else None
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in model.named_buffers():
+        if full is not None:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, src=0)
+
+
 def is_dcp_file(name: str) -> bool:
     return name == DCP_METADATA or name.endswith(".distcp")
 

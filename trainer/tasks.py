@@ -96,14 +96,15 @@ class PretrainTask:
                                                self.hp.seq_len, cfg.model.tie_embeddings)
         self.inputs = pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(data_dir).name, index["vocab_size"])
 
-    def build_model(self, device: torch.device):
+    def build_model(self, device: torch.device, empty: bool = False):
         tok = load_tokenizer(self.tok_dir)
         self.model_config.pad_token_id = tok.pad_token_id
-        with device:  # initialised where it trains: seconds for billions of weights on a GPU, not minutes on CPU
+        # Initialised where it trains: seconds for billions of weights on a GPU, not minutes on CPU.
+        with torch.device("meta") if empty else device:
             model = build_model(self.model_config, pick_attention(self.cfg.model.attn_implementation, device.type))
         # Sampling defaults in every checkpoint and export: plain model.generate() does not parrot.
         model.generation_config = export_generation_config(self.cfg.sample, tok.eos_token_id, tok.pad_token_id)
-        return model.to(device), tok
+        return (model if empty else model.to(device)), tok
 
     def loss_module(self, model) -> torch.nn.Module:
         return CausalLMLoss(model)
@@ -193,17 +194,22 @@ class SftTask:
         self.tokens_per_step = s.batch_sequences * self.rows.seq_len
         self.inputs = sft_inputs(self.rows.seq_len, Path(data_dir).name)
 
-    def build_model(self, device: torch.device):
-        from transformers import AutoModelForCausalLM
+    def build_model(self, device: torch.device, empty: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         tok = load_chat_tokenizer(self.init_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(self.init_dir), dtype=torch.float32,
-            attn_implementation=sft_attention(self.cfg.model.attn_implementation, device.type))
+        attn = sft_attention(self.cfg.model.attn_implementation, device.type)
+        if empty:  # the shape only; the weights reach the shards from rank 0 (sharding.materialize)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(self.init_dir)),
+                                                         dtype=torch.float32, attn_implementation=attn)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(self.init_dir), dtype=torch.float32,
+                                                         attn_implementation=attn)
         if self.rows.seq_len > model.config.max_position_embeddings:  # stage_sft warned; RoPE itself has no limit
             model.config.max_position_embeddings = self.rows.seq_len
         model.generation_config = export_generation_config(self.cfg.sample, stop_token_ids(tok), tok.pad_token_id)
-        return model.to(device), tok
+        return (model if empty else model.to(device)), tok
 
     def loss_module(self, model) -> torch.nn.Module:
         return PackedLoss(model)
