@@ -475,8 +475,9 @@ def _prepare(model, task: Task, hp: TrainConfig, d: Dist, bf16: bool, strategy: 
 
 
 def _starting_weights(task: Task, seed: int) -> torch.nn.Module:
-    """The task's starting model on the CPU, initialised as the unsharded path initialises it (seed
-    `seed`): what rank 0 broadcasts into a sharded model."""
+    """The task's starting model on the CPU (seed `seed`): what rank 0 broadcasts into a sharded
+    model. Bit for bit the unsharded path's weights when that runs on CPU; on a GPU the unsharded
+    path draws from the CUDA generator instead (the same distributions, other numbers)."""
     torch.manual_seed(seed)
     return task.build_model(torch.device("cpu"))[0]
 
