@@ -1,7 +1,9 @@
 """The experiment behind bench/RESULTS.md's "Why FSDP was 25% slower per GPU": ours at 1b, 16 x 1024,
 one GPU, with one FSDP or compile setting changed per variant (by setting a module constant or
-patching one function), each variant in its own process. Kept as it was run on 2026-11-30 (before
-the use_cache fix) to reproduce that table; not part of the job.
+patching one function), each variant in its own process. Kept as it was run on 2026-11-30; not part
+of the job. To reproduce that table, run it at commit f57b308, before the use_cache fix: on later
+commits the per-block variants no longer recompile, and fsdp-ce's own forward (written before the
+fix) builds the KV cache again.
 
     CUDA_VISIBLE_DEVICES=0 OUT=/tmp/gap-out python bench/experiments/fsdp_gap.py --workdir /tmp/gap \\
         --variants unsharded,fsdp,fsdp-ce,fsdp-noreshard,fsdp-bf16reduce,unsharded-perblock,fsdp-fullcompile
