@@ -151,7 +151,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 # Fail the build, not the run: the compiled extensions must load against this image's libraries,
 # torch.optim.Muon must exist, and torch must find the cuDNN it was built with (its own wheel's).
-RUN python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, trainer.job, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert hasattr(torch.optim, 'Muon'), 'no torch.optim.Muon'; assert torch.backends.cudnn.version() is not None, 'torch finds no cuDNN'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${TORCH_CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"
+RUN python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, trainer.job.run, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert hasattr(torch.optim, 'Muon'), 'no torch.optim.Muon'; assert torch.backends.cudnn.version() is not None, 'torch finds no cuDNN'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${TORCH_CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"
 
 # The user `trainer`, by number so Kubernetes can verify runAsNonRoot.
 USER 1000:1000

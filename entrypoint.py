@@ -44,8 +44,8 @@ def _model_folder(checkpoint, cfg) -> Path:
     (checkpoint.model_dir): an export or a checkpoint folder, local or s3://, e.g.
     <bucket>/runs/<id>/final or <bucket>/runs/<id>/checkpoints/step-N. Raises ConfigError (exit 2,
     one line) when there is no model there; StorageError when the bucket cannot be read."""
-    from trainer.checkpoint import model_dir
     from trainer.config import ConfigError
+    from trainer.state.checkpoint import model_dir
 
     try:
         return model_dir(str(checkpoint), cfg.storage, Path(cfg.storage.local_dir))
@@ -55,7 +55,7 @@ def _model_folder(checkpoint, cfg) -> Path:
 
 def run(config: str | None = None, **overrides) -> None:
     """The whole job: pull, tokenizer, prepare, pretrain (torchrun), export, samples."""
-    from trainer.job import run as run_job
+    from trainer.job.run import run as run_job
 
     code = run_job(_config(config, overrides))
     if code:
@@ -64,7 +64,7 @@ def run(config: str | None = None, **overrides) -> None:
 
 def pull(config: str | None = None, **overrides) -> None:
     """Resolve data.sources and download remote corpus files into the local cache."""
-    from trainer.stages import stage_pull
+    from trainer.job.stages import stage_pull
 
     for f in stage_pull(_config(config, overrides)):
         print(f"{f.url}\t{f.size}\t{f.local}")
@@ -72,7 +72,7 @@ def pull(config: str | None = None, **overrides) -> None:
 
 def tokenizer(config: str | None = None, **overrides) -> None:
     """Train (or load, with tokenizer.path) the tokenizer and store it in the bucket."""
-    from trainer.stages import bucket, stage_tokenizer
+    from trainer.job.stages import bucket, stage_tokenizer
 
     cfg = _config(config, overrides)
     print(bucket(cfg).url(stage_tokenizer(cfg)))
@@ -80,7 +80,7 @@ def tokenizer(config: str | None = None, **overrides) -> None:
 
 def prepare(config: str | None = None, **overrides) -> None:
     """Tokenize the corpus into packed shards in the bucket."""
-    from trainer.stages import bucket, stage_prepare
+    from trainer.job.stages import bucket, stage_prepare
 
     cfg = _config(config, overrides)
     print(bucket(cfg).url(stage_prepare(cfg).data_key))
@@ -88,7 +88,7 @@ def prepare(config: str | None = None, **overrides) -> None:
 
 def pretrain(config: str | None = None, **overrides) -> None:
     """Launch torchrun pretraining (resumes from the newest complete checkpoint of run.id)."""
-    from trainer.stages import stage_pretrain
+    from trainer.job.stages import stage_pretrain
 
     code = stage_pretrain(_config(config, overrides))
     if code:
@@ -97,16 +97,16 @@ def pretrain(config: str | None = None, **overrides) -> None:
 
 def export(config: str | None = None, **overrides) -> None:
     """Write the Hugging Face model folder runs/<id>/final/ from the newest checkpoint."""
-    from trainer.stages import bucket, stage_export
+    from trainer.job.stages import bucket, stage_export
 
     cfg = _config(config, overrides)
     print(bucket(cfg).url(stage_export(cfg)))
 
 
 def worker(config: str, artifacts: str) -> None:
-    """(internal) One pretraining process, as torchrun starts it (python -m trainer.worker)."""
-    from trainer.artifacts import Artifacts
-    from trainer.worker import pretrain_worker
+    """(internal) One pretraining process, as torchrun starts it (python -m trainer.training.worker)."""
+    from trainer.io.artifacts import Artifacts
+    from trainer.training.worker import pretrain_worker
 
     pretrain_worker(_config(config, {}, show=False), Artifacts.from_json(Path(artifacts).read_text()))
 
@@ -122,7 +122,7 @@ def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, co
         config: YAML config file (sample.*, storage.* and train.device are read from it)
     """
     from trainer.config import ConfigError
-    from trainer.generate import load_for_generation, sample
+    from trainer.evaluation.generate import load_for_generation, sample
 
     prompt = str(prompt)  # fire reads `--prompt 123` as a number
     if not prompt.strip():
@@ -147,7 +147,7 @@ def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **o
     import contextlib
     import json
 
-    from trainer.evaluate import evaluate_checkpoint
+    from trainer.evaluation.evaluate import evaluate_checkpoint
 
     texts = [text] if isinstance(text, str) else list(text)
     cfg = _config(config, overrides, show=False)
@@ -160,7 +160,7 @@ def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **o
 
 def report(config: str | None = None, **overrides) -> None:
     """(Re)write runs/<run.id>/report/: report.md, PNG plots, TensorBoard events, samples."""
-    from trainer.stages import bucket, stage_report
+    from trainer.job.stages import bucket, stage_report
 
     cfg = _config(config, overrides, show=False)
     print(bucket(cfg).url(stage_report(cfg)))
@@ -178,7 +178,7 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
         gpu_hours: budget in GPU-hours instead (with --gpu, --mfu and --gpus)
         gpu: GPU model for a GPU-hour budget and wall time (h100, h200, a100, 4090, ...)
         mfu: model FLOPs utilisation assumed for a GPU-hour budget and wall time
-        preset: plan for this model preset (trainer/model.py PRESETS) instead of the optimal one
+        preset: plan for this model preset (trainer/model/llama.py PRESETS) instead of the optimal one
         tokens: plan for this many training tokens
         seq_len: tokens per training sequence
         corpus_tokens: tokens in your corpus: warns when the plan repeats it too often
@@ -195,8 +195,8 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
     import yaml
 
     from trainer.config import ConfigError, from_dict, load_config, to_dict
-    from trainer.planner import format_table, plan_json, plan_to_config
-    from trainer.planner import plan as make_plan
+    from trainer.model.planner import format_table, plan_json, plan_to_config
+    from trainer.model.planner import plan as make_plan
 
     if out and Path(out).exists() and not force:  # before anything is printed or written
         raise ConfigError(f"plan --out {out}: the file exists; pass --force to overwrite it")
@@ -225,7 +225,7 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
 def sft(config: str | None = None, **overrides) -> None:
     """Supervised fine-tuning on conversations (sft.sources) from sft.init, resumable; exports
     runs/<sft.run_id>/final/."""
-    from trainer.stages import stage_sft
+    from trainer.job.stages import stage_sft
 
     code = stage_sft(_config(config, overrides))
     if code:
@@ -240,7 +240,7 @@ def chat(checkpoint: str, system: str = "", config: str | None = None, **overrid
         system: system prompt the conversation starts with
         config: YAML config file (sample.* sets the sampling)
     """
-    from trainer.chat import chat_cli
+    from trainer.job.chat import chat_cli
 
     try:
         cfg = _config(config, overrides, show=False)
@@ -254,7 +254,7 @@ def submit(target: str, config: str | None = None, nodes: int = 1, gpus_per_node
            image: str = "zh-pretrain:latest", accelerator: str = "H100", **overrides) -> None:
     """Print the docker command, SkyPilot task or Kubernetes manifest that runs this config."""
     from trainer.config import ConfigError
-    from trainer.submit import render
+    from trainer.job.submit import render
 
     cfg = _config(config, overrides, show=False)
     try:
@@ -266,7 +266,7 @@ def submit(target: str, config: str | None = None, nodes: int = 1, gpus_per_node
 
 def status(config: str | None = None, **overrides) -> None:
     """Runs in the bucket: checkpoints, LATEST, last metrics, export."""
-    from trainer.status import status_report
+    from trainer.job.status import status_report
 
     print(status_report(_config(config, overrides, show=False)))
 
@@ -350,10 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     from trainer.config import ConfigError
-    from trainer.data import DataError
-    from trainer.lease import LeaseHeld
+    from trainer.data.sources import DataError
+    from trainer.io.lease import LeaseHeld
+    from trainer.io.storage import StorageError
     from trainer.log import setup_logging
-    from trainer.storage import StorageError
 
     setup_logging()
     args = sys.argv[1:] if argv is None else list(argv)

@@ -9,7 +9,8 @@ same model shapes, same packed token shards, same card, one process, one run.
     python scripts/bench_pretrain.py --models 7b:4 --variants compile --measure_only --tag 7b-ddp   # does it fit?
 
 Prints a table (tok/s, MFU, peak memory, data-wait fraction, ratio to the baseline) and writes
-JSON under bench/results/. Ours runs through trainer.loop.train() (via trainer.worker), what `run` uses.
+JSON under bench/results/. Ours runs through trainer.training.loop.train() (via
+trainer.training.worker), what `run` uses.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 def prepare_data(args) -> tuple[Path, Path, dict, object]:
     """Tokenizer + packed shards from the given corpus, through the job's own stages."""
-    from trainer.artifacts import bucket, fetch_folder
     from trainer.config import load_config
-    from trainer.stages import stage_prepare
+    from trainer.io.artifacts import bucket, fetch_folder
+    from trainer.job.stages import stage_prepare
 
     work = Path(args.workdir)
     cfg = load_config(None, {"data.sources": args.corpus, "tokenizer.vocab_size": args.vocab,
@@ -49,7 +50,7 @@ def prepare_data(args) -> tuple[Path, Path, dict, object]:
 def mfu_of(tok_s: float, preset: str, vocab: int, seq_len: int, gpus: int = 1) -> float | None:
     import torch
 
-    from trainer.model import PRESETS, flops_per_token, padded_vocab, peak_flops
+    from trainer.model.llama import PRESETS, flops_per_token, padded_vocab, peak_flops
 
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     if not peak:
@@ -62,8 +63,8 @@ def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict)
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from trainer.dataset import TokenSamples
-    from trainer.model import build_model, llama_config
+    from trainer.data.loader import TokenSamples
+    from trainer.model.llama import build_model, llama_config
 
     samples = TokenSamples(data_dir, index, "train", args.seq_len)
 
@@ -103,7 +104,7 @@ def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict)
 
 def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, index: dict, base_cfg,
                compile_mode: str, label: str, nproc: int = 1, **settings) -> dict:
-    """trainer.loop.train() with the given settings (the job's worker; `settings`: more train.*
+    """trainer.training.loop.train() with the given settings (the job's worker; `settings`: more train.*
     keys, e.g. float8=True); tok/s is the median logged window after warm-up."""
     import torch
 
@@ -119,13 +120,13 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
         "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode, "train.strategy": args.strategy,
         "checkpoint.upload_async": False, **{f"train.{k}": v for k, v in settings.items()}})
     if nproc == 1:
-        from trainer import loop
-        from trainer.tasks import PretrainTask
+        from trainer.training import loop
+        from trainer.training.tasks import PretrainTask
 
         if args.measure_only:  # no final checkpoint (7b + AdamW state: 81 GB) and no final validation
             loop._checkpoint = lambda *a, **k: None
             PretrainTask.evaluate = lambda *a, **k: {}
-        from trainer.worker import run_task
+        from trainer.training.worker import run_task
 
         torch.cuda.reset_peak_memory_stats()
         run_task(cfg, lambda: PretrainTask(cfg, data_dir, index, tok_dir))

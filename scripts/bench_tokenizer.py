@@ -10,12 +10,12 @@
 Each variant runs in a subprocess of its own, so its peak RSS (from wait4) is its own:
   recipe       ByteLevel(add_prefix_space=False) + BpeTrainer(vocab, ["<|endoftext|>"]) +
                train_from_iterator over every training text (the baseline of issue 5);
-  ours         trainer.tokenizer.train_from_corpus, as the `tokenizer` stage calls it;
+  ours         trainer.data.tokenizer.train_from_corpus, as the `tokenizer` stage calls it;
   ours-small   the same on --small-shards shards: peak RSS follows the sample, not the corpus;
   ours-half    the same on every shard with half the sample: ... and does follow the sample;
   encode_batch raw `Tokenizer.encode_batch` of the in-memory texts, BATCH_DOCS per call (the
                target's reference), and encode_batch_fast (no offsets: what prepare calls);
-  prepare      trainer.prepare.prepare_shards from the files (read, normalise, split, encode, write),
+  prepare      trainer.data.shards.prepare_shards from the files (read, normalise, split, encode, write),
                then once more on --small-shards shards: its memory does not follow the corpus;
   pre          (--pre) the steps of train_from_corpus with each tokenizer.pre_tokenizer and
                max_token_length given, on the poetry shards and the --modern shards together (one
@@ -48,7 +48,7 @@ DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus" / "poetry"
 # Workers (run in subprocesses) -----------------------------------------------------------------
 
 def _files(params):
-    from trainer.data import local_files
+    from trainer.data.sources import local_files
 
     return local_files(params["files"])
 
@@ -63,7 +63,7 @@ def _config(params):
 
 
 def _heldout_stats(tok, heldout: list[str]) -> dict:
-    from trainer.tokenizer import chars_per_token, longest_tokens
+    from trainer.data.tokenizer import chars_per_token, longest_tokens
 
     return {"chars_per_token": round(chars_per_token(tok, heldout), 4), "heldout_documents": len(heldout),
             "heldout_chars": sum(map(len, heldout)), "longest_token_chars": len(longest_tokens(tok, 1)[0]),
@@ -73,8 +73,8 @@ def _heldout_stats(tok, heldout: list[str]) -> dict:
 def worker_recipe(params) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from trainer.data import iter_documents
-    from trainer.prepare import is_validation
+    from trainer.data.shards import is_validation
+    from trainer.data.sources import iter_documents
 
     cfg = _config(params)
     heldout: list[str] = []
@@ -100,9 +100,9 @@ def worker_ours(params) -> dict:
 
     from tokenizers import Tokenizer
 
-    from trainer.data import iter_documents
-    from trainer.prepare import Normalizer, is_validation
-    from trainer.tokenizer import train_from_corpus
+    from trainer.data.shards import Normalizer, is_validation
+    from trainer.data.sources import iter_documents
+    from trainer.data.tokenizer import train_from_corpus
 
     cfg = _config(params)
     out = Path(params["out_dir"])
@@ -131,9 +131,9 @@ def worker_sweep(params) -> dict:
     """The steps of train_from_corpus with a given Han chunk length (not a config setting)."""
     import dataclasses
 
-    from trainer.data import iter_documents
-    from trainer.prepare import Normalizer, is_validation
-    from trainer.tokenizer import sample_documents, train_tokenizer
+    from trainer.data.shards import Normalizer, is_validation
+    from trainer.data.sources import iter_documents
+    from trainer.data.tokenizer import sample_documents, train_tokenizer
 
     cfg = _config(params)
     heldout: list[str] = []
@@ -159,9 +159,9 @@ def worker_pre(params) -> dict:
     (the file name's first word: poetry-00000.jsonl.zst is "poetry")."""
     import dataclasses
 
-    from trainer.data import iter_documents, local_files
-    from trainer.prepare import Normalizer, is_validation
-    from trainer.tokenizer import chars_per_token, sample_documents, train_tokenizer
+    from trainer.data.shards import Normalizer, is_validation
+    from trainer.data.sources import iter_documents, local_files
+    from trainer.data.tokenizer import chars_per_token, sample_documents, train_tokenizer
 
     cfg = _config(params)
     normalize = Normalizer(dataclasses.replace(cfg.data, dedup=False))
@@ -199,7 +199,7 @@ def worker_pre(params) -> dict:
 
 
 def longest_tokens_of(tok) -> list[str]:
-    from trainer.tokenizer import longest_tokens
+    from trainer.data.tokenizer import longest_tokens
 
     return longest_tokens(tok, 8)
 
@@ -208,8 +208,8 @@ def worker_encode_batch(params) -> dict:
     from tokenizers import Tokenizer
 
     from trainer.config import DataConfig
-    from trainer.data import iter_documents
-    from trainer.prepare import BATCH_DOCS
+    from trainer.data.shards import BATCH_DOCS
+    from trainer.data.sources import iter_documents
 
     tok = Tokenizer.from_file(str(Path(params["tok_dir"]) / "tokenizer.json"))
     encode = getattr(tok, params["method"])  # encode_batch, or encode_batch_fast (no offsets)
@@ -225,9 +225,9 @@ def worker_encode_batch(params) -> dict:
 
 
 def worker_prepare(params) -> dict:
-    from trainer.data import iter_documents
-    from trainer.prepare import prepare_shards
-    from trainer.tokenizer import load_tokenizer
+    from trainer.data.shards import prepare_shards
+    from trainer.data.sources import iter_documents
+    from trainer.data.tokenizer import load_tokenizer
 
     cfg = _config(params)
     tok = load_tokenizer(params["tok_dir"])  # as stages.stage_prepare

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does an export parrot under plain `model.generate(**inputs, max_new_tokens=N)`, with no other
 argument (its generation_config.json decides)? Prints, per prompt, the repeated-4-gram fraction
-of the continuation (trainer.evaluate.repeated_ngram_fraction), and the mean, as JSON.
+of the continuation (trainer.evaluation.evaluate.repeated_ngram_fraction), and the mean, as JSON.
 
     python scripts/check_default_generation.py <export folder> [--max_new_tokens 120] [--seeds 3]
 """
@@ -21,7 +21,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.config import SampleConfig
-    from trainer.evaluate import repeated_ngram_fraction
+    from trainer.evaluation.evaluate import repeated_ngram_fraction
 
     parser = argparse.ArgumentParser()
     parser.add_argument("export")

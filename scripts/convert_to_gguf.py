@@ -13,7 +13,7 @@ tokenizer we train never matches, even one with Qwen2's exact split; the convert
 name the pre-tokenizer (its update script, convert_hf_to_gguf_update.py, adds hashes of models it
 downloads from the Hugging Face Hub). This script runs the converter unchanged except for that one
 lookup: when the table does not know the tokenizer, the name comes from tokenizer.json's
-pre_tokenizer (trainer.tokenizer.llama_cpp_pre_name: it must be exactly a split llama.cpp
+pre_tokenizer (trainer.data.tokenizer.llama_cpp_pre_name: it must be exactly a split llama.cpp
 implements, i.e. tokenizer.pre_tokenizer qwen2, deepseek-llm or gpt-2). A `zh` tokenizer is refused
 (exit 2): llama.cpp would split text differently from the tokenizer the model was trained with.
 
@@ -45,7 +45,7 @@ MISTRAL_COMMON_NAMES = {  # module -> names convert_hf_to_gguf.py imports from i
 def pre_name_of(model_dir: Path) -> str:
     """llama.cpp's pre-tokenizer name for the export's tokenizer.json; ValueError naming the fix
     when llama.cpp has no such split, FileNotFoundError when there is no tokenizer.json."""
-    from trainer.tokenizer import llama_cpp_pre_name
+    from trainer.data.tokenizer import llama_cpp_pre_name
 
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     name = llama_cpp_pre_name(tokenizer_json)

@@ -8,7 +8,7 @@ train.budget_seconds, model preset "mid"; SWEEP-2026-11-30.md beside it has the 
 corpus is copied to .sweep/corpus and the wheels
 the GPU image lacks (fire, termcolor, zstandard) to .sweep/whl. Every variant shares one bucket, so
 the tokenizer and the shards are built once (reused by hash), and is scored the same way: the
-held-out bits per character of its export in runs/<id>/report/eval.json (trainer.evaluate).
+held-out bits per character of its export in runs/<id>/report/eval.json (trainer.evaluation.evaluate).
 
     python scripts/sweep_reference.py prepare                       # tokenizer + shards, once
     python scripts/sweep_reference.py queue --gpu 0 --budget 60 adamw-wd0.8 muon-wd0.8 [--deadline EPOCH]
@@ -198,12 +198,12 @@ def recipe(args) -> int:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from trainer.config import load_config_tree
-    from trainer.dataset import TokenSamples
-    from trainer.evaluate import evaluate_model, heldout_documents
-    from trainer.generate import load_for_generation
+    from trainer.data.loader import TokenSamples
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.evaluation.evaluate import evaluate_model, heldout_documents
+    from trainer.evaluation.generate import load_for_generation
     from trainer.launch import bucket, fetch_folder, stage_prepare, stage_pull
-    from trainer.model import build_model, llama_config
-    from trainer.tokenizer import load_tokenizer
+    from trainer.model.llama import build_model, llama_config
 
     tree = variant_tree("recipe", args.budget, args.gpu)
     cfg = load_config_tree(tree)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import Config, StorageConfig, load_config
-from trainer.storage import Storage, open_storage
+from trainer.io.storage import Storage, open_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "poetry-sample-00.jsonl.zst"
@@ -185,7 +185,7 @@ SIGTERM_AFTER_CHECKPOINT_HOOK = '''
 import os
 if os.environ.get("TEST_SIGTERM_AFTER_CHECKPOINT"):
     import signal
-    import trainer.checkpoint as _ckpt
+    import trainer.state.checkpoint as _ckpt
     _step, _publish = int(os.environ["TEST_SIGTERM_AFTER_CHECKPOINT"]), _ckpt.publish
     def _publish_then_sigterm(store, run_id, local_dir, step):
         url = _publish(store, run_id, local_dir, step)
@@ -251,8 +251,7 @@ class Cli:
     def kill_after_a_checkpoint(self, config_path: Path, overrides: dict, log: Path, store, run_id: str) -> list[int]:
         """Start `pretrain`, SIGKILL its whole tree as soon as LATEST appears (a checkpoint is
         published); return the complete steps left in the bucket, newest first."""
-        from trainer import checkpoint as ckpt
-
+        from trainer.state import checkpoint as ckpt
         proc = self.start("pretrain", config_path, overrides, log=log)
         latest = f"{ckpt.checkpoints_prefix(run_id)}/{ckpt.LATEST}"
         try:

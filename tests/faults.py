@@ -236,8 +236,8 @@ KILL_POINTS = ("staging", "upload", "before-latest", "optimizer-step")
 
 def _install_kill(point: str, nth: int) -> None:
     """Patch the trainer so this process SIGKILLs itself the nth time it reaches `point`."""
-    from trainer import checkpoint as ckpt
-    from trainer.storage import LocalStorage, S3Storage
+    from trainer.io.storage import LocalStorage, S3Storage
+    from trainer.state import checkpoint as ckpt
 
     count = Counter()
 
@@ -309,8 +309,8 @@ def _zygote() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401 - transformers imports models lazily
 
     import entrypoint  # noqa: F401 - imported for the children
-    import trainer.job  # noqa: F401
-    import trainer.worker  # noqa: F401
+    import trainer.job.run  # noqa: F401
+    import trainer.training.worker  # noqa: F401
 
     torch.set_num_threads(1)
     reply = sys.stdout
@@ -446,7 +446,7 @@ def prepared_template(base: Path) -> dict:
     info = root / "template.json"
     if info.is_file():
         return json.loads(info.read_text())
-    from trainer.stages import stage_prepare
+    from trainer.job.stages import stage_prepare
 
     corpus = write_corpus(root / "corpus" / "poems.jsonl")
     arts = stage_prepare(make_config(tiny_settings(str(corpus), str(root / "bucket"), str(root / "work"))))
@@ -495,8 +495,8 @@ def in_process(monkeypatch):
 
 def train_in_process(settings: dict, template: dict) -> dict:
     """One training process (worker.pretrain_worker) in this process, on the template's tokenizer and shards."""
-    from trainer.artifacts import Artifacts
-    from trainer.worker import pretrain_worker as worker
+    from trainer.io.artifacts import Artifacts
+    from trainer.training.worker import pretrain_worker as worker
 
     return worker(make_config(settings), Artifacts(template["tokenizer_key"], template["data_key"]))
 
@@ -584,8 +584,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def verified_steps(store, run_id: str, scratch: Path) -> list[int]:
     """Complete checkpoints (with a manifest) whose every file matches it, newest first."""
-    from trainer import checkpoint as ckpt
-    from trainer.storage import StorageError
+    from trainer.io.storage import StorageError
+    from trainer.state import checkpoint as ckpt
 
     good = []
     for step in ckpt.complete_steps(store, run_id):
@@ -600,8 +600,7 @@ def verified_steps(store, run_id: str, scratch: Path) -> list[int]:
 def assert_bucket_consistent(store, run_id: str, scratch: Path) -> int | None:
     """Every complete checkpoint verifies and LATEST (if present) names one of them; returns the
     newest complete step (None when there is none)."""
-    from trainer import checkpoint as ckpt
-
+    from trainer.state import checkpoint as ckpt
     complete = ckpt.complete_steps(store, run_id)
     good = verified_steps(store, run_id, scratch)
     assert good == complete, f"complete checkpoints {complete} but only {good} verify"
@@ -614,8 +613,7 @@ def assert_bucket_consistent(store, run_id: str, scratch: Path) -> int | None:
 def checkpoint_tensors(store, run_id: str, step: int, scratch: Path) -> dict:
     from safetensors.torch import load_file
 
-    from trainer import checkpoint as ckpt
-
+    from trainer.state import checkpoint as ckpt
     dest = ckpt.fetch_verified(store, run_id, step, scratch / f"weights-{run_id}-{step}")
     return load_file(str(dest / "model.safetensors"))
 
@@ -668,9 +666,9 @@ def chat_model(tmp_path_factory):
     ~0.05%, and the packing tests can tell."""
     import torch
 
-    from trainer.model import build_model, llama_config
-    from trainer.sft import load_chat_tokenizer
-    from trainer.tokenizer import save_tokenizer, train_tokenizer
+    from trainer.data.conversations import load_chat_tokenizer
+    from trainer.data.tokenizer import save_tokenizer, train_tokenizer
+    from trainer.model.llama import build_model, llama_config
 
     out = tmp_path_factory.mktemp("chat-model")
     texts = [t["content"] for line in SFT_SAMPLE.read_text(encoding="utf-8").splitlines()

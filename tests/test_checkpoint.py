@@ -5,8 +5,10 @@ import logging
 
 import pytest
 
-from trainer import checkpoint as ckpt
-from trainer.checkpoint import (
+from trainer.config import StorageConfig
+from trainer.io.storage import LocalStorage, S3Storage, StorageError
+from trainer.state import checkpoint as ckpt
+from trainer.state.checkpoint import (
     LATEST,
     MANIFEST,
     Uploader,
@@ -17,8 +19,6 @@ from trainer.checkpoint import (
     step_name,
     write_manifest,
 )
-from trainer.config import StorageConfig
-from trainer.storage import LocalStorage, S3Storage, StorageError
 
 RUN = "r1"
 PREFIX = f"runs/{RUN}/checkpoints"

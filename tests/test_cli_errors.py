@@ -211,7 +211,7 @@ def test_ctrl_c_at_the_prompt(capsys, monkeypatch, model_folder):
 
 
 def test_ctrl_c_while_a_reply_streams(capsys, monkeypatch, model_folder):
-    import trainer.chat
+    import trainer.job.chat
 
     class Streamer:
         parts: list = []
@@ -222,7 +222,7 @@ def test_ctrl_c_while_a_reply_streams(capsys, monkeypatch, model_folder):
         def end(self):
             pass
 
-    monkeypatch.setattr(trainer.chat, "_streamer", lambda tok, out: Streamer())
+    monkeypatch.setattr(trainer.job.chat, "_streamer", lambda tok, out: Streamer())
     monkeypatch.setattr(sys, "stdin", Interrupted("你好\n"))
     with pytest.raises(SystemExit) as e:
         entrypoint.main(["chat", f"--checkpoint={model_folder}", "--train.device=cpu"])
@@ -299,7 +299,7 @@ def test_generate_takes_every_checkpoint_form_eval_and_chat_take(capsys, trained
 
 
 def test_short_count_by_hand():
-    from trainer.planner import short_count
+    from trainer.model.planner import short_count
 
     cases = {5: "5", 999: "1k", 1234: "1.2k", 999_999: "1m", 2.6e9: "2.6b", 12.3e9: "12b", 150e9: "150b",
              99.6e9: "100b", 1.5e12: "1.5t"}

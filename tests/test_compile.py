@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.model import build_model, llama_config
-from trainer.sharding import decoder_layers
-from trainer.tasks import CausalLMLoss, PackedLoss
+from trainer.model.llama import build_model, llama_config
+from trainer.parallel.fsdp import decoder_layers
+from trainer.training.tasks import CausalLMLoss, PackedLoss
 
 
 def _batch(kind: str) -> torch.Tensor:

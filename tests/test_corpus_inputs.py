@@ -21,7 +21,8 @@ import pytest
 import zstandard
 
 from trainer.config import ConfigError, load_config
-from trainer.data import (
+from trainer.data.shards import check_trainable, prepare_shards
+from trainer.data.sources import (
     DataError,
     DocumentReader,
     file_kind,
@@ -30,8 +31,7 @@ from trainer.data import (
     local_files,
     resolve_sources,
 )
-from trainer.prepare import check_trainable, prepare_shards
-from trainer.tokenizer import EOS, load_tokenizer, sample_pieces, train_from_corpus
+from trainer.data.tokenizer import EOS, load_tokenizer, sample_pieces, train_from_corpus
 
 
 def jsonl(docs, field="text") -> bytes:

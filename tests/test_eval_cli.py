@@ -1,4 +1,4 @@
-"""Evaluating a model: the pieces of trainer/evaluate.py on a tiny random model, and `entrypoint.py
+"""Evaluating a model: the pieces of trainer/evaluation/evaluate.py on a tiny random model, and `entrypoint.py
 eval` / `report` after a real tiny `run` (the report stage, samples at checkpoints)."""
 
 import json
@@ -9,8 +9,10 @@ import torch
 
 import entrypoint
 from trainer.config import load_config
-from trainer.data import DataError, local_files
-from trainer.evaluate import (
+from trainer.data.shards import is_validation
+from trainer.data.sources import DataError, local_files
+from trainer.data.tokenizer import train_tokenizer, wrap_fast
+from trainer.evaluation.evaluate import (
     compare_with_human,
     continuation,
     evaluate_bpc,
@@ -18,10 +20,8 @@ from trainer.evaluate import (
     heldout_documents,
     val_chars_per_token,
 )
-from trainer.model import CAUSAL_SDPA, build_model, llama_config
-from trainer.prepare import is_validation
-from trainer.storage import open_storage
-from trainer.tokenizer import train_tokenizer, wrap_fast
+from trainer.io.storage import open_storage
+from trainer.model.llama import CAUSAL_SDPA, build_model, llama_config
 
 PROMPT_CHARS = 5
 
@@ -324,8 +324,8 @@ def test_report_cli_rewrites_the_report(trained, capsys, clean_env):
 def test_report_lists_what_the_corpus_filters_removed_and_the_skipped_records(tmp_path):
     """The report names the skipped bad records (data.on_error=skip) from the run's data index,
     found through runs/<id>/artifacts.json, also with no export yet (no evaluation then)."""
-    from trainer.artifacts import Artifacts
-    from trainer.stages import stage_report
+    from trainer.io.artifacts import Artifacts
+    from trainer.job.stages import stage_report
 
     cfg = load_config(None, {"run.id": "r", "storage.bucket": str(tmp_path / "bucket"),
                              "storage.local_dir": str(tmp_path / "work")}, env={})

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainer.evaluate import (
+from trainer.evaluation.evaluate import (
     bits_per_character,
     degeneration_report,
     distinct_n,
@@ -12,7 +12,7 @@ from trainer.evaluate import (
     prompt_repetition,
     repeated_ngram_fraction,
 )
-from trainer.model import build_model, llama_config
+from trainer.model.llama import build_model, llama_config
 
 LINES = [
     "床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。",

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config
-from trainer.hf_files import export_generation_config, portable_model_config
-from trainer.model import build_model, llama_config
-from trainer.tokenizer import (
+from trainer.data.tokenizer import (
     CHAT_TEMPLATE,
     EOS,
     IM_END,
@@ -27,6 +25,8 @@ from trainer.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from trainer.model.hf_files import export_generation_config, portable_model_config
+from trainer.model.llama import build_model, llama_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,8 +218,7 @@ def export_dir(trained, tmp_path_factory) -> Path:
     transformers 4's default 10000), so a dropped rope_theta would show."""
     import torch
 
-    from trainer import checkpoint
-
+    from trainer.state import checkpoint
     root = tmp_path_factory.mktemp("export")
     cfg = load_config(None, {"sample.temperature": 0.7, "sample.top_k": 0, "sample.max_new_tokens": 40}, env={})
     save_tokenizer(trained, root / "run-tokenizer")

@@ -7,7 +7,7 @@ image has: `make test-image-torch` (CI's third step) runs it with the image's to
 import pytest
 import torch
 
-from trainer.loop import float8_training
+from trainer.training.loop import float8_training
 
 
 def tiny_llama():
@@ -39,7 +39,7 @@ def test_float8_where_it_cannot_run_is_a_config_error_before_anything_runs(tmp_p
     import importlib.util
 
     from trainer.config import ConfigError, load_config
-    from trainer.stages import check_before_start
+    from trainer.job.stages import check_before_start
 
     real = importlib.util.find_spec  # torchao installed or not: the device is what is missing here
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torchao" else real(name, *a))
@@ -55,7 +55,7 @@ def test_float8_without_torchao_names_the_package(tmp_path, monkeypatch):
     import importlib.util
 
     from trainer.config import ConfigError, load_config
-    from trainer.stages import check_before_start
+    from trainer.job.stages import check_before_start
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))

@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from faults import assert_same
-from trainer import checkpoint as ckpt
-from trainer import sharding
 from trainer.config import replace
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.parallel import fsdp as sharding
+from trainer.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -126,8 +126,8 @@ def test_preempted_on_two_fsdp_processes_resumed_on_one(base, reference, metrics
                                                          caplog, strategy):
     """auto: the DCP shards load into an unsharded model; fsdp: into FSDP over one process (a
     process group of one, made in this process)."""
-    from trainer.stages import stage_prepare
-    from trainer.worker import pretrain_worker
+    from trainer.job.stages import stage_prepare
+    from trainer.training.worker import pretrain_worker
 
     cfg = run_config(base, f"shrunk-{strategy}", **{"checkpoint.upload_async": False})
     preempt_at_k(cli, cfg, tmp_path, TWO)
@@ -203,7 +203,8 @@ def test_export_consolidates_the_shards_into_a_hugging_face_folder(base, referen
 
 def test_strategy_auto_shards_from_two_billion_parameters_and_never_one_process():
     assert sharding.resolve_strategy("auto", 1_900_000_000, 8) == "ddp"
-    assert sharding.resolve_strategy("auto", sharding.FSDP_AUTO_PARAMS, 8) == "fsdp"
+    from trainer.model.llama import FSDP_AUTO_PARAMS
+    assert sharding.resolve_strategy("auto", FSDP_AUTO_PARAMS, 8) == "fsdp"
     assert sharding.resolve_strategy("fsdp", 1000, 2) == "fsdp"
     assert sharding.resolve_strategy("ddp", 7_000_000_000, 8) == "ddp"
     assert sharding.resolve_strategy("auto", 7_000_000_000, 1) == "ddp"  # nothing to shard over
@@ -214,8 +215,8 @@ MATERIALIZE = r'''
 import json, os, sys
 import torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from trainer.model import build_model, llama_config
-from trainer.sharding import materialize, shard
+from trainer.model.llama import build_model, llama_config
+from trainer.parallel.fsdp import materialize, shard
 
 dist.init_process_group("gloo")
 rank, tie = dist.get_rank(), sys.argv[2] == "tied"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
+from trainer.data.tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.16"  # its vendor/llama.cpp is the converter and the runtime tested here
@@ -77,8 +77,8 @@ def tiny_export(root: Path, docs: list[str], pre_tokenizer: str, train_steps: in
     follows learnt, not random, logits)."""
     import torch
 
-    from trainer import checkpoint
-    from trainer.model import build_model, llama_config
+    from trainer.model.llama import build_model, llama_config
+    from trainer.state import checkpoint
 
     save_tokenizer(train_tokenizer(docs, 512, 4, pre_tokenizer=pre_tokenizer), root / "run-tokenizer")
     tok = load_tokenizer(root / "run-tokenizer")

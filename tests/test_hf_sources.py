@@ -16,13 +16,19 @@ from pathlib import Path
 import pytest
 
 from faults import chat_model, sft_config  # noqa: F401 - fixtures
-from trainer import hf_datasets
 from trainer.config import ConfigError, load_config, replace
-from trainer.data import DataError, DocumentReader, corpus_fingerprint, iter_documents, resolve_sources
-from trainer.job import run
-from trainer.sft import load_chat_tokenizer, prepare_conversations
-from trainer.stages import stage_prepare
-from trainer.storage import open_storage
+from trainer.data.conversations import load_chat_tokenizer, prepare_conversations
+from trainer.data.sources import (
+    DataError,
+    DocumentReader,
+    corpus_fingerprint,
+    hf_datasets,
+    iter_documents,
+    resolve_sources,
+)
+from trainer.io.storage import open_storage
+from trainer.job.run import run
+from trainer.job.stages import stage_prepare
 
 DOCS = ["床前明月光，疑是地上霜。", "白日依山盡，黃河入海流。", "春眠不覺曉，處處聞啼鳥。"]
 

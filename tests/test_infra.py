@@ -3,7 +3,7 @@
 Dockerfile: hadolint, versions against pyproject.toml, the flash-attn step run with stand-ins for pip
 and torch. docker-compose.yml, .env.example, configs/compose.yaml: services, ordering, GPUs, the
 environment contract. infra/: the SkyPilot and docker-run scripts executed with a stand-in `docker`,
-the Kubernetes wiring. trainer/submit.py: each target carries the run and never a secret value.
+the Kubernetes wiring. trainer/job/submit.py: each target carries the run and never a secret value.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from trainer.config import ENV_KEYS, TrainConfig, load_config, replace, to_dict
-from trainer.submit import (
+from trainer.job.submit import (
     EXIT_BAD_INPUT,
     EXIT_PREEMPTED,
     SKYPILOT_LAUNCH,
@@ -344,7 +344,7 @@ def test_env_example_documents_every_variable_the_trainer_reads():
     assert compose_vars <= documented, compose_vars - documented
     # Anything the code reads from the environment is documented (or set by torchrun for its workers).
     read = set()
-    for path in [ROOT / "entrypoint.py", *(ROOT / "trainer").glob("*.py")]:
+    for path in [ROOT / "entrypoint.py", *(ROOT / "trainer").rglob("*.py")]:
         read |= set(re.findall(r"""(?:environ(?:\.get)?[\[(]\s*|getenv\(\s*)["']([A-Z][A-Z0-9_]*)["']""", path.read_text()))
     assert "NPROC" in read and "CONFIG" in read  # the scan works
     missing = {n for n in read - SET_BY_TORCHRUN if not re.search(rf"\b{n}\b", text)}
@@ -511,7 +511,7 @@ def test_k8s_manifest_wires_the_contract():
                                  "zh-pretrain-config", GRACE)
 
 
-# trainer/submit.py -----------------------------------------------------------------------------
+# trainer/job/submit.py -----------------------------------------------------------------------------
 
 @pytest.fixture
 def config_file(tmp_path) -> Path:
@@ -533,9 +533,8 @@ def cfg(config_file):
 
 def test_exit_codes_live_in_one_place():
     from trainer import errors
-
     assert (EXIT_PREEMPTED, EXIT_BAD_INPUT) == (errors.EXIT_PREEMPTED, errors.EXIT_BAD_INPUT) == (75, 2)
-    defined = [p.relative_to(ROOT) for p in [ROOT / "entrypoint.py", *(ROOT / "trainer").glob("*.py")]
+    defined = [p.relative_to(ROOT) for p in [ROOT / "entrypoint.py", *(ROOT / "trainer").rglob("*.py")]
                if re.search(r"^EXIT_\w+ = \d+", p.read_text(), re.M)]
     assert [str(p) for p in defined] == ["trainer/errors.py"]
     assert f"{EXIT_PREEMPTED} preempted" in (ROOT / "docs" / "design.md").read_text()

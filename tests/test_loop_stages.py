@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from faults import SFT_SAMPLE, chat_model, copy_bucket, in_process, make_config, sft_config, template, tiny_settings  # noqa: F401
-from trainer import checkpoint as ckpt
-from trainer.artifacts import Artifacts
+from trainer.data.conversations import load_chat_tokenizer, prepare_conversations
 from trainer.errors import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
-from trainer.sft import load_chat_tokenizer, prepare_conversations
-from trainer.storage import open_storage
-from trainer.tasks import SftTask
-from trainer.worker import pretrain_task, run_task
+from trainer.io.artifacts import Artifacts
+from trainer.io.storage import open_storage
+from trainer.state import checkpoint as ckpt
+from trainer.training.tasks import SftTask
+from trainer.training.worker import pretrain_task, run_task
 
 STAGES = ("pretrain", "sft")
 
@@ -193,8 +193,8 @@ def test_sigterm_publishes_the_step_exits_75_and_resumes_exactly(stage_run, tmp_
 def test_a_wall_clock_budget_fixes_the_step_count_and_a_resume_ends_at_it(template, tmp_path, in_process, caplog):
     """train.budget_minutes: the count is fixed after the timed warm-up steps, the schedule decays to
     it (the last logged lr is the floor), and a run stopped after that ends at the same step."""
-    from trainer.loop import BUDGET_MEASURE_STEPS, BUDGET_SKIP_STEPS
-    from trainer.schedule import lr_at
+    from trainer.model.schedule import lr_at
+    from trainer.training.loop import BUDGET_MEASURE_STEPS, BUDGET_SKIP_STEPS
 
     bucket = str(copy_bucket(template, tmp_path / "bucket"))
     settings = tiny_settings(template["corpus"], bucket, str(tmp_path / "work"),
@@ -229,7 +229,7 @@ def test_epoch_cap_by_hand():
     import types
 
     from trainer.config import TrainConfig
-    from trainer.loop import epoch_cap
+    from trainer.training.loop import epoch_cap
 
     task = types.SimpleNamespace(sequences_per_epoch=1000, samples_per_step=64)
     assert epoch_cap(TrainConfig(max_epochs=0), task) is None
@@ -354,8 +354,7 @@ def test_sft_on_two_fsdp_processes_matches_one_unsharded(sft_straight, chat_mode
     """SFT under FSDP: the model is built on the meta device and sharded, rank 0 alone loads the
     starting weights (from_pretrained) and broadcasts the shards; the losses equal the unsharded
     one-process run's within the reduction-order tolerance of the DDP test above."""
-    from trainer import sharding
-
+    from trainer.parallel import fsdp as sharding
     _, straight_rows = sft_straight
     cfg = sft_config(tmp_path, chat_model, [SFT_SAMPLE], **{**SFT_CLI, "train.strategy": "fsdp"})
     done = cli.run("sft", cli.write_config(cfg, tmp_path / "fsdp.yaml"), {"train.nproc": 2})

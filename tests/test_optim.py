@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig
-from trainer.model import build_model, llama_config
-from trainer.optim import MuonAdamW, build_optimizer, is_hidden_matrix, step_skipping_nonfinite
+from trainer.model.llama import build_model, llama_config
+from trainer.training.optim import MuonAdamW, build_optimizer, is_hidden_matrix, step_skipping_nonfinite
 
 HP = dataclasses.replace(TrainConfig(), lr=1e-2, weight_decay=0.8)
 
@@ -81,7 +81,7 @@ def test_muon_state_round_trips_through_a_checkpoint(tmp_path):
 
 def test_muon_on_a_torch_without_it_is_a_config_error_before_anything_runs(tmp_path, monkeypatch):
     from trainer.config import ConfigError, load_config
-    from trainer.stages import check_before_start
+    from trainer.job.stages import check_before_start
 
     monkeypatch.delattr(torch.optim, "Muon")
     cfg = load_config(None, {"train.optimizer": "muon", "storage.local_dir": str(tmp_path / "w")}, env={})

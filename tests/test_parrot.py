@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.evaluate import decoding_report, evaluate_model
-from trainer.generate import continue_texts, generation_settings
-from trainer.hf_files import export_generation_config
-from trainer.model import build_model, llama_config
-from trainer.report import REPEAT_LIMIT, lr_schedule_series, report_samples, write_run_report
-from trainer.tokenizer import train_tokenizer, wrap_fast
+from trainer.data.tokenizer import train_tokenizer, wrap_fast
+from trainer.evaluation.evaluate import decoding_report, evaluate_model
+from trainer.evaluation.generate import continue_texts, generation_settings
+from trainer.evaluation.report import REPEAT_LIMIT, lr_schedule_series, report_samples, write_run_report
+from trainer.model.hf_files import export_generation_config
+from trainer.model.llama import build_model, llama_config
 
 PROMPT_CHARS = 5
 
@@ -245,7 +245,7 @@ def test_lr_schedule_series_starts_with_warmup():
 
 
 def test_lr_plot_draws_the_schedule_under_the_logged_points(tmp_path, monkeypatch):
-    import trainer.report as report
+    import trainer.evaluation.report as report
 
     drawn = {}
     monkeypatch.setattr(report, "_plot", lambda path, title, ylabel, lines, log_y: drawn.setdefault(path.name, lines))

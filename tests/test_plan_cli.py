@@ -1,5 +1,5 @@
 """`entrypoint.py plan`: the JSON it prints agrees with DeepSeek LLM's fits (arXiv 2401.02954,
-eqs. 1, 2 and 4) up to the rounding trainer/planner.py documents, --out writes a config `run`
+eqs. 1, 2 and 4) up to the rounding trainer/model/planner.py documents, --out writes a config `run`
 accepts, and bad input exits 2 naming the argument."""
 
 import json
@@ -10,7 +10,7 @@ import yaml
 
 import entrypoint
 from trainer.config import load_config
-from trainer.model import PEAK_FLOPS, PRESETS
+from trainer.model.llama import PEAK_FLOPS, PRESETS
 
 CONFIG_ENV = ("CONFIG", "RUN_ID", "BUCKET", "LOCAL_DIR", "AWS_ENDPOINT_URL", "AWS_REGION")
 

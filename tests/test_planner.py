@@ -3,8 +3,8 @@ import json
 import pytest
 
 from trainer.config import Config, load_config_tree, to_dict
-from trainer.model import PRESETS
-from trainer.planner import (
+from trainer.model.llama import PRESETS
+from trainer.model.planner import (
     chinchilla_optimum,
     deepseek_optimum,
     format_table,
@@ -163,7 +163,7 @@ def test_bad_inputs_name_the_argument(kwargs, name):
 
 
 def test_a_budget_that_would_repeat_the_corpus_past_max_epochs_buys_a_bigger_model():
-    from trainer.planner import MAX_EPOCHS
+    from trainer.model.planner import MAX_EPOCHS
 
     free = plan(gpu_hours=0.092, gpu="h200", seq_len=512, mfu=0.27)
     limited = plan(gpu_hours=0.092, gpu="h200", seq_len=512, mfu=0.27, corpus_tokens=19.6e6)
@@ -172,7 +172,7 @@ def test_a_budget_that_would_repeat_the_corpus_past_max_epochs_buys_a_bigger_mod
 
 
 def test_data_constrained_preset_by_hand():
-    from trainer.planner import data_constrained_preset
+    from trainer.model.planner import data_constrained_preset
 
     m = {"a": 1.0, "b": 2.0, "c": 4.0}
     tokens = {"a": 100.0, "b": 50.0, "c": 25.0}
@@ -182,7 +182,7 @@ def test_data_constrained_preset_by_hand():
 
 
 def test_a_plan_that_repeats_data_writes_the_repeated_data_settings():
-    from trainer.planner import MAX_EPOCHS, REPEATED_DATA_TRAIN, plan_to_config
+    from trainer.model.planner import MAX_EPOCHS, REPEATED_DATA_TRAIN, plan_to_config
 
     repeated = plan_to_config(plan(gpu_hours=0.092, gpu="h200", seq_len=512, corpus_tokens=19.6e6), {})
     assert {k: repeated["train"][k] for k in REPEATED_DATA_TRAIN} == REPEATED_DATA_TRAIN
@@ -191,10 +191,10 @@ def test_a_plan_that_repeats_data_writes_the_repeated_data_settings():
     assert "optimizer" not in fresh["train"] and "max_epochs" not in fresh["train"]
 
 
-# Memory: trainer.model.training_memory and the plan's strategy, micro-batch and GPU count ---------
+# Memory: trainer.model.llama.training_memory and the plan's strategy, micro-batch and GPU count ---------
 
 def test_training_memory_124m_by_hand():
-    from trainer.model import MEMORY_OVERHEAD_BYTES, training_memory
+    from trainer.model.llama import MEMORY_OVERHEAD_BYTES, training_memory
 
     m = training_memory(PRESETS["124m"], 32000, 1024, 32)
     # params: 2 x 32000 x 768 (embedding, lm_head) + 12 x 7_079_424 (layer) + 768 (final norm) = 134_105_856
@@ -206,7 +206,7 @@ def test_training_memory_124m_by_hand():
 
 
 def test_training_memory_7b_sharded_with_checkpointing_by_hand():
-    from trainer.model import training_memory
+    from trainer.model.llama import training_memory
 
     m = training_memory(PRESETS["7b"], 32000, 1024, 1, shards=8, activation_checkpointing=True)
     assert m["state"] == 16 * 6_738_415_616 / 8  # Llama 2 7B has 6,738,415,616 parameters at vocab 32000
@@ -219,14 +219,14 @@ def test_training_memory_7b_sharded_with_checkpointing_by_hand():
 def test_training_memory_is_near_what_one_h200_measured(preset, batch, measured_gb):
     """bench/RESULTS.md: DDP, no checkpointing, torch.compile, bf16, seq 1024, max_memory_allocated
     (which leaves out what the overhead term stands for)."""
-    from trainer.model import MEMORY_OVERHEAD_BYTES, training_memory
+    from trainer.model.llama import MEMORY_OVERHEAD_BYTES, training_memory
 
     predicted = (training_memory(PRESETS[preset], 32000, 1024, batch)["total"] - MEMORY_OVERHEAD_BYTES) / 1e9
     assert 1.0 <= predicted / measured_gb <= 1.3  # never under the measurement, not far over it
 
 
 def test_gpu_memory_table_covers_every_gpu_the_planner_takes():
-    from trainer.model import GPU_MEMORY_GB, PEAK_FLOPS
+    from trainer.model.llama import GPU_MEMORY_GB, PEAK_FLOPS
 
     assert set(GPU_MEMORY_GB) == set(PEAK_FLOPS)
 

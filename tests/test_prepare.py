@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from trainer.config import load_config
-from trainer.prepare import is_validation, prepare_shards
-from trainer.tokenizer import EOS, train_tokenizer
+from trainer.data.shards import is_validation, prepare_shards
+from trainer.data.tokenizer import EOS, train_tokenizer
 
 
 def shard_tokens(out_dir: Path, index: dict, split: str) -> np.ndarray:
@@ -135,7 +135,7 @@ def forbid(monkeypatch, target: str):
 
 
 def test_stages_publish_last_and_reuse(bucket, store, tmp_path, tiny_config, monkeypatch):
-    from trainer.stages import stage_prepare, stage_tokenizer
+    from trainer.job.stages import stage_prepare, stage_tokenizer
 
     cfg = tiny_config(tmp_path, bucket=bucket)
     with monkeypatch.context() as m:
@@ -152,8 +152,8 @@ def test_stages_publish_last_and_reuse(bucket, store, tmp_path, tiny_config, mon
     assert index["tokenizer_key"] == tok_key and index["skipped_records"] == {}
 
     # A rerun, here or on another machine (fresh scratch), reuses both without recomputing.
-    forbid(monkeypatch, "trainer.tokenizer.train_from_corpus")
-    forbid(monkeypatch, "trainer.prepare.prepare_shards")
+    forbid(monkeypatch, "trainer.data.tokenizer.train_from_corpus")
+    forbid(monkeypatch, "trainer.data.shards.prepare_shards")
     other = tiny_config(tmp_path, {"storage.local_dir": str(tmp_path / "other-machine")}, bucket=bucket)
     for c in (cfg, other):
         assert stage_tokenizer(c) == tok_key
@@ -161,8 +161,8 @@ def test_stages_publish_last_and_reuse(bucket, store, tmp_path, tiny_config, mon
 
 
 def test_unfinished_or_changed_prepare_is_redone(bucket, store, tmp_path, tiny_config, monkeypatch):
-    from trainer import prepare
-    from trainer.stages import stage_prepare
+    from trainer.data import shards as prepare
+    from trainer.job.stages import stage_prepare
 
     calls = []
     real = prepare.prepare_shards
@@ -183,7 +183,7 @@ def test_unfinished_or_changed_prepare_is_redone(bucket, store, tmp_path, tiny_c
 def test_long_documents_encode_in_pieces_to_the_same_tokens(tmp_path, tiny_docs, monkeypatch):
     """A document past LONG_DOC_CHARS is cut after line breaks and its pieces encoded in one batch
     (on every core); the tokens written are exactly those of encoding the whole document."""
-    import trainer.prepare as prepare
+    import trainer.data.shards as prepare
 
     monkeypatch.setattr(prepare, "LONG_DOC_CHARS", 2_000)
     monkeypatch.setattr(prepare, "PIECE_CHARS", 500)
@@ -199,7 +199,7 @@ def test_long_documents_encode_in_pieces_to_the_same_tokens(tmp_path, tiny_docs,
 
 
 def test_line_pieces_cut_only_after_a_newline_before_text():
-    from trainer.prepare import line_pieces
+    from trainer.data.shards import line_pieces
 
     text = "a" * 10 + "\n" + "b" * 10 + "\n\n" + "c" * 10
     assert line_pieces(text, 5) == ["a" * 10 + "\n", "b" * 10 + "\n\n", "c" * 10]

@@ -22,8 +22,8 @@ from faults import (  # noqa: F401
     train_in_process,
     upload_bucket,
 )
-from trainer import checkpoint as ckpt
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.state import checkpoint as ckpt
 
 
 @pytest.mark.parametrize("damage,backend", [("sha256", "local"), ("missing", "s3")])

@@ -33,8 +33,8 @@ from faults import (  # noqa: F401
     worker_args,
     write_config,
 )
-from trainer import checkpoint as ckpt
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.state import checkpoint as ckpt
 
 RANDOM_TRIALS = int(os.environ.get("RELIABILITY_KILL_TRIALS", "10"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "2024"))

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from faults import cli_args, kill_tree, run, start, tiny_settings, wait_for_line, write_config
-from trainer.lease import Lease, LeaseHeld, LeaseLost, lease_key
-from trainer.storage import open_storage
+from trainer.io.lease import Lease, LeaseHeld, LeaseLost, lease_key
+from trainer.io.storage import open_storage
 
 QUIET = dict(log=lambda msg: None)
 
@@ -93,7 +93,7 @@ def test_two_jobs_starting_at_the_same_moment_one_wins(tmp_path):
 
 def test_only_node_0_holds_the_lease(tmp_path, monkeypatch):
     from faults import make_config
-    from trainer.stages import hold_lease
+    from trainer.job.stages import hold_lease
 
     monkeypatch.setenv("NODE_RANK", "1")
     assert hold_lease(make_config(tiny_settings("x", str(tmp_path / "b"), str(tmp_path / "w")))) is None

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from faults import copy_bucket, in_process, template, tiny_settings, train_in_process  # noqa: F401
-from trainer import checkpoint as ckpt
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.state import checkpoint as ckpt
 
 ACCUM = 4  # tiny_settings: 8 sequences per step, micro-batches of 2
 

@@ -14,9 +14,9 @@ import time
 import psutil
 
 from faults import cli_args, copy_bucket, kill_tree, start, template, tiny_settings, wait_for_line, write_config  # noqa: F401
-from trainer import checkpoint as ckpt
 from trainer.errors import EXIT_PREEMPTED
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.state import checkpoint as ckpt
 
 GRACE_S = 15
 

@@ -23,7 +23,7 @@ from faults import (
     tiny_settings,  # noqa: F401
     write_config,
 )
-from trainer.storage import StorageError, open_storage, redact
+from trainer.io.storage import StorageError, open_storage, redact
 
 KEY_ID = "AKIARELIABILITYQ7Z3X"
 SECRET = "rel/Secret+Zq81xv0Kp3mN4bT7wY2cL9dF6gH5jS8aE1uR"

@@ -27,8 +27,8 @@ from faults import (  # noqa: F401
     train_in_process,
     upload_bucket,
 )
-from trainer import checkpoint as ckpt
-from trainer.storage import StorageError, open_storage
+from trainer.io.storage import StorageError, open_storage
+from trainer.state import checkpoint as ckpt
 
 
 def test_a_job_completes_through_flaky_storage_in_every_phase(template, s3_server, tmp_path):
@@ -71,7 +71,7 @@ def s3_settings(template, endpoint: str, tmp_path: Path, **overrides) -> dict:
 
 
 def test_persistent_failure_during_pull_names_the_url_and_leaves_no_partial_file(template, s3_server, tmp_path):
-    from trainer.stages import stage_pull
+    from trainer.job.stages import stage_pull
 
     with FaultProxy(s3_server, rate=1.0, kinds=("503",), match=r"GET .*/corpus/") as proxy:
         settings = s3_settings(template, proxy.url, tmp_path)
@@ -85,7 +85,7 @@ def test_persistent_failure_during_pull_names_the_url_and_leaves_no_partial_file
 
 
 def test_persistent_failure_during_shard_upload_publishes_no_index(template, s3_server, tmp_path):
-    from trainer.stages import stage_prepare
+    from trainer.job.stages import stage_prepare
 
     with FaultProxy(s3_server, rate=1.0, kinds=("500", "reset"), match=r"PUT .*/data/[0-9a-f]+/train-00002") as proxy:
         settings = s3_settings(template, proxy.url, tmp_path)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from trainer.report import parse_metrics, series, tensorboard_tag, write_report, write_tensorboard
+from trainer.evaluation.report import parse_metrics, series, tensorboard_tag, write_report, write_tensorboard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

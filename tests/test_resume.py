@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from faults import assert_same
-from trainer import checkpoint as ckpt
 from trainer.config import replace
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.state import checkpoint as ckpt
 
 N = 48  # steps in every run: the kill test needs a margin of steps after the first checkpoint
 K = 8  # the stop after checkpoint K (checkpoint_every_steps=4)
@@ -38,8 +38,8 @@ def run_config(base, run_id: str, **overrides):
 
 
 def train_in_process(cfg):
-    from trainer.stages import stage_prepare
-    from trainer.worker import pretrain_worker as worker
+    from trainer.job.stages import stage_prepare
+    from trainer.training.worker import pretrain_worker as worker
 
     return worker(cfg, stage_prepare(cfg))
 

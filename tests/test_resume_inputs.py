@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config, replace
-from trainer.dataset import validation_batches
-from trainer.job import run
-from trainer.loop import batch_geometry
-from trainer.storage import open_storage
+from trainer.data.loader import validation_batches
+from trainer.io.storage import open_storage
+from trainer.job.run import run
+from trainer.state import checkpoint as ckpt
+from trainer.training.loop import batch_geometry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,7 +143,7 @@ def test_every_shipped_config_runs_on_1_2_4_or_8_gpus(path, world):
 
 
 def test_a_corpus_smaller_than_one_sequence_is_exit_2_before_training(tmp_path, tiny_config, shards, single_process):
-    from trainer.data import DataError
+    from trainer.data.sources import DataError
 
     cfg = tiny_config(tmp_path, {"run.id": "short", "data.sources": [str(shards[0])], "train.seq_len": 100_000,
                                  "train.batch_tokens": 100_000})

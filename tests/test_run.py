@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from trainer import checkpoint as ckpt
 from trainer.config import from_dict
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """lr_at(step, cfg) for the three schedules, against values worked out by hand from the definitions
-in trainer/schedule.py (warmup, half-cosine, MiniCPM's WSD, DeepSeek LLM's multistep)."""
+in trainer/model/schedule.py (warmup, half-cosine, MiniCPM's WSD, DeepSeek LLM's multistep)."""
 
 import dataclasses
 import math
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.schedule import lr_at
+from trainer.model.schedule import lr_at
 
 LR = 1e-3
 FLOOR = 1e-4  # LR * min_lr_ratio 0.1

@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from faults import chat_model, sft_config  # noqa: F401 - fixtures
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.data import DataError
-from trainer.sft import (
+from trainer.data.conversations import (
     IGNORE,
     conversation_problem,
     encode_conversations,
@@ -25,10 +23,12 @@ from trainer.sft import (
     render_pieces,
     stop_token_ids,
 )
-from trainer.stages import stage_sft
-from trainer.storage import open_storage
-from trainer.tasks import PackedLoss, sft_attention
-from trainer.worker import sft_worker
+from trainer.data.sources import DataError
+from trainer.io.storage import open_storage
+from trainer.job.stages import stage_sft
+from trainer.state import checkpoint as ckpt
+from trainer.training.tasks import PackedLoss, sft_attention
+from trainer.training.worker import sft_worker
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sft-sample" / "poetry-chat.jsonl"
@@ -260,25 +260,25 @@ def test_parquet_conversations_as_smoltalk_ships_them(tmp_path, chat_model):
 def test_resume_after_sigterm_equals_straight_run(tmp_path, chat_model, single_process, monkeypatch):
     from safetensors.torch import load_file
 
-    import trainer.loop
+    import trainer.training.loop
 
     def run(root, stop_at=None):
         cfg = sft_config(root, chat_model, [SAMPLE], **{"sft.checkpoint_every_steps": 100})
         store = open_storage(cfg.storage.bucket)
         data_dir = prepare_conversations(cfg, load_chat_tokenizer(chat_model), 256)
         if stop_at is not None:  # SIGTERM while step `stop_at` runs, as a preempting host sends it
-            real = trainer.loop.lr_at
+            real = trainer.training.loop.lr_at
 
             def lr_at(step, t):
                 if step == stop_at:
                     os.kill(os.getpid(), signal.SIGTERM)
                 return real(step, t)
 
-            monkeypatch.setattr(trainer.loop, "lr_at", lr_at)
+            monkeypatch.setattr(trainer.training.loop, "lr_at", lr_at)
             with pytest.raises(SystemExit) as e:
                 sft_worker(cfg, data_dir, chat_model)
             assert e.value.code == 75
-            monkeypatch.setattr(trainer.schedule, "lr_at", real)
+            monkeypatch.setattr(trainer.model.schedule, "lr_at", real)
             assert ckpt.complete_steps(store, "base-sft") == [stop_at + 1]  # it finished the step, then saved
         sft_worker(cfg, data_dir, chat_model)
         rows = [json.loads(line) for line in store.read_text("runs/base-sft/metrics.jsonl").splitlines()]
@@ -368,13 +368,13 @@ class Recorder:
 def test_chat_keeps_history_resets_and_exits(chat_model, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import trainer.chat
-    from trainer.chat import chat_loop
+    import trainer.job.chat
     from trainer.config import SampleConfig
+    from trainer.job.chat import chat_loop
 
     seen = []
-    real = trainer.chat.prompt_ids
-    monkeypatch.setattr(trainer.chat, "prompt_ids",
+    real = trainer.job.chat.prompt_ids
+    monkeypatch.setattr(trainer.job.chat, "prompt_ids",
                         lambda tok, turns, *a: seen.append(list(turns)) or real(tok, turns, *a))
     model = AutoModelForCausalLM.from_pretrained(str(chat_model)).eval()
     tok = load_chat_tokenizer(chat_model)
@@ -390,7 +390,7 @@ def test_chat_keeps_history_resets_and_exits(chat_model, monkeypatch):
 
 
 def test_chat_drops_the_oldest_exchange_to_fit_the_context(chat_model):
-    from trainer.chat import prompt_ids
+    from trainer.job.chat import prompt_ids
 
     tok = load_chat_tokenizer(chat_model)
     turns = [S("你是詩人"), U("床前明月光" * 4), A("疑是地上霜" * 4), U("舉頭望明月")]

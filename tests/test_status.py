@@ -6,9 +6,9 @@ import json
 import time
 
 from trainer.config import load_config
-from trainer.lease import lease_key
-from trainer.status import run_status, status_report
-from trainer.storage import open_storage
+from trainer.io.lease import lease_key
+from trainer.io.storage import open_storage
+from trainer.job.status import run_status, status_report
 
 
 def bucket_with_a_run(tmp_path, lease_expires_in: float | None):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainer.storage import LocalStorage, S3Storage, StorageError, join, open_storage, split_url
+from trainer.io.storage import LocalStorage, S3Storage, StorageError, join, open_storage, split_url
 
 
 def test_backend_matches_the_url(store, bucket):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from trainer.config import ConfigError, StorageConfig
-from trainer.storage import LocalStorage, S3Storage, StorageAccessError, StorageError
+from trainer.io.storage import LocalStorage, S3Storage, StorageAccessError, StorageError
 
 
 def leftovers(root) -> list[str]:

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import read_sample_docs
 from trainer.config import load_config
-from trainer.prepare import Normalizer, SeenHashes, data_hash, prepare_shards, token_dtype
-from trainer.tokenizer import (
+from trainer.data.shards import Normalizer, SeenHashes, data_hash, prepare_shards, token_dtype
+from trainer.data.tokenizer import (
     EOS,
     IM_END,
     IM_START,
@@ -230,7 +230,7 @@ def test_a_saved_zh_tokenizer_loads_and_encodes_as_it_did(tmp_path, poems):
 def test_training_logs_readable_progress(caplog, poems, monkeypatch):
     caplog.set_level(logging.INFO, logger="trainer")
     clock = iter(range(0, 10_000, 20))  # 20 s per document read
-    monkeypatch.setattr("trainer.tokenizer.time", SimpleNamespace(time=lambda: float(next(clock))))
+    monkeypatch.setattr("trainer.data.tokenizer.time", SimpleNamespace(time=lambda: float(next(clock))))
     assert list(log_progress(["春眠", "不覺曉", "處處"], start=0.0, every_seconds=30)) == ["春眠", "不覺曉", "處處"]
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["tokenizer: reading the corpus, 2 documents, 0.0 M characters (0.0 M/s)"]

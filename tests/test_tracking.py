@@ -17,8 +17,8 @@ import pytest
 
 import entrypoint
 from trainer.config import load_config, to_yaml
-from trainer.metrics import RunLog
-from trainer.storage import open_storage
+from trainer.io.storage import open_storage
+from trainer.training.runlog import RunLog
 
 wandb = pytest.importorskip("wandb")
 

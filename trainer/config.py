@@ -122,7 +122,7 @@ class ModelConfig:
     """The model's shape and attention implementation."""
 
     preset: str = "tiny"
-    """named shape from trainer/model.py PRESETS (tiny, 25m, 124m, 350m, 760m, 1b)"""
+    """named shape from trainer/model/llama.py PRESETS (tiny, 25m, 124m, 350m, 760m, 1b)"""
     attn_implementation: str = "auto"
     """training attention: auto (flash_attention_2 if installed, else sdpa_causal), sdpa, eager"""
     tie_embeddings: bool = False
@@ -301,7 +301,7 @@ CHOICES = {
     "train.strategy": ("auto", "ddp", "fsdp"),
     "tokenizer.pre_tokenizer": ("zh", "qwen2", "deepseek-llm", "gpt-2"),
 }
-REPORT_TO = ("tensorboard", "wandb")  # run.report_to: trainer/metrics.py RunLog writes to each
+REPORT_TO = ("tensorboard", "wandb")  # run.report_to: trainer/training/runlog.py RunLog writes to each
 
 
 def _resolve(cls: type, name: str):
@@ -472,7 +472,7 @@ def check(cfg: Config) -> list[str]:
     need(1 <= cfg.tokenizer.max_token_length <= 64, "tokenizer.max_token_length", "must be between 1 and 64")
     need(cfg.tokenizer.min_frequency >= 1, "tokenizer.min_frequency", "must be at least 1")
     need(cfg.tokenizer.sample_bytes >= 1000, "tokenizer.sample_bytes", "must be at least 1000")
-    from trainer.model import PRESETS  # local import: model.py imports torch
+    from trainer.model.llama import PRESETS  # local import: model.py imports torch
 
     need(cfg.model.preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}")
     t = cfg.train

@@ -36,8 +36,8 @@ VARIANTS = ("unsharded", "fsdp", "fsdp-ce", "fsdp-noreshard", "fsdp-bf16reduce",
 
 def _patch(variant: str) -> None:
     """Change the one setting the variant names, in this process."""
-    from trainer import loop, sharding, tasks
-
+    from trainer.parallel import fsdp as sharding
+    from trainer.training import loop, tasks
     if variant == "fsdp-noreshard":
         sharding.RESHARD_AFTER_FORWARD = False
     if variant == "fsdp-bf16reduce":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import Config
-from trainer.storage import Storage, open_storage
+from trainer.io.storage import Storage, open_storage
 
 
 def bucket(cfg: Config) -> Storage:

@@ -2,7 +2,7 @@
 
 From a pretrained model (an export or any checkpoint, local or s3://) to a chat model:
   1. read conversations (`{"messages": [{"role": ..., "content": ...}, ...]}`, the smoltalk format)
-     from sft.sources (files, or `datasets` folders and hf://datasets/ ids: trainer/hf_datasets.py),
+     from sft.sources (files, or `datasets` folders and hf://datasets/ ids: trainer/data/hf_datasets.py),
      pulled like pretraining data; a bad record is reported with its file and line (a dataset row
      with its index), or skipped and counted (data.on_error);
   2. render each with the tokenizer's chat template, cut at the assistant replies and tokenized
@@ -14,9 +14,9 @@ From a pretrained model (an export or any checkpoint, local or s3://) to a chat 
      each other;
   4. train with the loss summed over reply tokens and divided by their number in the whole step
      (all micro-batches, all ranks): every reply token weighs the same however rows are split;
-  5. the one training loop (trainer/loop.py with tasks.SftTask): checkpoints, resume, non-finite
+  5. the one training loop (trainer/training/loop.py with tasks.SftTask): checkpoints, resume, non-finite
      handling and SIGTERM exactly as pretraining, in runs/<sft.run_id>/; then the export
-     runs/<sft.run_id>/final (trainer/stages.py: stage_sft).
+     runs/<sft.run_id>/final (trainer/job/stages.py: stage_sft).
 This module holds what is SFT's own: conversations, the chat template, packing.
 """
 
@@ -33,10 +33,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from trainer.config import Config
-from trainer.data import DataError, DocumentReader, corpus_fingerprint, pull, resolve_sources
-from trainer.dataset import global_sample_ids
+from trainer.data.loader import global_sample_ids
+from trainer.data.sources import DataError, DocumentReader, corpus_fingerprint, pull, resolve_sources
+from trainer.data.tokenizer import CHAT_TEMPLATE, IM_END, load_tokenizer
 from trainer.log import logger
-from trainer.tokenizer import CHAT_TEMPLATE, IM_END, load_tokenizer
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # label of a token without loss (F.cross_entropy's ignore_index)

@@ -8,7 +8,7 @@ run.report_to sends the same rows elsewhere while training (rank 0):
     copy, or on the bucket through TensorBoard's S3 support, shows the run live);
   * wandb: Weights & Biases, one W&B run per run id (resumed, never duplicated: WandbLog). A W&B
     failure warns once and training goes on without it.
-The settings come from the stage's resolved.yaml beside the logs (trainer/stages.py writes it before
+The settings come from the stage's resolved.yaml beside the logs (trainer/job/stages.py writes it before
 training starts on every node); without one, TensorBoard only.
 """
 
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from trainer.config import Config, load_config, to_dict
+from trainer.evaluation.report import tensorboard_tag
+from trainer.io.storage import Storage
 from trainer.log import logger
-from trainer.report import tensorboard_tag
-from trainer.storage import Storage
 
 WANDB_DEFAULT_PROJECT = "zh-pretrain"
 

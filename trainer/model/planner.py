@@ -13,9 +13,9 @@ so that compute is C = M D (D = training tokens), and fits (eqs. 1 and 4)
 The Chinchilla rule (Hoffmann et al. 2022, arXiv 2203.15556: about 20 tokens per parameter, with
 C = 6 N D) is shown beside it for comparison; it does not drive the plan.
 
-Memory: for the chosen preset on --gpus GPUs of --gpu's memory (trainer.model.training_memory),
+Memory: for the chosen preset on --gpus GPUs of --gpu's memory (trainer.model.llama.training_memory),
 DDP needs the whole training state on each GPU, FSDP divides it by the GPUs; the plan picks the
-strategy (FSDP when DDP does not fit or the model is past sharding.FSDP_AUTO_PARAMS), the largest
+strategy (FSDP when DDP does not fit or the model is past FSDP_AUTO_PARAMS), the largest
 micro-batch that fits, activation checkpointing only when nothing fits without it, and says how many
 GPUs FSDP needs at least.
 
@@ -31,8 +31,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 
-from trainer.model import GPU_MEMORY_GB, PEAK_FLOPS, PRESETS, Shape, flops_per_token, n_params, training_memory
-from trainer.sharding import FSDP_AUTO_PARAMS
+from trainer.model.llama import (
+    FSDP_AUTO_PARAMS,
+    GPU_MEMORY_GB,
+    PEAK_FLOPS,
+    PRESETS,
+    Shape,
+    flops_per_token,
+    n_params,
+    training_memory,
+)
 
 # DeepSeek LLM, arXiv 2401.02954: eq. 1 (hyperparameters) and eq. 4 (model/data allocation).
 BATCH_COEF, BATCH_EXP = 0.2920, 0.3271
@@ -58,7 +66,7 @@ REPEATED_DATA_TRAIN = {"optimizer": "muon", "weight_decay": 1.6}
 MAX_EPOCHS = 5.0
 DEFAULT_VOCAB = 32000  # TokenizerConfig.vocab_size default; only parameter counts and lm_head FLOPs use it
 # Micro-batches (sequences per GPU per forward) tried, largest first; 16 is what the loop takes when
-# train.micro_batch_size is 0 (trainer/loop.py batch_geometry), so a plan that fits it writes none.
+# train.micro_batch_size is 0 (trainer/training/loop.py batch_geometry), so a plan that fits it writes none.
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 MAX_GPUS = 4096  # the GPU counts FSDP is tried on: powers of two up to this
 
@@ -72,7 +80,7 @@ class MemoryFit:
     fits: bool
     micro_batch_size: int  # most sequences per GPU per forward (train.micro_batch_size); 1 when nothing fits
     activation_checkpointing: bool
-    gb_per_gpu: float  # predicted peak per GPU, 1e9 bytes (trainer.model.training_memory, overhead included)
+    gb_per_gpu: float  # predicted peak per GPU, 1e9 bytes (trainer.model.llama.training_memory, overhead included)
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Plan:
     preset: str
     shape: Shape
     non_embedding_flops_per_token: float  # M of the chosen preset at seq_len
-    train_flops_per_token: float  # what the GPUs execute per token (trainer.model.flops_per_token, with lm_head)
+    train_flops_per_token: float  # what the GPUs execute per token (trainer.model.llama.flops_per_token, with lm_head)
     params: int  # total parameters at vocab_size
     # schedule
     batch_tokens: int  # batch_opt rounded to a multiple of seq_len * gpus
@@ -122,13 +130,13 @@ class Plan:
     gpu_hours: float
     cost: float | None
     chinchilla: Chinchilla
-    # memory (trainer.model.training_memory) on gpus x gpu
+    # memory (trainer.model.llama.training_memory) on gpus x gpu
     strategy: str  # ddp or fsdp: what train.strategy should be
     fits: bool  # the strategy, micro-batch and checkpointing below fit in gpu_memory_gb
     micro_batch_size: int  # sequences per GPU per forward
     activation_checkpointing: bool
     memory_gb_per_gpu: float  # predicted peak per GPU with the above, 1e9 bytes
-    gpu_memory_gb: float  # trainer.model.GPU_MEMORY_GB[gpu]
+    gpu_memory_gb: float  # trainer.model.llama.GPU_MEMORY_GB[gpu]
     ddp: MemoryFit
     fsdp: MemoryFit  # over the plan's gpus
     min_gpus_fsdp: int | None  # fewest GPUs (power of two) that hold it with FSDP at micro-batch 1; None: none
@@ -141,7 +149,7 @@ def non_embedding_flops_per_token(shape: Shape, seq_len: int) -> float:
 
     72 d^2 = 6 x 12 d^2 counts a standard layer's weights (4 d^2 attention + 8 d^2 SwiGLU at
     d_ffn = 8/3 d); presets with GQA or a rounded d_ffn differ from their real count by a few percent.
-    The lm_head is left out, unlike trainer.model.flops_per_token.
+    The lm_head is left out, unlike trainer.model.llama.flops_per_token.
     """
     n, d = shape.n_layer, shape.d_model
     return 72.0 * n * d * d + 12.0 * n * d * seq_len
@@ -186,7 +194,7 @@ def whole_micro_batches(batch_tokens: float, seq_len: int, gpus: int, micro_max:
 
 def _micro(per_rank: int, cap: int) -> int:
     """The micro-batch the loop runs for `per_rank` sequences per GPU and train.micro_batch_size=cap:
-    the largest divisor of per_rank up to cap (trainer/loop.py batch_geometry)."""
+    the largest divisor of per_rank up to cap (trainer/training/loop.py batch_geometry)."""
     return max(k for k in range(1, min(cap, per_rank) + 1) if per_rank % k == 0)
 
 

@@ -1,4 +1,4 @@
-"""`run`: the whole job, stage after stage (trainer/stages.py), under the run's lease.
+"""`run`: the whole job, stage after stage (trainer/job/stages.py), under the run's lease.
 
 Node 0 holds runs/<id>/lease.json throughout; SIGTERM between stages exits 75 at once (finished
 stages are reused by the rerun); during training the loop turns it into a published checkpoint.
@@ -9,10 +9,9 @@ from __future__ import annotations
 import signal
 
 from trainer.config import Config
-from trainer.distributed import node_rank
 from trainer.errors import EXIT_PREEMPTED, Preempted
-from trainer.log import logger
-from trainer.stages import (
+from trainer.io.storage import join
+from trainer.job.stages import (
     bucket,
     check_before_start,
     check_tokenizer_kept,
@@ -25,7 +24,8 @@ from trainer.stages import (
     stage_sft,
     stage_tokenizer,
 )
-from trainer.storage import join
+from trainer.log import logger
+from trainer.parallel.distributed import node_rank
 
 
 def run(cfg: Config) -> int:

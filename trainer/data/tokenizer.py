@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from trainer.config import Config
-from trainer.data import DataError
+from trainer.data.sources import DataError
 from trainer.log import logger
 
 EOS = "<|endoftext|>"

@@ -22,8 +22,8 @@ import threading
 import time
 import uuid
 
+from trainer.io.storage import Storage, StorageError
 from trainer.log import logger
-from trainer.storage import Storage, StorageError
 
 
 class LeaseHeld(RuntimeError):

@@ -13,7 +13,7 @@ parquet text too. Errors name the file and line (or array index, or parquet row)
 instead. Text that is not valid Unicode (bytes that are not UTF-8, an unpaired surrogate escape such
 as "\\ud83d" in JSON) is a bad record like any other.
 
-Hugging Face `datasets` sources (trainer/hf_datasets.py): a folder written by `save_to_disk`, a local
+Hugging Face `datasets` sources (trainer/data/hf_datasets.py): a folder written by `save_to_disk`, a local
 copy of a Hub dataset repository (a `data/` subfolder or a dataset card declaring configs) and
 `hf://datasets/<owner>/<name>[@<revision>][/<config>]` are read as their `train` split through
 `datasets`, one listing entry each, with the same checks, errors and skip counts as file records: a
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from trainer import hf_datasets
 from trainer.config import Config, DataConfig
-from trainer.hf_datasets import HUB_PREFIX, DatasetSource, DatasetSourceError, MissingColumn, iter_column
-from trainer.storage import is_s3, open_storage
+from trainer.data import hf_datasets
+from trainer.data.hf_datasets import HUB_PREFIX, DatasetSource, DatasetSourceError, MissingColumn, iter_column
+from trainer.io.storage import is_s3, open_storage
 
 logger = logging.getLogger(__name__)
 

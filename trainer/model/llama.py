@@ -32,7 +32,7 @@ PRESETS: dict[str, Shape] = {
     # (config.json of meta-llama/Llama-3.2-3B: 28 layers, hidden 3072, 24 heads, 8 kv heads, intermediate
     # 8192); 7b is Llama 2 7B (Touvron et al. 2023, arXiv 2307.09288, table 1 and config.json of
     # meta-llama/Llama-2-7b-hf: 32 layers, hidden 4096, 32 heads, no GQA, intermediate 11008).
-    # Both train with train.strategy=fsdp (auto picks it from sharding.FSDP_AUTO_PARAMS); `plan` says on
+    # Both train with train.strategy=fsdp (auto picks it from FSDP_AUTO_PARAMS); `plan` says on
     # how many GPUs of which memory.
     "3b": Shape(n_layer=28, d_model=3072, n_head=24, n_kv_head=8, d_ffn=8192),
     "7b": Shape(n_layer=32, d_model=4096, n_head=32, n_kv_head=32, d_ffn=11008),
@@ -145,7 +145,7 @@ GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "a100": 80.0, "l40s": 48.0, "4090"
 # Per parameter with AdamW under bf16 autocast: fp32 weights 4 + fp32 gradients 4 + two fp32 moments
 # 8 = 16 bytes, the same total ZeRO counts for mixed-precision Adam (Rajbhandari et al. 2020, arXiv
 # 1910.02054, sec. 3.1: 2 + 2 + 12). DDP keeps it whole on every GPU (its buckets are views of the
-# gradients: gradient_as_bucket_view=True in trainer/loop.py); FSDP divides it by the ranks.
+# gradients: gradient_as_bucket_view=True in trainer/training/loop.py); FSDP divides it by the ranks.
 # Muon keeps one moment instead of two on the hidden matrices: 16 over-counts it by ~20%.
 STATE_BYTES_PER_PARAM = 16
 # Activations of one transformer layer: s b h (34 + 5 a s / h) bytes (Korthikanti et al. 2022,
@@ -160,13 +160,14 @@ CHECKPOINTED_BYTES_PER_TOKEN_PER_WIDTH = 2
 # Logits of one micro-batch: bf16 from the lm_head (2) and fp32 for the cross-entropy (4), s b V.
 LOGIT_BYTES_PER_TOKEN_PER_VOCAB = 2 + 4
 # FSDP2 all-gathers a layer's bf16 weights before its forward/backward and prefetches the next one:
-# ~2 decoder layers exist whole at once (trainer/sharding.py; Zhao et al. 2023, "PyTorch FSDP", sec.
+# ~2 decoder layers exist whole at once (trainer/parallel/fsdp.py; Zhao et al. 2023, "PyTorch FSDP", sec.
 # 3.3 on prefetching), and the root unit (embedding, final norm, lm_head) stays gathered from the
 # embedding's forward to the head's.
 FSDP_GATHERED_LAYERS = 2
 # What max_memory_allocated does not see but the card must hold: the CUDA context with cuBLAS/cuDNN
 # workspaces (~0.5-1 GB on Hopper), NCCL buffers (~0.5-1 GB), and the caching allocator's reserved but
 # unallocated blocks (fragmentation). An assumption, not a measurement; see memory_per_gpu.
+FSDP_AUTO_PARAMS = 2_000_000_000  # train.strategy=auto shards models from this size (3b/7b presets; 1b stays DDP)
 MEMORY_OVERHEAD_BYTES = 3e9
 
 

@@ -33,8 +33,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from trainer.config import Config, ConfigError, DataConfig
-from trainer.data import DataError
-from trainer.tokenizer import EOS, backend_of, doc_hash
+from trainer.data.sources import DataError
+from trainer.data.tokenizer import EOS, backend_of, doc_hash
 
 FORMAT_VERSION = 2  # 2: special-token strings inside documents are encoded as plain text
 BATCH_DOCS = 2048  # documents per encode_batch call: enough to keep every core busy

@@ -1,7 +1,7 @@
 """One training process: a torchrun worker, or the only process of a one-process job.
 
-    python -m trainer.worker --stage pretrain --config resolved.yaml --artifacts artifacts.json
-    python -m trainer.worker --stage sft --config resolved.yaml --data <packed rows> --init <model folder>
+    python -m trainer.training.worker --stage pretrain --config resolved.yaml --artifacts artifacts.json
+    python -m trainer.training.worker --stage sft --config resolved.yaml --data <packed rows> --init <model folder>
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from trainer.artifacts import Artifacts, bucket, fetch_folder
 from trainer.config import Config, load_config
-from trainer.distributed import setup_distributed, shutdown_distributed
+from trainer.io.artifacts import Artifacts, bucket, fetch_folder
 from trainer.log import setup_logging
-from trainer.loop import Task, train
-from trainer.tasks import PretrainTask, SftTask
+from trainer.parallel.distributed import setup_distributed, shutdown_distributed
+from trainer.training.loop import Task, train
+from trainer.training.tasks import PretrainTask, SftTask
 
 
 def run_task(cfg: Config, make_task: Callable[[], Task], lease=None) -> dict:
@@ -49,7 +49,7 @@ def sft_worker(cfg: Config, data_dir: Path, init_dir: Path, lease=None) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.worker")
+    parser = argparse.ArgumentParser(prog="python -m trainer.training.worker")
     parser.add_argument("--stage", choices=("pretrain", "sft"), required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--artifacts")

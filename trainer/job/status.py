@@ -8,10 +8,10 @@ import time
 
 import yaml
 
-from trainer import checkpoint as ckpt
 from trainer.config import Config
-from trainer.lease import lease_key
-from trainer.storage import join, open_storage
+from trainer.io.lease import lease_key
+from trainer.io.storage import join, open_storage
+from trainer.state import checkpoint as ckpt
 
 
 def run_ids(store) -> list[str]:

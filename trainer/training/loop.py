@@ -1,6 +1,6 @@
 """The training loop: one for every stage (pretraining and SFT), read top to bottom.
 
-What differs between stages sits behind `Task` (trainer/tasks.py): the starting weights, the batches,
+What differs between stages sits behind `Task` (trainer/training/tasks.py): the starting weights, the batches,
 the loss (a sum over target tokens; the loop divides by the step's target count), evaluation and
 samples at checkpoints. Everything else is written once, here:
   * the batch geometry: a global batch of task.samples_per_step sequences, the micro-batch an upper
@@ -30,16 +30,14 @@ from typing import Protocol
 
 import torch
 
-from trainer.checkpoint import Checkpointer, step_name
 from trainer.config import Config, TrainConfig, to_yaml
-from trainer.distributed import Dist
 from trainer.errors import PREEMPTED_MARKER, Preempted
+from trainer.io.storage import Storage
 from trainer.log import logger
-from trainer.metrics import RunLog
-from trainer.model import peak_flops
-from trainer.optim import build_optimizer, step_skipping_nonfinite
-from trainer.schedule import lr_at
-from trainer.sharding import (
+from trainer.model.llama import peak_flops
+from trainer.model.schedule import lr_at
+from trainer.parallel.distributed import Dist
+from trainer.parallel.fsdp import (
     clip_grad_norm,
     decoder_layers,
     ensure_process_group,
@@ -49,7 +47,9 @@ from trainer.sharding import (
     shard,
     shard_root,
 )
-from trainer.storage import Storage
+from trainer.state.checkpoint import Checkpointer, step_name
+from trainer.training.optim import build_optimizer, step_skipping_nonfinite
+from trainer.training.runlog import RunLog
 
 MAX_ROLLBACKS_IN_A_ROW = 3  # train.on_nonfinite=rollback gives up after this many without a new checkpoint
 LOSS_EMA_DECAY = 0.9  # running mean of logged losses for spike detection (spikes left out)
@@ -79,7 +79,7 @@ class LoopState:
 
 
 class Task(Protocol):
-    """What one stage trains (trainer/tasks.py: PretrainTask, SftTask)."""
+    """What one stage trains (trainer/training/tasks.py: PretrainTask, SftTask)."""
     name: str  # log prefix: "pretrain", "sft"
     run_id: str  # checkpoints and logs go to runs/<run_id>/
     hp: TrainConfig  # this stage's optimizer, schedule, length, batch and logging settings
@@ -392,7 +392,7 @@ def _checkpoint(run: _Run, state: LoopState, background: bool, samples: bool = T
 def _stop_after_signal(stop: StopFlag, ckpts: Checkpointer, runlog: RunLog, d: Dist, run_local: Path, step: int,
                        grace_seconds: int) -> None:
     """The checkpoint of `step` is saved: publish it, tell every node, leave the marker the launcher
-    reads (trainer/torchrun.py), raise Preempted (exit 75)."""
+    reads (trainer/training/launch.py), raise Preempted (exit 75)."""
     since = stop.requested_at or time.time()
     ckpts.wait()
     runlog.flush()

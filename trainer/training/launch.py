@@ -13,17 +13,17 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from trainer import checkpoint as ckpt
-from trainer.distributed import node_rank
 from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
+from trainer.io.storage import Storage, join
 from trainer.log import logger
-from trainer.storage import Storage, join
+from trainer.parallel.distributed import node_rank
+from trainer.state import checkpoint as ckpt
 
 
 def launch(what: str, store: Storage, run_id: str, run_local: Path, nproc: int, nnodes: int,
            worker_argv: list[str], in_process: Callable[[], object], lease, grace_seconds: int) -> int:
     """Train with nproc x nnodes processes: `in_process()` when that is one (no torchrun: its start
-    costs seconds and adds nothing), else `python -m trainer.worker <worker_argv>` under torchrun.
+    costs seconds and adds nothing), else `python -m trainer.training.worker <worker_argv>` under torchrun.
     Returns 0, 75 (preempted: rerun to resume) or the failure code."""
     (run_local / PREEMPTED_MARKER).unlink(missing_ok=True)
     if nproc * nnodes == 1:
@@ -32,7 +32,8 @@ def launch(what: str, store: Storage, run_id: str, run_local: Path, nproc: int, 
             return 0
         except Preempted:
             return exit_code(what, store, run_id, run_local, EXIT_PREEMPTED, signalled=True)
-    code, signalled = torchrun(nproc, nnodes, ["-m", "trainer.worker", *worker_argv], lease, grace_seconds, what)
+    tail = ["-m", "trainer.training.worker", *worker_argv]
+    code, signalled = torchrun(nproc, nnodes, tail, lease, grace_seconds, what)
     return exit_code(what, store, run_id, run_local, code, signalled)
 
 
@@ -52,8 +53,11 @@ def torchrun(nproc: int, nnodes: int, tail: list[str], lease, grace_seconds: int
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     # torchrun SIGKILLs workers this long after passing on a SIGTERM (torch >= 2.8 reads it; before, 30 s).
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(grace_seconds + 5))
-    proc = subprocess.Popen(cmd + tail, env=env, cwd=str(Path(__file__).resolve().parent.parent),
-                            stderr=subprocess.PIPE)
+    # The workers run where the user stands (every relative path was resolved from there); the package
+    # is found through PYTHONPATH, so a checkout that was never pip-installed works too.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd + tail, env=env, stderr=subprocess.PIPE)
     signalled = []
     relay = threading.Thread(target=_relay_stderr, args=(proc.stderr,), daemon=True)
     relay.start()

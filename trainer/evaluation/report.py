@@ -98,7 +98,7 @@ def lr_schedule_series(train_cfg) -> tuple[list[int], list[float]]:
     step k (k updates done) holds the lr of update k-1, so the curve starts at step 1 with
     warm-up's first value. Metrics rows come every log_every_steps, often the first one after
     warm-up has ended; this curve shows the warm-up the rows miss."""
-    from trainer.schedule import lr_at
+    from trainer.model.schedule import lr_at
 
     return list(range(1, train_cfg.max_steps + 1)), [lr_at(k, train_cfg) for k in range(train_cfg.max_steps)]
 

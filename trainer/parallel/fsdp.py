@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-FSDP_AUTO_PARAMS = 2_000_000_000  # train.strategy=auto shards models from this size (3b/7b presets; 1b stays DDP)
+from trainer.model.llama import FSDP_AUTO_PARAMS
+
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint's FileSystemWriter
 # Free each block's gathered weights after its forward and gather them again for its backward
 # (ZeRO-3; False keeps them until the backward: ZeRO-2's memory, one all-gather fewer).

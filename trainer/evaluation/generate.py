@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import model_dir
 from trainer.config import Config, SampleConfig
+from trainer.state.checkpoint import model_dir
 
 
 def load_for_generation(url: str, cfg: Config):

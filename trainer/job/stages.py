@@ -1,7 +1,7 @@
 """The job's stages, each skipped when its output is already in the bucket.
 
 pull -> tokenizer -> prepare -> pretrain (the training processes) -> export -> report; sft.
-Each stage function takes the Config and returns what later stages need; trainer/job.py chains them.
+Each stage function takes the Config and returns what later stages need; trainer/job/run.py chains them.
 """
 
 from __future__ import annotations
@@ -12,27 +12,27 @@ import json
 import shutil
 from pathlib import Path
 
-from trainer import checkpoint as ckpt
-from trainer import prepare
-from trainer import tokenizer as tokenizers
-from trainer.artifacts import Artifacts, bucket, fetch_folder, wait_for
 from trainer.config import Config, ConfigError, to_yaml
-from trainer.data import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
-from trainer.distributed import default_nproc, node_rank, num_nodes
-from trainer.evaluate import evaluate_model, heldout_documents
-from trainer.generate import load_for_generation
-from trainer.lease import Lease
+from trainer.data import shards as prepare
+from trainer.data import tokenizer as tokenizers
+from trainer.data.conversations import load_chat_tokenizer, prepare_conversations, sft_run_id
+from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
+from trainer.data.sources import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
+from trainer.data.tokenizer import load_tokenizer, tokenizer_hash
+from trainer.evaluation.evaluate import evaluate_model, heldout_documents
+from trainer.evaluation.generate import load_for_generation
+from trainer.evaluation.report import write_run_report
+from trainer.io.artifacts import Artifacts, bucket, fetch_folder, wait_for
+from trainer.io.lease import Lease
+from trainer.io.storage import Storage, is_s3, join, split_url
 from trainer.log import logger
-from trainer.loop import batch_geometry, float8_available
-from trainer.optim import muon_available
-from trainer.prepare import Normalizer, data_hash, is_validation, tokenizer_fingerprint
-from trainer.report import write_run_report
-from trainer.sft import load_chat_tokenizer, prepare_conversations, sft_run_id
-from trainer.storage import Storage, is_s3, join, split_url
-from trainer.tasks import pretrain_inputs, sft_inputs
-from trainer.tokenizer import load_tokenizer, tokenizer_hash
-from trainer.torchrun import launch
-from trainer.worker import pretrain_worker, sft_worker
+from trainer.parallel.distributed import default_nproc, node_rank, num_nodes
+from trainer.state import checkpoint as ckpt
+from trainer.training.launch import launch
+from trainer.training.loop import batch_geometry, float8_available
+from trainer.training.optim import muon_available
+from trainer.training.tasks import pretrain_inputs, sft_inputs
+from trainer.training.worker import pretrain_worker, sft_worker
 
 log = logger.info
 

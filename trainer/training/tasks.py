@@ -1,4 +1,4 @@
-"""What each stage trains: the seam between the one training loop (trainer/loop.py) and a stage.
+"""What each stage trains: the seam between the one training loop (trainer/training/loop.py) and a stage.
 
 PretrainTask: a fresh LlamaForCausalLM on packed token shards; mean next-token loss; validation
 bits per character on a fixed set of held-out sequences; samples of sample.prompts at checkpoints.
@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import Config
-from trainer.dataset import BatchLoader, TokenSamples, validation_batches
-from trainer.distributed import Dist
-from trainer.evaluate import continuation, degeneration_report, val_chars_per_token
-from trainer.generate import sample
-from trainer.hf_files import export_generation_config
-from trainer.model import CAUSAL_SDPA, PRESETS, build_model, flops_per_token, llama_config, pick_attention
-from trainer.prepare import tokenizer_fingerprint
-from trainer.sft import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
-from trainer.sharding import is_sharded
-from trainer.tokenizer import load_tokenizer
+from trainer.data.conversations import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
+from trainer.data.loader import BatchLoader, TokenSamples, validation_batches
+from trainer.data.shards import tokenizer_fingerprint
+from trainer.data.tokenizer import load_tokenizer
+from trainer.evaluation.evaluate import continuation, degeneration_report, val_chars_per_token
+from trainer.evaluation.generate import sample
+from trainer.model.hf_files import export_generation_config
+from trainer.model.llama import CAUSAL_SDPA, PRESETS, build_model, flops_per_token, llama_config, pick_attention
+from trainer.parallel.distributed import Dist
+from trainer.parallel.fsdp import is_sharded
 
 EVAL_BATCH = 16  # validation sequences per forward pass when train.micro_batch_size is 0 (no accumulation there)
 

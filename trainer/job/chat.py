@@ -63,7 +63,7 @@ def chat_loop(model, tok, s: SampleConfig, system: str = "", lines: Iterable[str
     """Answer each line of `lines` (default: stdin, with a prompt when it is a terminal), writing to
     `out` (default: sys.stdout as it is at the call); returns the conversation as it stands at the
     end. Ctrl-C raises KeyboardInterrupt (entrypoint's `chat` exits 130 on it)."""
-    from trainer.sft import stop_token_ids
+    from trainer.data.conversations import stop_token_ids
 
     out = out or sys.stdout  # looked up now: a default bound at import would miss a replaced stdout
     torch.manual_seed(seed)
@@ -129,8 +129,8 @@ def chat_cli(folder: Path, system: str, cfg: Config, lines: Iterable[str] | None
     """`entrypoint.py chat`: load the model in the local Hugging Face folder `folder` (what
     entrypoint's `--checkpoint` resolver gives: an export, or a checkpoint made loadable) and chat on
     the terminal, or over `lines`. Returns the conversation; Ctrl-C raises KeyboardInterrupt."""
-    from trainer.generate import load_for_generation
-    from trainer.sft import load_chat_tokenizer
+    from trainer.data.conversations import load_chat_tokenizer
+    from trainer.evaluation.generate import load_for_generation
 
     model, _ = load_for_generation(str(folder), cfg)
     return chat_loop(model, load_chat_tokenizer(folder), cfg.sample, system=system, lines=lines)

@@ -165,8 +165,8 @@ def heldout_documents(cfg, files, max_chars: int, min_docs: int = 0) -> list[str
     """Held-out documents of the corpus (the validation split, chosen by document hash exactly as
     prepare chooses it), in corpus order, until they hold max_chars characters and number at least
     min_docs. Reads only as far into the corpus as that needs."""
-    from trainer.data import DocumentReader, iter_documents
-    from trainer.prepare import Normalizer, is_validation
+    from trainer.data.shards import Normalizer, is_validation
+    from trainer.data.sources import DocumentReader, iter_documents
 
     if cfg.data.val_permille == 0:
         return []
@@ -210,7 +210,7 @@ DECODINGS = ("default", "greedy")  # beside sample.*: what evaluate_model report
 def generate_continuations(model, tok, prompts: Sequence[str], s, decoding: str, seed: int = 0) -> list[str]:
     """The model's continuation of each prompt (prompt left out), s.max_new_tokens tokens at most,
     by `decoding` ("sample", "default" or "greedy"; see compare_with_human)."""
-    from trainer.generate import continue_texts, sample
+    from trainer.evaluation.generate import continue_texts, sample
 
     if decoding == "sample":
         return [continuation(p, g) for p, g in zip(prompts, sample(model, tok, list(prompts), s, seed=seed))]
@@ -222,7 +222,7 @@ def decoding_report(model, tok, s, heldout: Sequence[str], decoding: str) -> dic
     s.prompts ("samples") and their metrics ("prompts"), and, when there is held-out text and
     s.heldout_prompts, continuations of held-out documents ("model") beside the human text
     cut to the same lengths ("human"), as compare_with_human computes them."""
-    from trainer.generate import generation_settings
+    from trainer.evaluation.generate import generation_settings
 
     prompts = list(s.prompts)
     settings = generation_settings(model) if decoding == "default" else {"do_sample": False, "repetition_penalty": 1.0}
@@ -242,7 +242,7 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
     ("samples", "prompts_degeneration", "vs_human") and, under "decoding", for the model's own
     default generation (its generation_config) and for greedy decoding (decoding_report's dicts),
     so a model that repeats itself under the defaults a user gets shows in every evaluation."""
-    from trainer.generate import sample
+    from trainer.evaluation.generate import sample
 
     s, seq_len = cfg.sample, model.config.max_position_embeddings
     result: dict = {}
@@ -271,9 +271,9 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
 def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
     """`entrypoint.py eval`: load an export or checkpoint (local or s3://) and evaluate it on the
     held-out split of cfg.data.sources and on text_files (any corpus format data.* reads)."""
-    from trainer.checkpoint import model_dir
-    from trainer.data import DataError, iter_documents, local_files, pull, resolve_sources
-    from trainer.generate import load_for_generation
+    from trainer.data.sources import DataError, iter_documents, local_files, pull, resolve_sources
+    from trainer.evaluation.generate import load_for_generation
+    from trainer.state.checkpoint import model_dir
 
     extra = {}
     for path in text_files:

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from trainer import sharding
-from trainer.distributed import Dist, rng_state, set_rng_state
-from trainer.hf_files import write_portable_config
+from trainer.data.tokenizer import save_tokenizer
+from trainer.io.storage import Storage, StorageError, is_s3, join, open_storage, split_url
 from trainer.log import logger
-from trainer.storage import Storage, StorageError, is_s3, join, open_storage, split_url
-from trainer.tokenizer import save_tokenizer
+from trainer.model.hf_files import write_portable_config
+from trainer.parallel import fsdp as sharding
+from trainer.parallel.distributed import Dist, rng_state, set_rng_state
 
 MANIFEST = "MANIFEST.json"
 LATEST = "LATEST"
