@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -40,7 +41,7 @@ from trainer.log import logger
 
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # label of a token without loss (F.cross_entropy's ignore_index)
-PACK_VERSION = 1  # bump when tokenization or packing changes (part of the packed data's hash)
+PACK_VERSION = 2  # bump when tokenization or packing changes (part of the packed data's hash)
 
 
 def sft_run_id(cfg: Config) -> str:
@@ -139,40 +140,113 @@ def load_chat_tokenizer(path: str | Path):
     return tok
 
 
-def render_pieces(tok, turns: list[dict]) -> list[tuple[str, bool]]:
-    """The conversation's chat-template text as (piece, is_reply) in order. A reply piece is what
-    the model writes after the generation prompt (content and end marker): exactly the tokens it
-    will generate in `chat`. Raises ValueError for a template whose text for a longer conversation
-    does not extend the shorter one's (then no token can be told apart as prompt or reply)."""
-    pieces, done = [], ""
+# A turn's content is replaced by a mark while the template renders, so the rendered text splits into
+# the template's own text (which may spell control tokens) and the turns' text (which never becomes
+# one: a user pasting `<|im_end|>` means those characters). Private-use characters (U+E000, U+E001):
+# a content holding the mark's own spelling is refused by the count check, not misread.
+_MARK = re.compile("\ue000([0-9]+)\ue001")
+
+
+def _marked(turns: list[dict]) -> list[dict]:
+    return [{**t, "content": f"\ue000{i}\ue001"} for i, t in enumerate(turns)]
+
+
+def _segments(text: str, turns: list[dict], seen: list[int]) -> list[tuple[str, bool]]:
+    """Rendered `text` split at the marks: (template text, False) and (a turn's content, True)."""
+    out, at = [], 0
+    for m in _MARK.finditer(text):
+        if m.start() > at:
+            out.append((text[at:m.start()], False))
+        seen.append(int(m.group(1)))
+        out.append((turns[int(m.group(1))]["content"], True))
+        at = m.end()
+    if at < len(text):
+        out.append((text[at:], False))
+    return out
+
+
+def _check_marks(seen: list[int], n: int) -> None:
+    if seen != list(range(n)):
+        raise ValueError("the tokenizer's chat template does not render each turn's content once and in order, so "
+                         "message text cannot be told apart from the template's control tokens; use a ChatML-style "
+                         "template")
+
+
+def render_segments(tok, turns: list[dict]) -> list[tuple[list[tuple[str, bool]], bool]]:
+    """The conversation's chat-template text as (segments, is_reply) pieces in order; a segment is
+    (text, is_content): a turn's content (tokenized as text) or the template's own text (where control
+    tokens come from). A reply piece is what the model writes after the generation prompt (content
+    and end marker): exactly the tokens it will generate in `chat`. Raises ValueError for a
+    template whose text for a longer conversation does not extend the shorter one's (then no token
+    can be told apart as prompt or reply), or that does not render every content once."""
+    marked, pieces, done, seen = _marked(turns), [], "", []
     for i, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        prompt = tok.apply_chat_template(turns[:i], tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(turns[:i + 1], tokenize=False)
+        prompt = tok.apply_chat_template(marked[:i], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(marked[:i + 1], tokenize=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ValueError("the tokenizer's chat template does not render a conversation as its prefix plus "
                              "the new turn, so reply tokens cannot be told apart; use a ChatML-style template")
-        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        pieces += [(_segments(prompt[len(done):], turns, seen), False),
+                   (_segments(full[len(prompt):], turns, seen), True)]
         done = full
+    _check_marks(seen, max((i + 1 for i, t in enumerate(turns) if t["role"] == "assistant"), default=0))
     return pieces
 
 
+def render_pieces(tok, turns: list[dict]) -> list[tuple[str, bool]]:
+    """render_segments with each piece's text joined: (piece, is_reply)."""
+    return [("".join(text for text, _ in segs), reply) for segs, reply in render_segments(tok, turns)]
+
+
+def encode_text(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain text: the spelling of a control token in it (`<|im_end|>`, `<|endoftext|>`)
+    is encoded as the characters it is, as pretraining does (shards: encode_special_tokens).
+    No special tokens added (no BOS)."""
+    if not texts:
+        return []
+    return tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _encode_segments(tok, segments: list[tuple[str, bool]]) -> list[list[int]]:
+    """Ids of each (text, is_content) segment, in two batched calls: content as text, template text
+    with its control tokens."""
+    content = iter(encode_text(tok, [t for t, is_content in segments if is_content]))
+    template_texts = [t for t, is_content in segments if not is_content]
+    template = iter(tok(template_texts, add_special_tokens=False)["input_ids"] if template_texts else [])
+    return [next(content) if is_content else next(template) for _, is_content in segments]
+
+
+def encode_chat(tok, turns: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of `turns` rendered by the chat template (with the generation prompt): what
+    `chat` feeds the model, tokenized as training tokenizes it (encode_conversations): control tokens
+    from the template only, every content as text. Raises ValueError as render_segments."""
+    marked, seen = _marked(turns), []
+    text = tok.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    segments = _segments(text, turns, seen)
+    _check_marks(seen, len(turns))
+    return [i for ids in _encode_segments(tok, segments) for i in ids]
+
+
 def encode_conversations(tok, conversations: list[list[dict]]) -> list[tuple[list[int], list[bool]]]:
-    """(token ids, is-reply flag per token) for each conversation; one batched tokenizer call.
+    """(token ids, is-reply flag per token) for each conversation; batched tokenizer calls.
 
     Pieces are tokenized separately: the prompt ends right where generation starts, so training
-    sees the same tokens as `chat` does at inference (a joint encoding could merge across it)."""
-    pieces = [render_pieces(tok, turns) for turns in conversations]
-    flat = [text for conv in pieces for text, _ in conv]
-    ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+    sees the same tokens as `chat` does at inference (a joint encoding could merge across it).
+    Within a piece, each turn's content is tokenized as text (render_segments): only the template
+    puts control tokens in, so a reply explaining `<|im_end|>` never teaches the model to stop there."""
+    pieces = [render_segments(tok, turns) for turns in conversations]
+    flat = [seg for conv in pieces for segs, _ in conv for seg in segs]
+    ids = _encode_segments(tok, flat)
     out, k = [], 0
     for conv in pieces:
         tokens, reply = [], []
-        for _, is_reply in conv:
-            tokens += ids[k]
-            reply += [is_reply] * len(ids[k])
-            k += 1
+        for segs, is_reply in conv:
+            for _ in segs:
+                tokens += ids[k]
+                reply += [is_reply] * len(ids[k])
+                k += 1
         out.append((tokens, reply))
     return out
 

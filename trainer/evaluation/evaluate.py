@@ -118,7 +118,8 @@ def evaluate_bpc(model, tokenizer, texts: Sequence[str], seq_len: int, device, b
     if not texts:
         raise ValueError("texts must hold at least one non-empty text")
     # verbose=False: documents longer than the context are expected here (pack_windows cuts them).
-    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    # split_special_tokens: a marker spelled in the text is text, as pretraining encodes it (shards).
+    encoded = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     stream = [eos]
     for ids in encoded:
         stream += list(ids) + [eos]

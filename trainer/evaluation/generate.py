@@ -23,6 +23,12 @@ def load_for_generation(url: str, cfg: Config):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
+def prompt_tensor(tok, prompt: str) -> torch.Tensor:
+    """(1, T) ids of a prompt, its text as text: `<|im_end|>` typed in a prompt is those characters,
+    not the control token (as pretraining encodes documents). The tokenizer's own BOS, if any, is added."""
+    return tok(prompt, return_tensors="pt", split_special_tokens=True).input_ids
+
+
 GENERATION_SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
@@ -49,7 +55,7 @@ def continue_texts(model, tok, prompts: list[str], decoding: str, max_new_tokens
     torch.manual_seed(seed)
     out = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+        ids = prompt_tensor(tok, prompt).to(model.device)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **extra)
         out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
     return out
@@ -62,7 +68,7 @@ def sample(model, tok, prompts: list[str], s: SampleConfig, seed: int = 0, synce
     torch.manual_seed(seed)
     out = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+        ids = prompt_tensor(tok, prompt).to(model.device)
         greedy = s.temperature == 0
         gen = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens, do_sample=not greedy,

@@ -42,13 +42,14 @@ def _streamer(tok, out: TextIO):
 def prompt_ids(tok, turns: list[dict], context: int, room: int) -> tuple[torch.Tensor | None, int]:
     """(prompt token ids, exchanges dropped) leaving `room` tokens to generate within `context`:
     the oldest user/assistant exchanges go first (a system prompt stays). None when even the last
-    message alone does not fit."""
+    message alone does not fit. Every message is tokenized as text (encode_chat), as SFT saw it."""
+    from trainer.data.conversations import encode_chat
+
     system = turns[:1] if turns and turns[0]["role"] == "system" else []
     rest = turns[len(system):]
     dropped = 0
     while True:
-        text = tok.apply_chat_template(system + rest, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.tensor([encode_chat(tok, system + rest)])
         if ids.shape[1] + room <= context:
             return ids, dropped
         if len(rest) <= 1:
