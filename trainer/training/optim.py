@@ -3,9 +3,11 @@ decoder's hidden matrices with fused AdamW on embeddings, head and norms (train.
 
 The loop skips a step with a non-finite gradient on the device, without a host sync:
 step_skipping_nonfinite() hands the fused AdamW `found_inf` (GradScaler's mechanism), and the
-kernel leaves weights and moments as they were; torch's Muon has no such input, so MuonAdamW keeps
-a copy of the hidden matrices and their momentum from before the step and puts it back where
-found_inf is set (torch.where: exact, NaN-proof; one copy of those tensors in memory).
+kernel leaves weights and moments as they were; the hidden matrices' Muon (muon.BatchedMuon:
+torch.optim.Muon's maths, one batched Newton-Schulz per shape, split over ranks) reads the same
+flag and leaves weights and momentum exactly as they were, copying nothing. MUON_IMPL = "torch"
+runs torch.optim.Muon instead (kept for the side-by-side benchmark), which has no such input: then
+a copy of the hidden matrices and their momentum from before the step is put back (torch.where).
 
 Muon: Jordan et al. 2024, "Muon: an optimizer for hidden layers in neural networks"; the lr
 matched to AdamW's update RMS as in Liu et al. 2025 (arXiv 2502.16982), torch.optim.Muon's
@@ -19,9 +21,11 @@ from __future__ import annotations
 import torch
 
 from trainer.config import TrainConfig
+from trainer.training.muon import BatchedMuon
 
 ADAM_EPS = 1e-8  # Kingma & Ba 2015 default
 MUON_MOMENTUM = 0.95  # Jordan et al. 2024; torch.optim.Muon's default, with Nesterov and 5 Newton-Schulz steps
+MUON_IMPL = "batched"  # "batched": muon.BatchedMuon; "torch": torch.optim.Muon (scripts/bench_pretrain.py muon-torch)
 MUON_LR_FACTOR = 2.0  # train.muon_lr = 0: this x train.lr (1.6e-3 for 8e-4 won on 124m; 1x was 0.11 bpc worse)
 
 
@@ -57,15 +61,17 @@ def muon_available() -> None:
 
 
 class MuonAdamW:
-    """torch.optim.Muon on the hidden matrices, fused AdamW on the rest, stepped as one optimizer:
-    param_groups (both), step(), zero_grad(), state_dict() / load_state_dict()."""
+    """Muon (BatchedMuon, or torch.optim.Muon when MUON_IMPL == "torch"; the same state dict) on the
+    hidden matrices, fused AdamW on the rest, stepped as one optimizer: param_groups (both), step(),
+    zero_grad(), state_dict() / load_state_dict()."""
 
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]], hp: TrainConfig):
         muon_available()
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
         rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
         muon_lr = hp.muon_lr or MUON_LR_FACTOR * hp.lr
-        self.muon = torch.optim.Muon([{"params": hidden, "lr_scale": muon_lr / hp.lr}], lr=muon_lr,
+        muon_class = torch.optim.Muon if MUON_IMPL == "torch" else BatchedMuon
+        self.muon = muon_class([{"params": hidden, "lr_scale": muon_lr / hp.lr}], lr=muon_lr,
                                      weight_decay=hp.weight_decay, momentum=MUON_MOMENTUM, nesterov=True,
                                      adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW([{**g, "lr_scale": 1.0} for g in param_groups(rest, hp.weight_decay)],
@@ -80,7 +86,8 @@ class MuonAdamW:
     def step(self) -> None:
         self.adamw.found_inf, self.adamw.grad_scale = self.found_inf, None
         self.adamw.step()
-        if self.found_inf is None:
+        if isinstance(self.muon, BatchedMuon) or self.found_inf is None:
+            self.muon.found_inf = self.found_inf  # read on the device: an exact skip, nothing copied
             self.muon.step()
             return
         params = [p for g in self.muon.param_groups for p in g["params"] if p.grad is not None]
