@@ -26,6 +26,25 @@ from pathlib import Path
 
 from trainer.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED  # noqa: F401 - every exit code lives there
 
+# fire's workaround: fire parses `--run.id=1.10` into the float 1.1 before a command sees it, so
+# main() keeps each `--section.key=value` token's text here and _config reads the value as written
+# (str fields take the text; load_config reads the others as YAML, as fire would).
+_ARGV_TEXT: dict[str, str] = {}
+
+
+def argv_text(args: list[str]) -> dict[str, str]:
+    """{dotted key: its text} for `--section.key=value` and `--section.key value` in args."""
+    out = {}
+    for i, arg in enumerate(args):
+        name, eq, text = arg[2:].partition("=")
+        if not arg.startswith("--") or "." not in name:
+            continue
+        if eq:
+            out[name] = text
+        elif i + 1 < len(args) and not args[i + 1].startswith("-"):
+            out[name] = args[i + 1]
+    return out
+
 
 def _config(config: str | None, overrides: dict, show: bool = True):
     """Load and validate the config; `show` prints a short summary (the run, the bucket, the keys
@@ -33,6 +52,7 @@ def _config(config: str | None, overrides: dict, show: bool = True):
     runs/<id>/config.yaml, and `entrypoint.py config` prints it."""
     from trainer.config import load_config, summary
 
+    overrides = {key: _ARGV_TEXT.get(key, value) for key, value in overrides.items()}
     cfg = load_config(config or os.environ.get("CONFIG") or None, overrides)
     if show and int(os.environ.get("RANK", "0")) == 0:
         print(summary(cfg), flush=True)
@@ -194,7 +214,7 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
 
     import yaml
 
-    from trainer.config import ConfigError, from_dict, load_config, to_dict
+    from trainer.config import ConfigError, load_config, load_config_tree, to_dict
     from trainer.model.planner import format_table, plan_json, plan_to_config
     from trainer.model.planner import plan as make_plan
 
@@ -212,7 +232,7 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
     print(json_lib.dumps(plan_json(p), indent=1) if json else format_table(p))
     if out:
         tree = plan_to_config(p, base)
-        from_dict(tree)  # what run will read must validate, before anything is written
+        load_config_tree(tree)  # what run will read must validate, before anything is written
         text = yaml.safe_dump(tree, allow_unicode=True, sort_keys=False)
         try:
             with open(out, "w" if force else "x", encoding="utf-8") as f:  # "x": never overwrite unasked
@@ -367,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in own or "-h" in own:  # fire would take it for a config key: "unknown section 'help'"
         print(command_help(args[0]))
         return
+    _ARGV_TEXT.clear()
+    _ARGV_TEXT.update(argv_text(own))
     try:
         fire.Fire(COMMANDS, command=args, name="entrypoint.py")
     except (ConfigError, DataError, LeaseHeld) as e:  # another job on this run.id: do not retry either

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from trainer.config import from_dict
+from trainer.config import load_config_tree
 from trainer.io.storage import open_storage
 from trainer.state import checkpoint as ckpt
 
@@ -76,7 +76,7 @@ def test_run_on_two_processes_then_rerun_skips_every_stage(tmp_path, tiny_config
     assert state["step"] == 8 and state["world_size"] == 2 and state["tokens_seen"] == 8 * 256
     store.download_file("runs/two/checkpoints/step-00000008/rng.pt", tmp_path / "rng.pt")
     assert len(torch.load(tmp_path / "rng.pt", weights_only=False)) == 2  # every rank's RNG state
-    saved = from_dict(yaml.safe_load(store.read_text("runs/two/config.yaml")))
+    saved = load_config_tree(yaml.safe_load(store.read_text("runs/two/config.yaml")))
     assert saved.train.nproc == 2 and saved.run.id == "two" and saved.train.seq_len == cfg.train.seq_len
     check_export(store, "two", tmp_path)
     assert "samples from the exported model" in out and "--- 床前明月光" in out
