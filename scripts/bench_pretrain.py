@@ -7,6 +7,7 @@ same model shapes, same packed token shards, same card, one process, one run.
     python scripts/bench_pretrain.py --models 1b:16:8 --variants hf,compile,fp8   # ours at 16, Trainer at 8
     python scripts/bench_pretrain.py --scaling 1,2,4,8 --strategy fsdp --models 1b:16
     python scripts/bench_pretrain.py --models 7b:4 --variants compile --measure_only --tag 7b-ddp   # does it fit?
+    python scripts/bench_pretrain.py --models 124m:32 --variants hf,compile,muon,muon-torch   # Muon vs AdamW
 
 Prints a table (tok/s, MFU, peak memory, data-wait fraction, ratio to the baseline) and writes
 JSON under bench/results/. Ours runs through trainer.training.loop.train() (via
@@ -80,36 +81,45 @@ def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict)
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.perf_counter())
 
     torch.manual_seed(0)
     model = build_model(llama_config(preset, index["vocab_size"], args.seq_len), "sdpa")
-    torch.cuda.reset_peak_memory_stats()
+    gpu = torch.cuda.is_available()  # CPU: a smoke test of the script (fp32, no memory figures)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=args.warmup + args.steps,
-        bf16=True, optim="adamw_torch_fused", learning_rate=3e-4, weight_decay=0.1, warmup_steps=10,
+        bf16=gpu, optim="adamw_torch_fused" if gpu else "adamw_torch", learning_rate=3e-4, weight_decay=0.1,
+        warmup_steps=10,
         lr_scheduler_type="cosine", logging_steps=10_000, save_strategy="no", report_to=[],
         dataloader_num_workers=2, dataloader_pin_memory=True, disable_tqdm=True, max_grad_norm=1.0)
     Trainer(model=model, args=targs, train_dataset=Packed(), callbacks=[Clock()]).train()
     steps = [b - a for a, b in zip(times[args.warmup:], times[args.warmup + 1:])]
     tok_s = batch * args.seq_len / statistics.median(steps)
     out = {"setup": "transformers.Trainer", "batch": batch, "tok_per_s": tok_s,
-           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if gpu else 0.0,
            "data_wait": None, "mfu": mfu_of(tok_s, preset, index["vocab_size"], args.seq_len)}
     del model
-    torch.cuda.empty_cache()
+    if gpu:
+        torch.cuda.empty_cache()
     return out
 
 
 def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, index: dict, base_cfg,
-               compile_mode: str, label: str, nproc: int = 1, **settings) -> dict:
+               compile_mode: str, label: str, nproc: int = 1, muon_impl: str = "batched", **settings) -> dict:
     """trainer.training.loop.train() with the given settings (the job's worker; `settings`: more train.*
-    keys, e.g. float8=True); tok/s is the median logged window after warm-up."""
+    keys, e.g. float8=True); tok/s is the median logged window after warm-up. muon_impl: "torch" runs
+    train.optimizer=muon on torch.optim.Muon (optim.MUON_IMPL; one process only)."""
     import torch
 
     from trainer.config import replace
+    from trainer.training import optim
 
+    if not torch.cuda.is_available():
+        compile_mode = "off"  # CPU: a smoke test of the script, not a measurement
     run_id = f"bench-{preset}-{label}-{nproc}".replace(" ", "").replace(",", "").replace("+", "-")
     log_every = 5
     cfg = replace(base_cfg, **{
@@ -128,9 +138,15 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
             PretrainTask.evaluate = lambda *a, **k: {}
         from trainer.training.worker import run_task
 
-        torch.cuda.reset_peak_memory_stats()
-        run_task(cfg, lambda: PretrainTask(cfg, data_dir, index, tok_dir))
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        optim.MUON_IMPL = muon_impl
+        try:
+            run_task(cfg, lambda: PretrainTask(cfg, data_dir, index, tok_dir))
+        finally:
+            optim.MUON_IMPL = "batched"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     else:
         from trainer.config import to_yaml
 
@@ -165,7 +181,8 @@ def main():
     p.add_argument("--warmup", type=int, default=10, help="untimed steps (compile, allocator)")
     p.add_argument("--corpus", default=str(ROOT / "data/sample/*.jsonl.zst"))
     p.add_argument("--variants", default="hf,eager,compile",
-                   help="hf, eager, compile, fp8 (compile + train.float8), ac (compile + activation checkpointing)")
+                   help="hf, eager, compile, fp8 (compile + train.float8), ac (compile + activation checkpointing), "
+                        "muon (compile + train.optimizer=muon, BatchedMuon), muon-torch (the same on torch.optim.Muon)")
     p.add_argument("--scaling", default="", help="GPU counts for scaling of ours, e.g. 1,2,4,8")
     p.add_argument("--strategy", default="auto", help="train.strategy of ours: auto, ddp, fsdp (1 GPU: unsharded)")
     p.add_argument("--measure_only", action="store_true",
@@ -178,9 +195,7 @@ def main():
 
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("bench_pretrain needs a CUDA GPU")
-    card = torch.cuda.get_device_name()
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # cpu: a smoke test
     data_dir, tok_dir, index, base_cfg = prepare_data(args)
     (Path(args.workdir) / "artifacts.json").write_text(json.dumps({
         "tokenizer_key": str(tok_dir.relative_to(Path(base_cfg.storage.local_dir))),
@@ -204,6 +219,12 @@ def main():
             if "fp8" in variants:
                 rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile+fp8",
                                        float8=True))
+            if "muon" in variants:
+                rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile+muon",
+                                       optimizer="muon"))
+            if "muon-torch" in variants:
+                rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on",
+                                       "compile+muon-torch", muon_impl="torch", optimizer="muon"))
             if "ac" in variants:
                 rows.append(bench_ours(preset, batch, args, data_dir, tok_dir, index, base_cfg, "on", "compile+ac",
                                        activation_checkpointing=True))
@@ -217,12 +238,12 @@ def main():
 
     print(f"\n{card}, torch {torch.__version__}, seq {args.seq_len}, vocab {index['vocab_size']}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'model':6} {'batch':>5} {'setup':24} {'gpus':>4} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} "
+    print(f"{'model':6} {'batch':>5} {'setup':26} {'gpus':>4} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} "
           f"{'data wait':>9} {'ratio':>6}")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         wait = f"{100 * r['data_wait']:.2f}%" if r.get("data_wait") is not None else "-"
-        print(f"{r['model']:6} {r['batch']:>5} {r['setup']:24} {r.get('gpus', 1):>4} {r['tok_per_s']:>10,.0f} "
+        print(f"{r['model']:6} {r['batch']:>5} {r['setup']:26} {r.get('gpus', 1):>4} {r['tok_per_s']:>10,.0f} "
               f"{mfu:>6} {r['peak_mem_gb']:>8.1f} {wait:>9} {r['ratio']:>5.2f}x")
     out = Path(os.environ.get("OUT", args.out))
     out.mkdir(parents=True, exist_ok=True)
