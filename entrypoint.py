@@ -73,6 +73,15 @@ def _model_folder(checkpoint, cfg) -> Path:
         raise ConfigError(f"--checkpoint {e}") from None
 
 
+def _export_settings_kept(config: str | None, overrides: dict) -> frozenset[str] | None:
+    """None when a config file is given (its sample.* decide); else the sample.* fields set on the
+    command line, which override the model's own generation_config.json (generate and chat use it
+    for the rest, as a plain `model.generate()` would)."""
+    if config or os.environ.get("CONFIG"):
+        return None
+    return frozenset(key.partition(".")[2] for key in overrides if key.startswith("sample."))
+
+
 def run(config: str | None = None, **overrides) -> None:
     """The whole job: pull, tokenizer, prepare, pretrain (torchrun), export, samples."""
     from trainer.job.run import run as run_job
@@ -139,10 +148,11 @@ def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, co
         checkpoint: export or checkpoint folder, local or s3:// (runs/<id>/final, runs/<id>/checkpoints/step-N)
         prompt: the text to continue (not empty)
         seed: seeds the sampling; the same seed, model and settings give the same text
-        config: YAML config file (sample.*, storage.* and train.device are read from it)
+        config: YAML config file (sample.*, storage.* and train.device are read from it); without it the
+            model's own generation_config.json sets the sampling (sample.* on the command line override it)
     """
     from trainer.config import ConfigError
-    from trainer.evaluation.generate import load_for_generation, sample
+    from trainer.evaluation.generate import export_sample_config, load_for_generation, sample
 
     prompt = str(prompt)  # fire reads `--prompt 123` as a number
     if not prompt.strip():
@@ -151,7 +161,9 @@ def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, co
         raise ConfigError(f"generate --seed: expected an integer (got {seed!r})")
     cfg = _config(config, overrides, show=False)
     model, tok = load_for_generation(str(_model_folder(checkpoint, cfg)), cfg)
-    for text in sample(model, tok, [prompt], cfg.sample, seed=seed):
+    kept = _export_settings_kept(config, overrides)
+    s = cfg.sample if kept is None else export_sample_config(model, cfg.sample, kept)
+    for text in sample(model, tok, [prompt], s, seed=seed, names=["generate --prompt"]):
         print(text)
 
 
@@ -258,13 +270,15 @@ def chat(checkpoint: str, system: str = "", config: str | None = None, **overrid
     Args:
         checkpoint: export or checkpoint folder, local or s3:// (runs/<id>-sft/final, .../checkpoints/step-N)
         system: system prompt the conversation starts with
-        config: YAML config file (sample.* sets the sampling)
+        config: YAML config file (sample.* sets the sampling); without it the model's own
+            generation_config.json does (sample.* on the command line override it)
     """
     from trainer.job.chat import chat_cli
 
     try:
         cfg = _config(config, overrides, show=False)
-        chat_cli(_model_folder(checkpoint, cfg), str(system or ""), cfg)
+        chat_cli(_model_folder(checkpoint, cfg), str(system or ""), cfg,
+                 export_settings_kept=_export_settings_kept(config, overrides))
     except KeyboardInterrupt:  # Ctrl-C is how people leave a terminal chat: no traceback
         print(file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -199,7 +199,9 @@ def compare_with_human(model, tok, docs: Sequence[str], s, decoding: str = "samp
     """
     docs = [d for d in docs if len(d) >= s.prompt_chars + 16][:s.heldout_prompts]
     prompts = [d[:s.prompt_chars] for d in docs]
-    model_cont = generate_continuations(model, tok, prompts, s, decoding, seed=1)
+    names = [f"held-out document {i + 1}'s first sample.prompt_chars={s.prompt_chars} characters"
+             for i in range(len(prompts))]
+    model_cont = generate_continuations(model, tok, prompts, s, decoding, seed=1, names=names)
     human_cont = [d[s.prompt_chars:s.prompt_chars + max(1, len(c))] for d, c in zip(docs, model_cont)]
     return {"model": degeneration_report(prompts, model_cont), "human": degeneration_report(None, human_cont),
             "examples": [{"prompt": p, "text": c, "human": h} for p, c, h in zip(prompts, model_cont, human_cont)][:8]}
@@ -208,14 +210,17 @@ def compare_with_human(model, tok, docs: Sequence[str], s, decoding: str = "samp
 DECODINGS = ("default", "greedy")  # beside sample.*: what evaluate_model reports degeneration for
 
 
-def generate_continuations(model, tok, prompts: Sequence[str], s, decoding: str, seed: int = 0) -> list[str]:
+def generate_continuations(model, tok, prompts: Sequence[str], s, decoding: str, seed: int = 0,
+                           names=None) -> list[str]:
     """The model's continuation of each prompt (prompt left out), s.max_new_tokens tokens at most,
-    by `decoding` ("sample", "default" or "greedy"; see compare_with_human)."""
+    by `decoding` ("sample", "default" or "greedy"; see compare_with_human). names: what each
+    prompt is called in an error (default sample.prompts[i]; generate.new_token_budget)."""
     from trainer.evaluation.generate import continue_texts, sample
 
     if decoding == "sample":
-        return [continuation(p, g) for p, g in zip(prompts, sample(model, tok, list(prompts), s, seed=seed))]
-    return continue_texts(model, tok, list(prompts), decoding, s.max_new_tokens, seed=seed)
+        generated = sample(model, tok, list(prompts), s, seed=seed, names=names)
+        return [continuation(p, g) for p, g in zip(prompts, generated)]
+    return continue_texts(model, tok, list(prompts), decoding, s.max_new_tokens, seed=seed, names=names)
 
 
 def decoding_report(model, tok, s, heldout: Sequence[str], decoding: str) -> dict:

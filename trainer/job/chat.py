@@ -126,12 +126,16 @@ def _terminal_lines():
             return
 
 
-def chat_cli(folder: Path, system: str, cfg: Config, lines: Iterable[str] | None = None) -> list[dict]:
+def chat_cli(folder: Path, system: str, cfg: Config, lines: Iterable[str] | None = None,
+             export_settings_kept: frozenset[str] | None = None) -> list[dict]:
     """`entrypoint.py chat`: load the model in the local Hugging Face folder `folder` (what
     entrypoint's `--checkpoint` resolver gives: an export, or a checkpoint made loadable) and chat on
-    the terminal, or over `lines`. Returns the conversation; Ctrl-C raises KeyboardInterrupt."""
+    the terminal, or over `lines`. export_settings_kept: None samples by cfg.sample; else by the
+    model's generation_config.json except these sample.* fields (generate.export_sample_config).
+    Returns the conversation; Ctrl-C raises KeyboardInterrupt."""
     from trainer.data.conversations import load_chat_tokenizer
-    from trainer.evaluation.generate import load_for_generation
+    from trainer.evaluation.generate import export_sample_config, load_for_generation
 
     model, _ = load_for_generation(str(folder), cfg)
-    return chat_loop(model, load_chat_tokenizer(folder), cfg.sample, system=system, lines=lines)
+    s = cfg.sample if export_settings_kept is None else export_sample_config(model, cfg.sample, export_settings_kept)
+    return chat_loop(model, load_chat_tokenizer(folder), s, system=system, lines=lines)
