@@ -50,6 +50,40 @@ def sft_run_id(cfg: Config) -> str:
 
 # Reading conversations -------------------------------------------------------------------------
 
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def normalize_turns(messages):
+    """Turns in the common styles as {"role", "content"} dicts: smoltalk/OpenAI messages (content a
+    string or a list of {"type": "text", "text": ...} parts), ShareGPT ({"from": "human"|"gpt"|
+    "system", "value": ...}). Returns (turns, None), or (None, (reason, detail)) naming what was
+    found when it is a style we cannot learn from (tool calls, image parts). Other shapes are
+    returned as they are, for conversation_problem to name."""
+    if not isinstance(messages, list):
+        return messages, None
+    out = []
+    for i, turn in enumerate(messages, 1):
+        if not isinstance(turn, dict):
+            out.append(turn)
+            continue
+        if "role" not in turn and "from" in turn:  # ShareGPT
+            role = turn["from"]
+            turn = {"role": SHAREGPT_ROLES.get(role, role), "content": turn.get("value")}
+        if turn.get("tool_calls") or turn.get("role") in ("tool", "function", "ipython"):
+            return None, ("tool calls", f"turn {i} ({turn.get('role')}) is an OpenAI tool call or tool result; "
+                                        "tool-use conversations are not supported (drop them, or data.on_error=skip)")
+        content = turn.get("content")
+        if isinstance(content, list):  # OpenAI content parts
+            kinds = {p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content}
+            if kinds - {"text"}:
+                return None, ("unsupported content part",
+                              f"turn {i} has content parts of type {sorted(map(str, kinds - {'text'}))}; "
+                              "only text parts ({\"type\": \"text\", \"text\": ...}) are read")
+            content = "".join(str(p.get("text") or "") for p in content)
+        out.append({"role": turn.get("role"), "content": content})
+    return out, None
+
+
 def conversation_problem(messages) -> tuple[str, str] | None:
     """(reason, detail) when `messages` is not a conversation to learn from, else None.
 
@@ -101,23 +135,30 @@ class ConversationReader(DocumentReader):
 
     def _checked(self, where: str, record) -> Iterator[tuple[str, list[dict]]]:
         field = self.cfg.text_field
+        if isinstance(record, dict) and field not in record and "conversations" in record:
+            field = "conversations"  # ShareGPT's field name
         if not isinstance(record, dict) or field not in record:
-            self._bad(where, "missing messages field", f"record has no '{field}' field (sft.messages_field)")
+            keys = f"; its keys: {sorted(record)[:10]}" if isinstance(record, dict) else ""
+            self._bad(where, "missing messages field",
+                      f"record has no '{field}' field (sft.messages_field){keys}")
             return
-        problem = conversation_problem(record[field])
+        turns, problem = normalize_turns(record[field])
+        problem = problem or conversation_problem(turns)
         if problem:
             self._bad(where, problem[0], problem[1])
             return
-        yield where, [{"role": t["role"], "content": t["content"]} for t in record[field]]
+        yield where, [{"role": t["role"], "content": t["content"]} for t in turns]
 
     def _parquet(self, f, path: str):
         import pyarrow.parquet as pq
 
         field = self.cfg.text_field
         pf = pq.ParquetFile(path)
+        if field not in pf.schema_arrow.names and "conversations" in pf.schema_arrow.names:
+            field = "conversations"  # ShareGPT's column
         if field not in pf.schema_arrow.names:
-            self._bad(f.url, "missing messages field",
-                      f"no column '{field}' (sft.messages_field); columns: {pf.schema_arrow.names}")
+            self._bad(f.url, "missing messages field", f"no column '{field}' (sft.messages_field); columns: "
+                      f"{pf.schema_arrow.names}", fix="set sft.messages_field to the column of conversations")
             return
         row = 0
         for batch in pf.iter_batches(columns=[field], batch_size=1024):

@@ -509,9 +509,9 @@ class DocumentReader:
         self.cfg = cfg
         self.skipped: Counter = Counter()  # reason -> records skipped
 
-    def _bad(self, where: str, reason: str, detail: str):
+    def _bad(self, where: str, reason: str, detail: str, fix: str = "set data.on_error=skip to skip such records"):
         if self.cfg.on_error == "fail":
-            raise DataError(f"{where}: {detail} (set data.on_error=skip to skip such records)")
+            raise DataError(f"{where}: {detail} ({fix})")
         self.skipped[reason] += 1
 
     def iter_file(self, f: CorpusFile) -> Iterator[str]:
@@ -660,8 +660,8 @@ class DocumentReader:
 
         pf = pq.ParquetFile(path)
         if self.cfg.text_field not in pf.schema_arrow.names:
-            self._bad(f.url, "missing text field",
-                      f"no column '{self.cfg.text_field}' (data.text_field); columns: {pf.schema_arrow.names}")
+            self._bad(f.url, "missing text field", f"no column '{self.cfg.text_field}' (data.text_field); columns: "
+                      f"{pf.schema_arrow.names}", fix="set data.text_field to the column that holds the text")
             return
         row = 0
         for batch in pf.iter_batches(columns=[self.cfg.text_field], batch_size=4096):

@@ -285,9 +285,14 @@ def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
     for path in text_files:
         if not Path(path).is_file():
             raise DataError(f"eval --text {path}: no such file")
-        texts = list(iter_documents(cfg.data, local_files([path])))
+        try:  # the reader's own "no document" error names data.sources; this file came from --text
+            texts = list(iter_documents(cfg.data, local_files([path])))
+        except DataError as e:
+            if not str(e).startswith("data.sources"):
+                raise
+            texts = []
         if not texts:
-            raise DataError(f"{path}: no text to evaluate on")
+            raise DataError(f"eval --text {path}: no text to evaluate on (empty, or only whitespace or bad records)")
         extra[str(path)] = texts
     folder = model_dir(str(url), cfg.storage, Path(cfg.storage.local_dir))
     model, tok = load_for_generation(str(folder), cfg)
