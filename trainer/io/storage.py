@@ -276,22 +276,38 @@ def _access_problem(exc: BaseException) -> str | None:
     return None
 
 
-# Errors worth another try on top of botocore's own retries (which cover 5xx, throttling and
-# connection errors per request, but not a stream that breaks half way through a body).
-def _transient(exc: BaseException) -> bool:
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import ClientError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+class _BrokenStream(Exception):
+    """A response body that broke or stalled while it was read: botocore retries a request, not the
+    reading of its body afterwards, so this is the one error our own layer (S3Storage._retry) retries."""
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, BotoConnectionError, Urllib3Error,
+            ConnectionError, TimeoutError)
+
+
+def _read_body(response) -> bytes:
+    try:
+        return response["Body"].read()
+    except _stream_errors() as e:
+        raise _BrokenStream(f"{type(e).__name__}: {e}") from e
+
+
+def _attempts_made(exc: BaseException, retries: int, ours: int) -> int:
+    """Attempts behind a final error, by its type: botocore's for what its standard mode retries
+    (ClientError says how many in RetryAttempts; connection errors and timeouts used them all)."""
+    from botocore.exceptions import ClientError, ReadTimeoutError
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(exc, StorageAccessError) or _access_problem(exc):
-        return False
-    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError,
-                        ConnectionError, TimeoutError, S3UploadFailedError, StorageError)):
-        return True
     if isinstance(exc, ClientError):
-        code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return code >= 500 or code in (408, 429)
-    return False
+        return exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+        return retries
+    return ours
 
 
 class S3Storage(Storage):
@@ -319,7 +335,8 @@ class S3Storage(Storage):
                 self._client = boto3.session.Session().client(
                     "s3", endpoint_url=endpoint, region_name=region,
                     config=BotoConfig(
-                        retries={"max_attempts": self._cfg.retries, "mode": "standard"},
+                        # total_max_attempts counts the first request; botocore's max_attempts counts retries only
+                        retries={"total_max_attempts": self._cfg.retries, "mode": "standard"},
                         connect_timeout=self._cfg.timeout_seconds, read_timeout=self._cfg.timeout_seconds,
                         max_pool_connections=max(10, 2 * self._cfg.max_concurrency),
                         request_checksum_calculation="when_required",
@@ -335,37 +352,46 @@ class S3Storage(Storage):
     def _transfer_config(self):
         from boto3.s3.transfer import TransferConfig
 
+        # num_download_attempts: s3transfer's own retry of a download whose stream breaks (botocore retries
+        # each request); storage.retries bounds it as it bounds every other layer.
         return TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20,
-                              max_concurrency=self._cfg.max_concurrency, use_threads=True)
+                              max_concurrency=self._cfg.max_concurrency, use_threads=True,
+                              num_download_attempts=self._cfg.retries)
 
     def _retry(self, what: str, key: str, fn):
-        """Run fn with exponential backoff and jitter on transient errors; raise StorageError at the end."""
+        """Run fn; raise StorageError naming the URL when it fails. One retry layer per kind of error:
+        botocore's standard mode retries each request (5xx, throttling, connection errors, timeouts) up
+        to storage.retries attempts in all; this loop retries only a body that broke while being read
+        (_BrokenStream), with exponential backoff and jitter, up to storage.retries reads. Errors are
+        classified by type, never by message text."""
         attempts = self._cfg.retries
         for attempt in range(attempts):
             try:
                 return fn()
+            except FileNotFoundError:
+                raise
             except Exception as e:  # noqa: BLE001 - classified below
                 problem = _access_problem(e)
                 if problem:
                     raise StorageAccessError(redact(f"{what} {self.url(key)}: {problem} ({type(e).__name__}: "
                                                     f"{e})")) from None
-                if not _transient(e) or attempt == attempts - 1:
-                    raise StorageError(redact(f"{what} {self.url(key)} failed after {attempt + 1} attempt(s): "
-                                              f"{type(e).__name__}: {e}")) from None
+                if not isinstance(e, _BrokenStream) or attempt == attempts - 1:
+                    n = _attempts_made(e, attempts, attempt + 1)
+                    raise StorageError(redact(f"{what} {self.url(key)} failed after {n} attempt(s) "
+                                              f"(storage.retries={attempts}): {type(e).__name__}: {e}")) from None
                 time.sleep(min(20.0, 0.2 * 2**attempt) * (0.5 + random.random()))
 
     def read_bytes(self, key: str) -> bytes:
         def go():
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             except self.client.exceptions.NoSuchKey:
                 raise FileNotFoundError(self.url(key)) from None
+            return _read_body(response)
         try:
             return self._retry("read", key, go)
-        except StorageError as e:
-            if "FileNotFoundError" in str(e):
-                raise StorageError(f"not found: {self.url(key)}") from None
-            raise
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(key)}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._retry("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
