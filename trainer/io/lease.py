@@ -11,6 +11,14 @@ Object stores have no compare-and-swap that every S3-compatible server supports,
 starting within the same second can both write the lease; each reads it back after a pause, and
 the loser of that race refuses (or, if the race is closer still, stops at its first renewal).
 Expiry times are wall-clock seconds: hosts need clocks synchronised to well within the lease.
+
+A holder that is provably dead is taken over at once instead of waited out: the lease names its host,
+pid and the process's start time, and a newcomer on the same host whose holder pid is gone (or was
+reused by a process started at another time) knows it died (holder_dead). On another host nothing is
+provable, so the lease is watched as above.
+S3 conditional writes (put_object IfNoneMatch / IfMatch) would make the race a compare-and-swap;
+not used yet: S3-compatible servers differ in support (moto 5 implements IfNoneMatch="*" on
+put_object), so write-then-settle stays the one protocol.
 """
 
 from __future__ import annotations
@@ -36,6 +44,31 @@ class LeaseLost(LeaseHeld):
 
 def lease_key(run_id: str) -> str:
     return f"runs/{run_id}/lease.json"
+
+
+def process_started(pid: int) -> float | None:
+    """The start time of process `pid` (seconds since the epoch), None when there is no such process."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:  # exists but unreadable (another user's): alive as far as we can tell
+        return -1.0
+
+
+def holder_dead(lease: dict) -> bool:
+    """True only when the lease's holder provably died: it ran on this host (same host name) and its
+    pid is gone, or the pid now belongs to a process started at another time (a reused pid). A lease
+    from another host, or one without pid/start time (older versions), is never judged dead here."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    started = process_started(lease["pid"])
+    if started is None:
+        return True
+    want = lease.get("pid_started")
+    return isinstance(want, (int, float)) and started >= 0 and abs(started - want) > 1.0
 
 
 def new_owner() -> str:
@@ -73,7 +106,8 @@ class Lease:
         self._expires_at = now + self.seconds
         self.store.write_text(self.key, json.dumps({
             "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-            "acquired_at": acquired_at, "renewed_at": now, "expires_at": self._expires_at}))
+            "pid_started": process_started(os.getpid()), "acquired_at": acquired_at, "renewed_at": now,
+            "expires_at": self._expires_at}))
 
     def describe(self, lease: dict) -> str:
         left = lease["expires_at"] - time.time()
@@ -88,6 +122,10 @@ class Lease:
             cur = self.read()
             now = time.time()
             free = cur is None or cur["owner"] == self.owner or cur["expires_at"] <= now
+            if not free and holder_dead(cur):
+                self.log(f"lease: {self.describe(cur)}, but process {cur['pid']} on this host ({cur['host']}) "
+                         f"is gone; taking the run over now")
+                free = True
             if free or takeover:
                 if cur is not None and not free:
                     self.log(f"lease: taking over ({self.describe(cur)}; run.takeover=true)")
@@ -97,10 +135,11 @@ class Lease:
             if first is None:
                 first = cur
                 self.log(f"lease: {self.describe(cur)}; waiting: if that job renews it, it is alive and this "
-                         f"one refuses to start; if the lease runs out, this job takes the run over")
+                         f"one refuses to start; if the lease runs out, this job takes the run over (to take "
+                         f"it now, knowing the other job is dead: --run.takeover=true)")
             elif cur["owner"] != first["owner"] or cur.get("renewed_at") != first.get("renewed_at"):
                 raise LeaseHeld(f"{self.describe(cur)} and that job is alive (it renewed the lease). Only one job may "
-                                f"train a run: stop the other job, use another run.id, or set run.takeover=true")
+                                f"train a run: stop the other job, use another run.id, or set --run.takeover=true")
             time.sleep(max(0.05, min(poll_seconds, cur["expires_at"] - now)))
         self._write(acquired_at=time.time())
         time.sleep(settle_seconds)  # a job that read the lease at the same moment writes it now
