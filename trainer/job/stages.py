@@ -24,6 +24,7 @@ from trainer.evaluation.generate import load_for_generation
 from trainer.evaluation.report import write_run_report
 from trainer.io.artifacts import Artifacts, bucket, fetch_folder, wait_for
 from trainer.io.lease import Lease
+from trainer.io.scratch import check_scratch_apart, claim_scratch
 from trainer.io.storage import Storage, is_s3, join, split_url
 from trainer.log import logger
 from trainer.parallel.distributed import default_nproc, node_rank, num_nodes
@@ -152,7 +153,9 @@ def check_before_start(cfg: Config) -> None:
 
 def hold_lease(cfg: Config, run_id: str | None = None):
     """Node 0 takes runs/<id>/lease.json (waiting out a holder that stopped renewing, refusing a
-    live one unless run.takeover); other nodes follow node 0 and hold nothing."""
+    live one unless run.takeover); other nodes follow node 0 and hold nothing. Every node first claims
+    its local_dir/runs/<id>/ for this bucket (scratch.claim_scratch: ConfigError if another bucket's run is there)."""
+    claim_scratch(cfg.storage, run_id or cfg.run.id)
     if node_rank() != 0:
         return None
     return Lease(bucket(cfg), run_id or cfg.run.id, cfg.run.lease_seconds).acquire(takeover=cfg.run.takeover)
@@ -265,6 +268,7 @@ def final_key(cfg: Config) -> str:
 
 def stage_export(cfg: Config) -> str:
     """The newest checkpoint's Hugging Face files at runs/<id>/final/ (manifest last)."""
+    check_scratch_apart(cfg.storage)  # a bucket inside local_dir: export would delete its own staged folder
     store, key = bucket(cfg), final_key(cfg)
     step = ckpt.export(bucket(cfg), cfg.run.id, key, Path(cfg.storage.local_dir))
     log(f"export: {store.url(key)} is up to date" if step is None else f"export: step {step} -> {store.url(key)}")
