@@ -69,7 +69,9 @@ def probe(folder, texts, chat):
            "pad": [tok.pad_token, tok.pad_token_id], "bos": tok.bos_token, "special": sorted(tok.all_special_tokens),
            "ids": ids, "decoded": [tok.decode(i) for i in ids],
            "skipped": [tok.decode(i, skip_special_tokens=True) for i in ids],
-           "chat": tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)}
+           "chat": tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+           # what model.generate(**tok(p, return_tensors="pt")) passes: token_type_ids would be refused
+           "inputs": sorted(tok(texts[0]).keys())}
     if os.path.isfile(os.path.join(folder, "config.json")):
         c = AutoConfig.from_pretrained(folder)
         rope = getattr(c, "rope_parameters", None) or {}
@@ -178,6 +180,7 @@ def test_tokenizer_loads_alike_in_transformers_5(tokenizer_dir, trained):
     assert here["special"] == sorted([EOS, PAD, IM_START, IM_END]) and here["bos"] is None
     assert here["ids"] == [e.ids for e in trained.encode_batch(TEXTS, add_special_tokens=False)]
     assert here["decoded"] == TEXTS
+    assert here["inputs"] == ["attention_mask", "input_ids"]
     assert here["skipped"][2] == "你好\n"
     assert here["chat"] == "<|im_start|>system\n你是詩人。<|im_end|>\n<|im_start|>user\n寫一首詩<|im_end|>\n" \
                            "<|im_start|>assistant\n"
@@ -198,10 +201,14 @@ def test_portable_tokenizer_config_by_hand():
             "eos_token": "</s>", "additional_special_tokens": ["<a>"]}
     assert portable_tokenizer_config(five, 64, "{{ x }}") == {
         "tokenizer_class": "PreTrainedTokenizerFast", "additional_special_tokens": ["<a>", "<b>"],
-        "model_max_length": 64, "eos_token": "</s>", "chat_template": "{{ x }}"}
+        "model_max_length": 64, "eos_token": "</s>", "chat_template": "{{ x }}",
+        "model_input_names": ["input_ids", "attention_mask"]}
     other = {"tokenizer_class": "Qwen2Tokenizer", "extra_special_tokens": {"image_token": "<img>"},
              "model_max_length": 32768}
-    assert portable_tokenizer_config(other, None, None) == other  # a class both know, named tokens: kept
+    assert portable_tokenizer_config(other, None, None) == {  # a class both know, named tokens: kept
+        **other, "model_input_names": ["input_ids", "attention_mask"]}
+    assert portable_tokenizer_config({**other, "model_input_names": ["input_ids"]}, None, None)[
+        "model_input_names"] == ["input_ids"]  # a tokenizer's own list is kept
     assert portable_tokenizer_config({}, 8, None)["tokenizer_class"] == "PreTrainedTokenizerFast"
     for bad in (0, -1, True, 1.5, "64"):
         with pytest.raises(ValueError, match="model_max_length"):

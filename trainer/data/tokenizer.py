@@ -290,6 +290,9 @@ def portable_tokenizer_config(config: dict, model_max_length: int | None, chat_t
         config["model_max_length"] = model_max_length
     if chat_template:
         config["chat_template"] = chat_template
+    # Without it transformers 4.x returns token_type_ids, which `model.generate(**tok(p, return_tensors="pt"))`
+    # passes on to LlamaForCausalLM (ValueError: unused model_kwargs). A tokenizer's own list is kept.
+    config.setdefault("model_input_names", ["input_ids", "attention_mask"])
     return dict(sorted(config.items()))
 
 
