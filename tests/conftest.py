@@ -185,14 +185,14 @@ SIGTERM_AFTER_CHECKPOINT_HOOK = '''
 import os
 if os.environ.get("TEST_SIGTERM_AFTER_CHECKPOINT"):
     import signal
-    import trainer.state.checkpoint as _ckpt
-    _step, _publish = int(os.environ["TEST_SIGTERM_AFTER_CHECKPOINT"]), _ckpt.publish
+    import trainer.state.protocol as _protocol
+    _step, _publish = int(os.environ["TEST_SIGTERM_AFTER_CHECKPOINT"]), _protocol.publish
     def _publish_then_sigterm(store, run_id, local_dir, step):
         url = _publish(store, run_id, local_dir, step)
         if step == _step:
             os.kill(os.getpid(), signal.SIGTERM)
         return url
-    _ckpt.publish = _publish_then_sigterm
+    _protocol.publish = _publish_then_sigterm
 '''
 
 
@@ -228,32 +228,17 @@ class Cli:
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        """SIGKILL the process, its process group and every descendant (torchrun starts its workers
-        in sessions of their own), as when the machine is lost."""
-        import psutil
+        """SIGKILL the process, its process group and every descendant, as when the machine is lost."""
+        from trainer.training.launch import kill_tree
 
-        try:
-            tree = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            tree = []
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=30)
-        psutil.wait_procs(tree, timeout=30)
+        kill_tree(proc)
 
     def kill_after_a_checkpoint(self, config_path: Path, overrides: dict, log: Path, store, run_id: str) -> list[int]:
         """Start `pretrain`, SIGKILL its whole tree as soon as LATEST appears (a checkpoint is
         published); return the complete steps left in the bucket, newest first."""
-        from trainer.state import checkpoint as ckpt
+        from trainer.state import protocol
         proc = self.start("pretrain", config_path, overrides, log=log)
-        latest = f"{ckpt.checkpoints_prefix(run_id)}/{ckpt.LATEST}"
+        latest = f"{protocol.checkpoints_prefix(run_id)}/{protocol.LATEST}"
         try:
             deadline = time.time() + 240
             while not store.exists(latest):
@@ -262,7 +247,7 @@ class Cli:
                 time.sleep(0.01)
         finally:
             self.kill(proc)
-        return ckpt.complete_steps(store, run_id)
+        return protocol.complete_steps(store, run_id)
 
     def sigterm_after_checkpoint_env(self, step: int, tmp_path: Path) -> dict:
         """env() for a CLI run whose rank 0 gets SIGTERM right after publishing checkpoint `step`

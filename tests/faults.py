@@ -238,6 +238,7 @@ def _install_kill(point: str, nth: int) -> None:
     """Patch the trainer so this process SIGKILLs itself the nth time it reaches `point`."""
     from trainer.io.storage import LocalStorage, S3Storage
     from trainer.state import checkpoint as ckpt
+    from trainer.state import protocol
 
     count = Counter()
 
@@ -262,11 +263,11 @@ def _install_kill(point: str, nth: int) -> None:
 
             def upload_file(self, local_path, key, _real=real_upload):
                 _real(self, local_path, key)
-                if point == "upload" and "/checkpoints/step-" in key and not key.endswith(ckpt.MANIFEST):
+                if point == "upload" and "/checkpoints/step-" in key and not key.endswith(protocol.MANIFEST):
                     reached(point)  # one file of the checkpoint is in the bucket, the rest is not
 
             def write_bytes(self, key, data, _real=real_write):
-                if point == "before-latest" and key.endswith("/" + ckpt.LATEST):
+                if point == "before-latest" and key.endswith("/" + protocol.LATEST):
                     reached(point)  # the manifest is published, LATEST not yet
                 return _real(self, key, data)
 
@@ -567,30 +568,15 @@ def wait_for_line(log: Path, pattern: str, proc: subprocess.Popen | int, timeout
     raise TimeoutError(f"{pattern!r} not in {log} after {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and all its descendants (torchrun's workers run in sessions of their own)."""
-    import psutil
-
-    try:
-        procs = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait(timeout=30)
-    psutil.wait_procs(procs, timeout=30)
-
-
 def verified_steps(store, run_id: str, scratch: Path) -> list[int]:
     """Complete checkpoints (with a manifest) whose every file matches it, newest first."""
     from trainer.io.storage import StorageError
-    from trainer.state import checkpoint as ckpt
+    from trainer.state import protocol
 
     good = []
-    for step in ckpt.complete_steps(store, run_id):
+    for step in protocol.complete_steps(store, run_id):
         try:
-            ckpt.fetch_verified(store, run_id, step, scratch / ckpt.step_name(step))
+            protocol.fetch_verified(store, run_id, step, scratch / protocol.step_name(step))
             good.append(step)
         except StorageError:
             pass
@@ -600,11 +586,11 @@ def verified_steps(store, run_id: str, scratch: Path) -> list[int]:
 def assert_bucket_consistent(store, run_id: str, scratch: Path) -> int | None:
     """Every complete checkpoint verifies and LATEST (if present) names one of them; returns the
     newest complete step (None when there is none)."""
-    from trainer.state import checkpoint as ckpt
-    complete = ckpt.complete_steps(store, run_id)
+    from trainer.state import protocol
+    complete = protocol.complete_steps(store, run_id)
     good = verified_steps(store, run_id, scratch)
     assert good == complete, f"complete checkpoints {complete} but only {good} verify"
-    latest = store.read_text_or_none(f"{ckpt.checkpoints_prefix(run_id)}/{ckpt.LATEST}")
+    latest = store.read_text_or_none(f"{protocol.checkpoints_prefix(run_id)}/{protocol.LATEST}")
     if latest is not None:
         assert int(latest.strip()[len("step-"):]) in complete, f"LATEST names {latest!r}, complete: {complete}"
     return complete[0] if complete else None
@@ -613,8 +599,8 @@ def assert_bucket_consistent(store, run_id: str, scratch: Path) -> int | None:
 def checkpoint_tensors(store, run_id: str, step: int, scratch: Path) -> dict:
     from safetensors.torch import load_file
 
-    from trainer.state import checkpoint as ckpt
-    dest = ckpt.fetch_verified(store, run_id, step, scratch / f"weights-{run_id}-{step}")
+    from trainer.state import protocol
+    dest = protocol.fetch_verified(store, run_id, step, scratch / f"weights-{run_id}-{step}")
     return load_file(str(dest / "model.safetensors"))
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from trainer.config import StorageConfig
 from trainer.io.storage import LocalStorage, S3Storage, StorageError
-from trainer.state import checkpoint as ckpt
-from trainer.state.checkpoint import (
+from trainer.state import protocol
+from trainer.state.protocol import (
     LATEST,
     MANIFEST,
     Uploader,
@@ -159,4 +159,4 @@ def test_uploader_surfaces_a_failing_store(bucket, tmp_path):
 
 
 def test_checkpoint_names():
-    assert step_name(42) == "step-00000042" and ckpt.checkpoints_prefix("x") == "runs/x/checkpoints"
+    assert step_name(42) == "step-00000042" and protocol.checkpoints_prefix("x") == "runs/x/checkpoints"

@@ -27,7 +27,7 @@ from faults import assert_same
 from trainer.config import replace
 from trainer.io.storage import open_storage
 from trainer.parallel import fsdp as sharding
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def weights_of(store, run_id: str, step: int, scratch: Path) -> dict:
     """The weights of a complete checkpoint (either format), by name."""
     from safetensors.torch import load_file
 
-    src = ckpt.fetch_verified(store, run_id, step, scratch / f"{run_id}-{step}")
+    src = protocol.fetch_verified(store, run_id, step, scratch / f"{run_id}-{step}")
     if (src / sharding.DCP_METADATA).is_file():
         return load_file(str(sharding.consolidated_weights(src, scratch / f"{run_id}-{step}-hf")))
     return load_file(str(src / "model.safetensors"))
@@ -61,7 +61,7 @@ def weights_of(store, run_id: str, step: int, scratch: Path) -> dict:
 def outcome(cfg, metrics, scratch: Path) -> tuple[list[dict], dict]:
     store = open_storage(cfg.storage.bucket)
     rows = [{k: r[k] for k in COMPARED if k in r} for r in metrics(store, cfg.run.id)]
-    return rows, weights_of(store, cfg.run.id, ckpt.complete_steps(store, cfg.run.id)[0], scratch)
+    return rows, weights_of(store, cfg.run.id, protocol.complete_steps(store, cfg.run.id)[0], scratch)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def reference(base, metrics, cli, tmp_path_factory):
 
 def test_a_sharded_checkpoint_holds_every_ranks_shards_in_its_manifest(base, reference, tmp_path):
     store = open_storage(base.storage.bucket)
-    prefix = f"{ckpt.checkpoints_prefix('straight')}/{ckpt.step_name(N)}"
-    manifest = json.loads(store.read_text(f"{prefix}/{ckpt.MANIFEST}"))
+    prefix = f"{protocol.checkpoints_prefix('straight')}/{protocol.step_name(N)}"
+    manifest = json.loads(store.read_text(f"{prefix}/{protocol.MANIFEST}"))
     names = set(manifest["files"])
     assert {"__0_0.distcp", "__1_0.distcp", sharding.DCP_METADATA, "trainer_state.json", "rng.pt",
             "config.json", "tokenizer.json"} <= names
@@ -94,8 +94,8 @@ def test_a_sharded_checkpoint_holds_every_ranks_shards_in_its_manifest(base, ref
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     try:
-        with pytest.raises(ckpt.StorageError, match="sha256"):
-            ckpt.fetch_verified(store, "straight", N, tmp_path / "check")
+        with pytest.raises(protocol.StorageError, match="sha256"):
+            protocol.fetch_verified(store, "straight", N, tmp_path / "check")
     finally:
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
@@ -109,7 +109,7 @@ def test_kill_9_then_rerun_on_two_processes_is_exact(base, reference, metrics, c
     assert killed_at and killed_at[0] < N, f"the run finished before the kill: {killed_at}"
     again = cli.run("pretrain", path, {**TWO, "run.takeover": "true"})
     assert again.returncode == 0, again.stdout[-6000:]
-    assert f"resumed from {ckpt.step_name(killed_at[0])} (saved by 2 process(es), now 2)" in again.stdout
+    assert f"resumed from {protocol.step_name(killed_at[0])} (saved by 2 process(es), now 2)" in again.stdout
     assert_same(outcome(cfg, metrics, tmp_path), reference, exact=True)
 
 
@@ -144,7 +144,8 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_processes(base, reference,
     preempt_at_k(cli, cfg, tmp_path, {"train.nproc": 1, "train.strategy": "auto"})
     path = tmp_path / "grown.yaml"
     store = open_storage(cfg.storage.bucket)
-    files = json.loads(store.read_text(f"{ckpt.checkpoints_prefix('grown')}/{ckpt.step_name(K)}/{ckpt.MANIFEST}"))
+    folder = f"{protocol.checkpoints_prefix('grown')}/{protocol.step_name(K)}"
+    files = json.loads(store.read_text(f"{folder}/{protocol.MANIFEST}"))
     assert "model.safetensors" in files["files"]  # one process: a Hugging Face checkpoint
     rest = cli.run("pretrain", path, TWO)
     assert rest.returncode == 0, rest.stdout[-6000:]
@@ -194,7 +195,7 @@ def test_export_consolidates_the_shards_into_a_hugging_face_folder(base, referen
     final = Path(cfg.storage.bucket) / "runs" / "straight" / "final"
     names = {p.name for p in final.iterdir()}
     assert "model.safetensors" in names and not [n for n in names if sharding.is_dcp_file(n)]
-    assert not names & set(ckpt.TRAINING_FILES) - {ckpt.MANIFEST}
+    assert not names & set(protocol.TRAINING_FILES) - {protocol.MANIFEST}
     model = AutoModelForCausalLM.from_pretrained(str(final))
     for name, tensor in model.state_dict().items():
         if name in reference[1]:

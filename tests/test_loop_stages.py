@@ -20,7 +20,7 @@ from trainer.data.conversations import load_chat_tokenizer, prepare_conversation
 from trainer.errors import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
 from trainer.io.artifacts import Artifacts
 from trainer.io.storage import open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 from trainer.training.tasks import SftTask
 from trainer.training.worker import pretrain_task, run_task
 
@@ -100,9 +100,9 @@ def metrics(store, run_id) -> list[dict]:
 def assert_no_checkpoint_holds_a_nan(store, run_id, tmp_path) -> list[int]:
     from safetensors.torch import load_file
 
-    steps = ckpt.complete_steps(store, run_id)
+    steps = protocol.complete_steps(store, run_id)
     for step in steps:
-        d = ckpt.fetch_verified(store, run_id, step, tmp_path / "check" / str(step))
+        d = protocol.fetch_verified(store, run_id, step, tmp_path / "check" / str(step))
         assert all(torch.isfinite(t).all() for t in load_file(str(d / "model.safetensors")).values())
         opt = torch.load(d / "optimizer.pt", weights_only=False)
         assert all(torch.isfinite(v).all() for s in opt["state"].values() for v in s.values() if v.is_floating_point())
@@ -130,7 +130,7 @@ def test_fail_is_judged_before_every_checkpoint(stage_run, tmp_path):
         stage_run(tmp_path, {"train.on_nonfinite": "fail", "train.log_every_steps": 4,
                              "train.checkpoint_every_steps": 2}, bad_steps={1})
     run_id = "rel" if stage_run.stage == "pretrain" else "base-sft"
-    assert ckpt.complete_steps(open_storage(str(tmp_path / "bucket")), run_id) == []
+    assert protocol.complete_steps(open_storage(str(tmp_path / "bucket")), run_id) == []
 
 
 @pytest.mark.parametrize("stage_run", STAGES, indirect=True)
@@ -138,7 +138,8 @@ def test_rollback_reloads_the_last_checkpoint_and_skips_the_window(stage_run, tm
     state, store, run_id = stage_run(tmp_path, {"train.on_nonfinite": "rollback"}, bad_steps={6})
     assert "rolled back from step 8 to step-00000004 after 1 step(s) with a non-finite loss" in caplog.text
     assert state["rollbacks"] == 1 and state["step"] == 16
-    saved = json.loads(store.read_text(f"{ckpt.checkpoints_prefix(run_id)}/{ckpt.step_name(16)}/trainer_state.json"))
+    folder = f"{protocol.checkpoints_prefix(run_id)}/{protocol.step_name(16)}"
+    saved = json.loads(store.read_text(f"{folder}/trainer_state.json"))
     per_step = 8 if stage_run.stage == "pretrain" else 4
     assert saved["data_position"] == (16 + 4) * per_step and saved["rollbacks"] == 1  # steps 5-8's data skipped
     assert [r["step"] for r in metrics(store, run_id)] == [4, 8, 8, 12, 16]
@@ -173,14 +174,14 @@ def test_sigterm_publishes_the_step_exits_75_and_resumes_exactly(stage_run, tmp_
     assert {s: signal.getsignal(s) for s in before} == before
     run_id = "rel" if stage_run.stage == "pretrain" else "base-sft"
     store = open_storage(str(tmp_path / "stopped" / "bucket"))
-    assert ckpt.complete_steps(store, run_id)[0] == 6
+    assert protocol.complete_steps(store, run_id)[0] == 6
     assert json.loads((tmp_path / "stopped" / "work" / "runs" / run_id / PREEMPTED_MARKER).read_text())["step"] == 6
     resumed, _, _ = stage_run(tmp_path / "stopped", {"train.log_every_steps": 2})
     straight, straight_store, _ = stage_run(tmp_path / "straight", {"train.log_every_steps": 2})
     assert resumed["step"] == straight["step"] == 16 and {s: signal.getsignal(s) for s in before} == before
 
     def final(root):
-        d = ckpt.fetch_verified(open_storage(str(root / "bucket")), run_id, 16, root / "final")
+        d = protocol.fetch_verified(open_storage(str(root / "bucket")), run_id, 16, root / "final")
         return load_file(str(d / "model.safetensors"))
 
     a, b = final(tmp_path / "stopped"), final(tmp_path / "straight")
@@ -206,7 +207,7 @@ def test_a_wall_clock_budget_fixes_the_step_count_and_a_resume_ends_at_it(templa
     with pytest.raises(Preempted):
         run_task(cfg, lambda: FaultyTask(pretrain_task(cfg, arts), sigterm_at=fixed_at + 2))
     store = open_storage(cfg.storage.bucket)
-    stopped = json.loads(store.read_text(f"{ckpt.checkpoints_prefix('rel')}/{ckpt.step_name(fixed_at + 2)}/"
+    stopped = json.loads(store.read_text(f"{protocol.checkpoints_prefix('rel')}/{protocol.step_name(fixed_at + 2)}/"
                                          "trainer_state.json"))
     planned = stopped["max_steps"]
     assert planned > fixed_at + 2 and planned != 5  # train.max_steps is ignored under a budget
@@ -244,7 +245,7 @@ def test_max_epochs_caps_the_run_and_the_schedule_decays_to_its_end(stage_run, t
                                                 "train.log_every_steps": 1, "train.checkpoint_every_steps": 1000})
     rows = metrics(store, run_id)
     assert 1 < state["step"] == rows[-1]["step"] < 1000
-    assert ckpt.complete_steps(store, run_id) == [state["step"]]  # the last step is checkpointed
+    assert protocol.complete_steps(store, run_id) == [state["step"]]  # the last step is checkpointed
     assert rows[-1]["lr"] < max(r["lr"] for r in rows)  # the cosine decays towards the capped end
 
 
@@ -271,7 +272,7 @@ SFT_STEPS = 40
 def sft_final_weights(root, step):
     from safetensors.torch import load_file
 
-    return load_file(str(root / f"bucket/runs/base-sft/checkpoints/{ckpt.step_name(step)}/model.safetensors"))
+    return load_file(str(root / f"bucket/runs/base-sft/checkpoints/{protocol.step_name(step)}/model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +307,7 @@ def test_sft_killed_with_sigkill_then_rerun_is_exact(sft_straight, chat_model, c
     cfg = sft_config(tmp_path, chat_model, [SFT_SAMPLE], **SFT_CLI)
     path = cli.write_config(cfg, tmp_path / "sft.yaml")
     store = open_storage(cfg.storage.bucket)
-    latest = f"{ckpt.checkpoints_prefix('base-sft')}/{ckpt.LATEST}"
+    latest = f"{protocol.checkpoints_prefix('base-sft')}/{protocol.LATEST}"
     log = tmp_path / "killed.log"
     proc = cli.start("sft", path, log=log)
     try:
@@ -319,11 +320,11 @@ def test_sft_killed_with_sigkill_then_rerun_is_exact(sft_straight, chat_model, c
             time.sleep(0.01)
     finally:
         cli.kill(proc)
-    killed_at = ckpt.complete_steps(store, "base-sft")
+    killed_at = protocol.complete_steps(store, "base-sft")
     assert killed_at and killed_at[0] < SFT_STEPS, killed_at
     again = cli.run("sft", path, {"run.takeover": "true"})
     assert again.returncode == 0, again.stdout[-6000:]
-    assert f"sft: resumed from {ckpt.step_name(killed_at[0])}" in again.stdout
+    assert f"sft: resumed from {protocol.step_name(killed_at[0])}" in again.stdout
     a, b = sft_final_weights(tmp_path, SFT_STEPS), sft_final_weights(straight_root, SFT_STEPS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(store, "base-sft")] == [r["loss"] for r in straight_rows]
@@ -362,7 +363,7 @@ def test_sft_on_two_fsdp_processes_matches_one_unsharded(sft_straight, chat_mode
     assert "on 2 x cpu (fsdp)" in done.stdout
     rows = metrics(open_storage(cfg.storage.bucket), "base-sft")
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-4)
-    final = tmp_path / f"bucket/runs/base-sft/checkpoints/{ckpt.step_name(SFT_STEPS)}"
+    final = tmp_path / f"bucket/runs/base-sft/checkpoints/{protocol.step_name(SFT_STEPS)}"
     assert (final / sharding.DCP_METADATA).is_file()
 
 
@@ -375,5 +376,5 @@ def test_samples_that_fail_never_stand_between_a_run_and_its_checkpoint(template
                                     str(tmp_path / "work"), **{"train.max_steps": 8}))
     arts = Artifacts(template["tokenizer_key"], template["data_key"])
     assert run_task(cfg, lambda: BrokenSamples(pretrain_task(cfg, arts)))["step"] == 8
-    assert ckpt.complete_steps(open_storage(cfg.storage.bucket), "rel") == [8, 4]
+    assert protocol.complete_steps(open_storage(cfg.storage.bucket), "rel") == [8, 4]
     assert "samples at step-00000004 failed (cannot reshape tensor of 0 elements); training goes on" in caplog.text

@@ -23,7 +23,7 @@ from faults import (  # noqa: F401
     upload_bucket,
 )
 from trainer.io.storage import open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 
 
 @pytest.mark.parametrize("damage,backend", [("sha256", "local"), ("missing", "s3")])
@@ -40,7 +40,7 @@ def test_resume_falls_back_from_a_corrupt_checkpoint_and_says_so(damage, backend
     train_in_process({**settings, "run.id": "straight", "train.max_steps": 12}, template)
     train_in_process({**settings, "train.max_steps": 12, "train.checkpoint_every_steps": 4}, template)
     # Damage the newest checkpoint, then lengthen the run so that it resumes.
-    prefix = f"{ckpt.checkpoints_prefix('rel')}/{ckpt.step_name(12)}"
+    prefix = f"{protocol.checkpoints_prefix('rel')}/{protocol.step_name(12)}"
     if damage == "sha256":
         data = bytearray(store.read_bytes(f"{prefix}/model.safetensors"))
         data[-5] ^= 0xFF  # same size, different content
@@ -52,12 +52,12 @@ def test_resume_falls_back_from_a_corrupt_checkpoint_and_says_so(damage, backend
     train_in_process({**settings, "train.max_steps": 12, "train.checkpoint_every_steps": 4}, template)
     out = caplog.text
     reason = "does not match its sha256" if damage == "sha256" else "listed in the manifest but missing"
-    assert f"checkpoint {ckpt.step_name(12)} is unusable" in out and reason in out
+    assert f"checkpoint {protocol.step_name(12)} is unusable" in out and reason in out
     assert "falling back to the previous one" in out
-    assert f"resumed from {ckpt.step_name(8)}" in out
+    assert f"resumed from {protocol.step_name(8)}" in out
     # Step 12 was trained again from step 8 and published over the broken folder: it verifies now,
     # and equals the uninterrupted run.
-    assert ckpt.complete_steps(store, "rel")[0] == 12
+    assert protocol.complete_steps(store, "rel")[0] == 12
     want = checkpoint_tensors(store, "straight", 12, tmp_path)
     got = checkpoint_tensors(store, "rel", 12, tmp_path)
     assert all((want[k] == got[k]).all() for k in want)
@@ -71,22 +71,22 @@ def test_publishing_a_step_again_retracts_its_manifest_and_moves_latest_first(tm
         d = tmp_path / f"staged-{step}-{content.decode()}"
         d.mkdir()
         (d / "model.safetensors").write_bytes(content)
-        ckpt.write_manifest(d, step)
+        protocol.write_manifest(d, step)
         return d
 
-    ckpt.publish(store, "r", staged(4, b"four"), 4)
-    ckpt.publish(store, "r", staged(8, b"old eight"), 8)
+    protocol.publish(store, "r", staged(4, b"four"), 4)
+    protocol.publish(store, "r", staged(8, b"old eight"), 8)
     real_upload_file = store.upload_file
 
     def upload_file(local_path, key):  # the moment the new files start to land
         if not seen:
-            seen.append((ckpt.complete_steps(store, "r"), store.read_text("runs/r/checkpoints/LATEST")))
+            seen.append((protocol.complete_steps(store, "r"), store.read_text("runs/r/checkpoints/LATEST")))
         return real_upload_file(local_path, key)
 
     store.upload_file = upload_file
-    ckpt.publish(store, "r", staged(8, b"new eight!"), 8)
+    protocol.publish(store, "r", staged(8, b"new eight!"), 8)
     assert seen == [([4], "step-00000004")]  # step 8 did not count while its files were replaced
-    assert ckpt.complete_steps(store, "r") == [8, 4]
+    assert protocol.complete_steps(store, "r") == [8, 4]
     assert store.read_text("runs/r/checkpoints/LATEST") == "step-00000008"
     manifest = json.loads(store.read_text("runs/r/checkpoints/step-00000008/MANIFEST.json"))
     assert manifest["files"]["model.safetensors"]["size"] == len(b"new eight!")

@@ -34,7 +34,7 @@ from faults import (  # noqa: F401
     write_config,
 )
 from trainer.io.storage import open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 
 RANDOM_TRIALS = int(os.environ.get("RELIABILITY_KILL_TRIALS", "10"))
 SEED = int(os.environ.get("RELIABILITY_SEED", "2024"))
@@ -81,13 +81,13 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(template, s3_se
             code = zygote.wait(pid)
             text = log.read_text()
             assert code in (-signal.SIGKILL, 0), text[-3000:]
-            resumed = f"resumed from {ckpt.step_name(before)}" if before else "starting from scratch"
+            resumed = f"resumed from {protocol.step_name(before)}" if before else "starting from scratch"
             assert resumed in text, text[-3000:]
             after = assert_bucket_consistent(store, "killed", tmp_path / "verify")
-            latest = store.read_text_or_none(f"{ckpt.checkpoints_prefix('killed')}/{ckpt.LATEST}")
+            latest = store.read_text_or_none(f"{protocol.checkpoints_prefix('killed')}/{protocol.LATEST}")
             outcomes.append((point[0] if point else "random", code, before, after, latest))
             if point and point[0] == "before-latest" and code != 0:
-                assert latest is None or latest.strip() != ckpt.step_name(after)  # the window was hit
+                assert latest is None or latest.strip() != protocol.step_name(after)  # the window was hit
 
         pid = zygote.spawn(killed, tmp_path / "last.log")
         assert zygote.wait(pid) == 0, (tmp_path / "last.log").read_text()[-3000:]

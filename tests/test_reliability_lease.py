@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from faults import cli_args, kill_tree, run, start, tiny_settings, wait_for_line, write_config
+from faults import cli_args, run, start, tiny_settings, wait_for_line, write_config
 from trainer.io.lease import Lease, LeaseHeld, LeaseLost, lease_key
 from trainer.io.storage import open_storage
+from trainer.training.launch import kill_tree
 
 QUIET = dict(log=lambda msg: None)
 

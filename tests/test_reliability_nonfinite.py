@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from faults import copy_bucket, in_process, template, tiny_settings, train_in_process  # noqa: F401
 from trainer.io.storage import open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 
 ACCUM = 4  # tiny_settings: 8 sequences per step, micro-batches of 2
 
@@ -52,9 +52,9 @@ def assert_no_checkpoint_holds_a_nan(settings: dict, tmp_path) -> list[int]:
     from safetensors.torch import load_file
 
     store = open_storage(settings["storage.bucket"])
-    steps = ckpt.complete_steps(store, "rel")
+    steps = protocol.complete_steps(store, "rel")
     for step in steps:
-        d = ckpt.fetch_verified(store, "rel", step, tmp_path / "check" / str(step))
+        d = protocol.fetch_verified(store, "rel", step, tmp_path / "check" / str(step))
         assert all(torch.isfinite(t).all() for t in load_file(str(d / "model.safetensors")).values())
         opt = torch.load(d / "optimizer.pt", weights_only=False)
         assert all(torch.isfinite(v).all() for s in opt["state"].values() for v in s.values() if v.is_floating_point())
@@ -86,7 +86,7 @@ def test_rollback_reloads_the_last_checkpoint_and_skips_the_bad_window(template,
     assert "rolled back from step 8 to step-00000004 after 1 step(s) with a non-finite loss" in out
     assert result["rollbacks"] == 1 and result["step"] == 16
     state = json.loads(open_storage(settings["storage.bucket"]).read_text(
-        f"{ckpt.checkpoints_prefix('rel')}/{ckpt.step_name(16)}/trainer_state.json"))
+        f"{protocol.checkpoints_prefix('rel')}/{protocol.step_name(16)}/trainer_state.json"))
     # 16 steps trained, and steps 5-8's batches (8 sequences each) skipped: they are not used again.
     assert state["data_position"] == (16 + 4) * 8 and state["rollbacks"] == 1
     assert [r["step"] for r in metrics(settings)] == [4, 8, 8, 12, 16]  # 8 again after the rollback

@@ -13,10 +13,11 @@ import time
 
 import psutil
 
-from faults import cli_args, copy_bucket, kill_tree, start, template, tiny_settings, wait_for_line, write_config  # noqa: F401
+from faults import cli_args, copy_bucket, start, template, tiny_settings, wait_for_line, write_config  # noqa: F401
 from trainer.errors import EXIT_PREEMPTED
 from trainer.io.storage import open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
+from trainer.training.launch import kill_tree
 
 GRACE_S = 15
 
@@ -56,9 +57,10 @@ def assert_published_at_the_stop_step(settings: dict, text: str, nproc: int) -> 
     step = steps.pop()
     assert all(float(t) < GRACE_S for _, _, t in stops)
     store = open_storage(settings["storage.bucket"])
-    assert ckpt.complete_steps(store, "rel")[0] == step
-    assert store.read_text(f"{ckpt.checkpoints_prefix('rel')}/{ckpt.LATEST}").strip() == ckpt.step_name(step)
-    state = store.read_text(f"{ckpt.checkpoints_prefix('rel')}/{ckpt.step_name(step)}/trainer_state.json")
+    assert protocol.complete_steps(store, "rel")[0] == step
+    latest = store.read_text(f"{protocol.checkpoints_prefix('rel')}/{protocol.LATEST}")
+    assert latest.strip() == protocol.step_name(step)
+    state = store.read_text(f"{protocol.checkpoints_prefix('rel')}/{protocol.step_name(step)}/trainer_state.json")
     assert f'"world_size": {nproc}' in state
     assert not store.exists("runs/rel/lease.json")  # released: the rerun starts at once
     assert "preempted; checkpoint" in text and "LATEST names it" in text
@@ -76,9 +78,9 @@ def test_sigterm_to_run_publishes_a_checkpoint_exits_75_and_the_rerun_resumes(tm
     proc = start(cli_args("run", f"--config={config}"), log)
     assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
     rerun = log.read_text()
-    assert f"resumed from {ckpt.step_name(step)}" in rerun
+    assert f"resumed from {protocol.step_name(step)}" in rerun
     store = open_storage(settings["storage.bucket"])
-    assert ckpt.complete_steps(store, "rel")[0] == step + 4 and store.exists(f"runs/rel/final/{ckpt.MANIFEST}")
+    assert protocol.complete_steps(store, "rel")[0] == step + 4 and store.exists(f"runs/rel/final/{protocol.MANIFEST}")
 
 
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_run_exits_75(tmp_path, template):

@@ -28,7 +28,7 @@ from faults import (  # noqa: F401
     upload_bucket,
 )
 from trainer.io.storage import StorageError, open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 
 
 def test_a_job_completes_through_flaky_storage_in_every_phase(template, s3_server, tmp_path):
@@ -57,7 +57,7 @@ def test_a_job_completes_through_flaky_storage_in_every_phase(template, s3_serve
     print(f"requests {dict(proxy.requests)}, faults injected {dict(proxy.injected)}")
     assert sum(proxy.injected.values()) >= 10
     store = open_storage(f"{root}/out", make_config({**settings, "storage.endpoint_url": s3_server}).storage)
-    assert ckpt.complete_steps(store, "rel")[0] == 8 and store.exists(f"runs/rel/final/{ckpt.MANIFEST}")
+    assert protocol.complete_steps(store, "rel")[0] == 8 and store.exists(f"runs/rel/final/{protocol.MANIFEST}")
 
 
 def direct(settings: dict, endpoint: str):
@@ -94,7 +94,7 @@ def test_persistent_failure_during_shard_upload_publishes_no_index(template, s3_
     keys = [o.key for o in direct(settings, s3_server).list("")]
     assert any(re.search(r"data/[0-9a-f]+/train-00001\.bin", k) for k in keys)  # uploaded before the failure
     assert not [k for k in keys if k.endswith("index.json")]  # ... but the folder never counts
-    assert [k for k in keys if k.endswith(f"tokenizers/{template['tokenizer_key'].split('/')[1]}/{ckpt.MANIFEST}")]
+    assert [k for k in keys if k.endswith(f"tokenizers/{template['tokenizer_key'].split('/')[1]}/{protocol.MANIFEST}")]
 
 
 def test_persistent_checkpoint_upload_failure_fails_the_run_and_publishes_nothing_partial(
@@ -106,10 +106,10 @@ def test_persistent_checkpoint_upload_failure_fails_the_run_and_publishes_nothin
         with pytest.raises(StorageError, match=r"checkpoint upload failed: upload to s3://.*step-00000008/optimizer"):
             train_in_process(settings, template)  # the upload runs in the background: raised at the next one
     assert proxy.injected["503"] >= 2
-    prefix = ckpt.checkpoints_prefix("rel")
+    prefix = protocol.checkpoints_prefix("rel")
     assert store.exists(f"{prefix}/step-00000008/model.safetensors")  # partly uploaded ...
-    assert ckpt.complete_steps(store, "rel") == [4]  # ... but without a manifest it does not count
-    assert store.read_text(f"{prefix}/{ckpt.LATEST}").strip() == "step-00000004"
+    assert protocol.complete_steps(store, "rel") == [4]  # ... but without a manifest it does not count
+    assert store.read_text(f"{prefix}/{protocol.LATEST}").strip() == "step-00000004"
 
 
 def test_a_stalled_request_times_out_and_is_retried(template, s3_server, tmp_path):
@@ -126,7 +126,7 @@ def test_a_stalled_request_times_out_and_is_retried(template, s3_server, tmp_pat
 # Asynchronous checkpoint upload -----------------------------------------------------------------
 
 class SlowStore:
-    """Enough of a Storage for ckpt.publish, with slow uploads that count how many overlap."""
+    """Enough of a Storage for protocol.publish, with slow uploads that count how many overlap."""
 
     def __init__(self, root: Path, delay: float, fail_key: str = ""):
         self.inner = open_storage(str(root))
@@ -157,17 +157,17 @@ class SlowStore:
 
 
 def staged(tmp_path: Path, step: int) -> Path:
-    d = tmp_path / "staged" / ckpt.step_name(step)
+    d = tmp_path / "staged" / protocol.step_name(step)
     d.mkdir(parents=True)
     (d / "model.safetensors").write_bytes(b"w" * 100)
     (d / "trainer_state.json").write_text('{"step": %d}' % step)
-    ckpt.write_manifest(d, step)
+    protocol.write_manifest(d, step)
     return d
 
 
 def test_uploader_runs_in_the_background_one_at_a_time(tmp_path):
     store = SlowStore(tmp_path / "bucket", delay=0.3)
-    up = ckpt.Uploader(store, "r", keep_last=5)
+    up = protocol.Uploader(store, "r", keep_last=5)
     one, two = staged(tmp_path, 1), staged(tmp_path, 2)
     start = time.time()
     up.submit(one, 1)
@@ -176,18 +176,18 @@ def test_uploader_runs_in_the_background_one_at_a_time(tmp_path):
     assert time.time() - start >= 3 * 0.3
     up.wait()
     assert store.most_active == 1
-    assert ckpt.complete_steps(store.inner, "r") == [2, 1]
+    assert protocol.complete_steps(store.inner, "r") == [2, 1]
 
 
 def test_uploader_failure_is_raised_at_the_next_checkpoint_never_swallowed(tmp_path):
     store = SlowStore(tmp_path / "bucket", delay=0.05, fail_key="step-00000002/trainer_state")
-    up = ckpt.Uploader(store, "r", keep_last=5)
+    up = protocol.Uploader(store, "r", keep_last=5)
     up.submit(staged(tmp_path, 1), 1)
     up.submit(staged(tmp_path, 2), 2)  # fails in the background
     with pytest.raises(StorageError, match="checkpoint upload failed: upload to .*step-00000002/trainer_state"):
         up.submit(staged(tmp_path, 3), 3)
     up.wait()  # reported once, not again
-    assert ckpt.complete_steps(store.inner, "r") == [1]
+    assert protocol.complete_steps(store.inner, "r") == [1]
     assert store.inner.read_text("runs/r/checkpoints/LATEST") == "step-00000001"
 
 

@@ -19,7 +19,7 @@ import torch
 from faults import assert_same
 from trainer.config import replace
 from trainer.io.storage import open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 
 N = 48  # steps in every run: the kill test needs a margin of steps after the first checkpoint
 K = 8  # the stop after checkpoint K (checkpoint_every_steps=4)
@@ -50,9 +50,9 @@ def outcome(cfg, metrics) -> tuple[list[dict], dict]:
 
     store = open_storage(cfg.storage.bucket)
     rows = [{k: r[k] for k in COMPARED if k in r} for r in metrics(store, cfg.run.id)]
-    step = ckpt.complete_steps(store, cfg.run.id)[0]
+    step = protocol.complete_steps(store, cfg.run.id)[0]
     dest = f"{cfg.storage.local_dir}/compare/{cfg.run.id}/model.safetensors"
-    store.download_file(f"{ckpt.checkpoints_prefix(cfg.run.id)}/{ckpt.step_name(step)}/model.safetensors", dest)
+    store.download_file(f"{protocol.checkpoints_prefix(cfg.run.id)}/{protocol.step_name(step)}/model.safetensors", dest)
     return rows, load_file(dest)
 
 
@@ -77,7 +77,7 @@ def reference(base, metrics):
 
 def test_preempted_and_resumed_in_process_is_exact(base, reference, metrics, monkeypatch, single_process):
     cfg = run_config(base, "preempted", **{"checkpoint.upload_async": False})
-    real = ckpt.publish
+    real = protocol.publish
 
     def publish_then_sigterm(store, run_id, local_dir, step):
         url = real(store, run_id, local_dir, step)
@@ -86,12 +86,12 @@ def test_preempted_and_resumed_in_process_is_exact(base, reference, metrics, mon
         return url
 
     with monkeypatch.context() as m:
-        m.setattr(ckpt, "publish", publish_then_sigterm)
+        m.setattr(protocol, "publish", publish_then_sigterm)
         with pytest.raises(SystemExit) as e:
             train_in_process(cfg)
     assert e.value.code == 75
     store = open_storage(cfg.storage.bucket)
-    assert ckpt.complete_steps(store, "preempted")[0] == K
+    assert protocol.complete_steps(store, "preempted")[0] == K
     assert [r["step"] for r in metrics(store, "preempted")] == list(range(1, K + 1))
     assert train_in_process(cfg)["step"] == N
     assert_same(outcome(cfg, metrics), reference)
@@ -106,7 +106,7 @@ def test_kill_9_after_a_checkpoint_then_rerun_is_exact(base, reference, metrics,
     # The killed job's lease is still in the bucket, unexpired; taking over instead of waiting it out.
     again = cli.run("pretrain", path, {"run.takeover": "true"})
     assert again.returncode == 0, again.stdout[-6000:]
-    assert f"resumed from {ckpt.step_name(killed_at[0])}" in again.stdout
+    assert f"resumed from {protocol.step_name(killed_at[0])}" in again.stdout
     assert_same(outcome(cfg, metrics), reference)
 
 
@@ -119,7 +119,7 @@ def test_two_processes_then_one_with_the_same_global_batch(base, reference, metr
     two = cli.run("pretrain", cli.write_config(cfg, tmp_path / "shrunk.yaml"), {"train.nproc": 2}, env=env)
     assert two.returncode == 75, two.stdout[-6000:]  # preempted after a clean checkpoint
     assert "on 2 x cpu" in two.stdout and f"stopped at step {K}" in two.stdout
-    assert ckpt.complete_steps(store, "shrunk")[0] == K
+    assert protocol.complete_steps(store, "shrunk")[0] == K
     caplog.clear()
     assert train_in_process(cfg)["step"] == N  # the rest on one process
     assert f"resumed from step-{K:08d} (saved by 2 process(es), now 1)" in caplog.text

@@ -17,7 +17,7 @@ from trainer.config import ConfigError, load_config, replace
 from trainer.data.loader import validation_batches
 from trainer.io.storage import open_storage
 from trainer.job.run import run
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 from trainer.training.loop import batch_geometry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +46,14 @@ def first_run(tmp_path, tiny_config, shards, single_process):
     """run.id=x trained for 4 steps on shard A; returns its config."""
     cfg = tiny_config(tmp_path, {"run.id": "x", "data.sources": [str(shards[0])], "train.max_steps": 4})
     assert run(cfg) == 0
-    assert ckpt.complete_steps(open_storage(cfg.storage.bucket), "x") == [4]
+    assert protocol.complete_steps(open_storage(cfg.storage.bucket), "x") == [4]
     return cfg
+
+
+def saved_state(store, step: int) -> dict:
+    """trainer_state.json of run x's checkpoint `step`."""
+    folder = f"{protocol.checkpoints_prefix('x')}/{protocol.step_name(step)}"
+    return json.loads(store.read_text(f"{folder}/trainer_state.json"))
 
 
 def refused(cfg, *needles: str, new_files_ok: bool = False) -> str:
@@ -75,10 +81,9 @@ def test_a_changed_corpus_would_retrain_the_tokenizer_so_the_resume_is_refused(f
     ok = replace(cfg, **{"tokenizer.path": tok_url, "run.resume_on_new_data": True})
     assert run(ok) == 0
     store = open_storage(cfg.storage.bucket)
-    assert ckpt.complete_steps(store, "x")[0] == 8
-    state = json.loads(store.read_text(f"{ckpt.checkpoints_prefix('x')}/{ckpt.step_name(8)}/trainer_state.json"))
-    assert state["inputs"]["data"] != json.loads(store.read_text(
-        f"{ckpt.checkpoints_prefix('x')}/{ckpt.step_name(4)}/trainer_state.json"))["inputs"]["data"]
+    assert protocol.complete_steps(store, "x")[0] == 8
+    state = saved_state(store, 8)
+    assert state["inputs"]["data"] != saved_state(store, 4)["inputs"]["data"]
 
 
 def test_new_data_with_the_old_tokenizer_still_needs_the_explicit_setting(first_run, shards):
@@ -105,7 +110,7 @@ def test_a_changed_batch_resumes_from_the_sequences_consumed(first_run):
     cfg = replace(first_run, **{"train.batch_tokens": 512, "train.max_steps": 8})
     assert run(cfg) == 0
     store = open_storage(cfg.storage.bucket)
-    state = json.loads(store.read_text(f"{ckpt.checkpoints_prefix('x')}/{ckpt.step_name(8)}/trainer_state.json"))
+    state = saved_state(store, 8)
     assert state["data_position"] == 4 * 8 + 4 * 16 and state["tokens_seen"] == (4 * 8 + 4 * 16) * 32
 
 
@@ -149,5 +154,5 @@ def test_a_corpus_smaller_than_one_sequence_is_exit_2_before_training(tmp_path, 
                                  "train.batch_tokens": 100_000})
     with pytest.raises(DataError, match="train.seq_len"):
         run(cfg)
-    assert ckpt.complete_steps(open_storage(cfg.storage.bucket), "short") == []
+    assert protocol.complete_steps(open_storage(cfg.storage.bucket), "short") == []
     assert not open_storage(cfg.storage.bucket).exists("runs/short/config.yaml")

@@ -10,7 +10,7 @@ import yaml
 
 from trainer.config import load_config_tree
 from trainer.io.storage import open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,9 @@ def check_export(store, run_id: str, tmp_path):
     store.download_dir(f"runs/{run_id}/final", final)
     model = AutoModelForCausalLM.from_pretrained(str(final)).eval()
     tok = AutoTokenizer.from_pretrained(str(final))
-    newest = ckpt.complete_steps(store, run_id)[0]
-    store.download_file(f"runs/{run_id}/checkpoints/{ckpt.step_name(newest)}/model.safetensors", tmp_path / "ckpt.st")
+    newest = protocol.complete_steps(store, run_id)[0]
+    store.download_file(f"{protocol.checkpoints_prefix(run_id)}/{protocol.step_name(newest)}/model.safetensors",
+                        tmp_path / "ckpt.st")
     trained = load_file(str(tmp_path / "ckpt.st"))
     exported = model.state_dict()
     assert set(trained) == set(exported)
@@ -67,7 +68,7 @@ def test_run_on_two_processes_then_rerun_skips_every_stage(tmp_path, tiny_config
     store = open_storage(cfg.storage.bucket)
     check_metrics(metrics(store, "two"), 8, eval_steps=[4, 8])
     # Checkpoints at 4 and 8; keep_last=1 pruned step 4 entirely.
-    assert ckpt.complete_steps(store, "two") == [8]
+    assert protocol.complete_steps(store, "two") == [8]
     assert store.list("runs/two/checkpoints/step-00000004/") == []
     assert store.read_text("runs/two/checkpoints/LATEST") == "step-00000008"
     files = {o.key.rsplit("/", 1)[1] for o in store.list("runs/two/checkpoints/step-00000008/")}
@@ -101,7 +102,7 @@ def test_run_against_s3(tmp_path, tiny_config, tiny_corpus, new_s3_bucket, cli, 
     out = ok(cli.run("run", path, {"train.nproc": 1}))
     assert "on 1 x cpu" in out and "pull: 1 corpus file(s)" in out
     check_metrics(metrics(store, "s3run"), 4, eval_steps=[4])
-    assert ckpt.complete_steps(store, "s3run") == [4]
+    assert protocol.complete_steps(store, "s3run") == [4]
     assert store.read_text("runs/s3run/checkpoints/LATEST") == "step-00000004"
     check_export(store, "s3run", tmp_path)
     # Credentials are read by boto3 from the environment and never logged or stored.

@@ -27,6 +27,7 @@ from trainer.data.sources import DataError
 from trainer.io.storage import open_storage
 from trainer.job.stages import stage_sft
 from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
 from trainer.training.tasks import PackedLoss, sft_attention
 from trainer.training.worker import sft_worker
 
@@ -200,7 +201,7 @@ def test_finetune_on_gpu(tmp_path, chat_model, single_process):
     sft_worker(cfg, data_dir, chat_model)
     rows = [json.loads(line) for line in store.read_text("runs/base-sft/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7)) and rows[-1]["loss"] < rows[0]["loss"]
-    assert ckpt.complete_steps(store, "base-sft")[0] == 6
+    assert protocol.complete_steps(store, "base-sft")[0] == 6
 
 
 # Bad records --------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_resume_after_sigterm_equals_straight_run(tmp_path, chat_model, single_p
                 sft_worker(cfg, data_dir, chat_model)
             assert e.value.code == 75
             monkeypatch.setattr(trainer.model.schedule, "lr_at", real)
-            assert ckpt.complete_steps(store, "base-sft") == [stop_at + 1]  # it finished the step, then saved
+            assert protocol.complete_steps(store, "base-sft") == [stop_at + 1]  # it finished the step, then saved
         sft_worker(cfg, data_dir, chat_model)
         rows = [json.loads(line) for line in store.read_text("runs/base-sft/metrics.jsonl").splitlines()]
         return load_file(str(root / "bucket/runs/base-sft/checkpoints/step-00000004/model.safetensors")), rows
@@ -330,12 +331,12 @@ def test_stage_sft_from_the_bucket(tmp_path, bucket, chat_model, single_process)
     store.upload_file(tmp_path / "chat.jsonl", "conversations/chat.jsonl")
     cfg = sft_config(tmp_path, "", [store.url("conversations")], **bucket.overrides())
     assert stage_sft(cfg) == 0
-    assert ckpt.complete_steps(store, "base-sft") == [4, 2]
+    assert protocol.complete_steps(store, "base-sft") == [4, 2]
     rows = [json.loads(line) for line in store.read_text("runs/base-sft/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     final = tmp_path / "final"
     store.download_dir("runs/base-sft/final", final)
-    assert not (final / "optimizer.pt").exists() and (final / ckpt.MANIFEST).is_file()
+    assert not (final / "optimizer.pt").exists() and (final / protocol.MANIFEST).is_file()
     model = AutoModelForCausalLM.from_pretrained(str(final))
     tok = load_chat_tokenizer(final)
     assert model.generation_config.eos_token_id == stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>"),
@@ -345,7 +346,7 @@ def test_stage_sft_from_the_bucket(tmp_path, bucket, chat_model, single_process)
     assert ckpt.model_dir(store.url("runs/base-sft/checkpoints/step-00000004"), cfg.storage,
                           tmp_path / "cache").joinpath("config.json").is_file()
     assert stage_sft(cfg) == 0  # nothing left to do
-    assert ckpt.complete_steps(store, "base-sft") == [4, 2]
+    assert protocol.complete_steps(store, "base-sft") == [4, 2]
 
 
 # Chat ---------------------------------------------------------------------------------------------

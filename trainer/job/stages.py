@@ -19,6 +19,7 @@ from trainer.data.conversations import load_chat_tokenizer, prepare_conversation
 from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.data.sources import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
 from trainer.data.tokenizer import load_tokenizer, tokenizer_hash
+from trainer.errors import EXIT_PREEMPTED
 from trainer.evaluation.evaluate import evaluate_model, heldout_documents
 from trainer.evaluation.generate import load_for_generation
 from trainer.evaluation.report import write_run_report
@@ -29,6 +30,8 @@ from trainer.io.storage import Storage, is_s3, join, split_url
 from trainer.log import logger
 from trainer.parallel.distributed import default_nproc, node_rank, num_nodes
 from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
+from trainer.state import run as run_state
 from trainer.training.launch import launch
 from trainer.training.loop import batch_geometry, float8_available
 from trainer.training.optim import muon_available
@@ -56,11 +59,11 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
         return import_tokenizer(cfg, store)
     files = files if files is not None else stage_pull(cfg)
     key = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
-    if store.exists(join(key, ckpt.MANIFEST)):
+    if store.exists(join(key, protocol.MANIFEST)):
         log(f"tokenizer: reusing {store.url(key)}")
         return key
     if node_rank() != 0:
-        wait_for(store, join(key, ckpt.MANIFEST), "the tokenizer")
+        wait_for(store, join(key, protocol.MANIFEST), "the tokenizer")
         return key
     out = Path(cfg.storage.local_dir) / key
     shutil.rmtree(out, ignore_errors=True)
@@ -74,7 +77,7 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     report["skipped_records"] = dict(reader.skipped)
     report["filters"] = dict(norm.counts)
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    ckpt.publish_folder(store, out, key)
+    protocol.publish_folder(store, out, key)
     log(f"tokenizer: vocab {report['vocab_size']}, {report['chars_per_token_heldout']} chars/token held out, "
         f"{report['seconds']}s -> {store.url(key)}")
     return key
@@ -96,8 +99,8 @@ def import_tokenizer(cfg: Config, store: Storage) -> str:
     prepare.document_separator(tok)  # ConfigError naming tokenizer.path when it has no end-of-text token
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(local.rglob("*")) if p.is_file())).hexdigest()
     key = f"tokenizers/import-{digest[:16]}"
-    if not store.exists(join(key, ckpt.MANIFEST)):
-        ckpt.publish_folder(store, local, key)
+    if not store.exists(join(key, protocol.MANIFEST)):
+        protocol.publish_folder(store, local, key)
     log(f"tokenizer: using {src} -> {store.url(key)}")
     return key
 
@@ -161,45 +164,9 @@ def hold_lease(cfg: Config, run_id: str | None = None):
     return Lease(bucket(cfg), run_id or cfg.run.id, cfg.run.lease_seconds).acquire(takeover=cfg.run.takeover)
 
 
-def newest_state(store: Storage, run_id: str) -> dict | None:
-    """The trainer state (LoopState as saved) of run_id's newest complete checkpoint, or None."""
-    steps = ckpt.complete_steps(store, run_id)
-    if not steps:
-        return None
-    return json.loads(store.read_text(join(ckpt.checkpoints_prefix(run_id), ckpt.step_name(steps[0]),
-                                           "trainer_state.json")))
-
-
-def newest_inputs(store: Storage, run_id: str) -> tuple[int, dict] | None:
-    """(step, LoopState.inputs) of run_id's newest complete checkpoint; None without one (inputs
-    are {} for checkpoints older than the record)."""
-    state = newest_state(store, run_id)
-    return (state["step"], state.get("inputs") or {}) if state else None
-
-
 def check_resume(cfg: Config, run_id: str, inputs: dict) -> None:
-    """Refuse to resume run_id's newest checkpoint on other inputs than it was trained on: a
-    ConfigError (exit 2) saying what changed and what to do, raised before anything of the run is
-    written. run.resume_on_new_data=true lets a run continue on a changed corpus (same tokenizer,
-    model and seq_len). A run without a checkpoint, or one saved before inputs were recorded, passes."""
-    store = bucket(cfg)
-    found = newest_inputs(store, run_id)
-    if not found:
-        return
-    step, saved = found
-    changed = [k for k in inputs if k in saved and saved[k] != inputs[k]
-               and not (k == "data" and cfg.run.resume_on_new_data)]
-    if not changed:
-        return
-    what = "; ".join(f"{k}: {saved[k]} -> {inputs[k]}" for k in changed)
-    fix = "start a new run (another run.id) to train on them"
-    if set(changed) <= {"tokenizer", "data"}:
-        old = store.read_text_or_none(f"runs/{run_id}/artifacts.json")
-        tok_url = store.url(Artifacts.from_json(old).tokenizer_key) if old else "<the run's tokenizer>"
-        fix += (f", or continue this run on the new corpus with its own tokenizer: tokenizer.path={tok_url} "
-                f"run.resume_on_new_data=true")
-    raise ConfigError(f"run.id={run_id}: {ckpt.step_name(step)} was trained on other inputs ({what}); resuming it "
-                      f"would train the wrong thing: {fix}")
+    """run_state.check_resume against this config's bucket (ConfigError, exit 2, when the inputs changed)."""
+    run_state.check_resume(bucket(cfg), run_id, inputs, cfg.run.resume_on_new_data)
 
 
 def check_tokenizer_kept(cfg: Config, files) -> None:
@@ -208,7 +175,7 @@ def check_tokenizer_kept(cfg: Config, files) -> None:
     refuse now (check_resume's error) instead of after minutes of tokenizer training."""
     store = bucket(cfg)
     old = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
-    if cfg.tokenizer.path or not old or not newest_inputs(store, cfg.run.id):
+    if cfg.tokenizer.path or not old or run_state.newest_state(store, cfg.run.id) is None:
         return
     old_key = Artifacts.from_json(old).tokenizer_key
     new_key = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
@@ -221,10 +188,10 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
     """Train to train.max_steps (resuming from the newest complete checkpoint of run.id); returns 0,
     75 (preempted: rerun to resume) or the failure code. Holds the run's lease on node 0 unless the
     caller (`run`) already does."""
-    done = newest_state(bucket(cfg), cfg.run.id)
-    target = (done or {}).get("max_steps") if cfg.train.budget_minutes else cfg.train.max_steps
-    if done and target and done["step"] >= target:
-        log(f"pretrain: {ckpt.step_name(done['step'])} is published (" + (
+    done = run_state.newest_state(bucket(cfg), cfg.run.id)
+    target = run_state.run_steps(cfg.train.max_steps, cfg.train.budget_minutes, done)
+    if run_state.finished(done, target):
+        log(f"pretrain: {protocol.step_name(done.step)} is published (" + (
             f"train.max_steps={target}" if not cfg.train.budget_minutes else
             f"the {target} steps train.budget_minutes={cfg.train.budget_minutes:g} gave") + "); nothing to train")
         return 0
@@ -288,7 +255,8 @@ def stage_report(cfg: Config, files=None) -> str:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     # The step count the run trained to: fixed by train.budget_minutes or capped by train.max_epochs.
-    steps = ((newest_state(store, cfg.run.id) or {}).get("max_steps")) or cfg.train.max_steps
+    steps = run_state.run_steps(cfg.train.max_steps, cfg.train.budget_minutes,
+                                run_state.newest_state(store, cfg.run.id)) or cfg.train.max_steps
     trained = dataclasses.replace(cfg.train, max_steps=steps)
     summary = {"run": cfg.run.id, "model": cfg.model.preset, "optimizer": cfg.train.optimizer,
                "weight decay": cfg.train.weight_decay, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
@@ -304,7 +272,7 @@ def stage_report(cfg: Config, files=None) -> str:
         summary["bad records skipped"] = ", ".join(f"{k}: {v:,}" for k, v in
                                                    index.get("skipped_records", {}).items()) or "none"
     ev = None
-    export = store.read_text_or_none(join(final_key(cfg), ckpt.MANIFEST))
+    export = store.read_text_or_none(join(final_key(cfg), protocol.MANIFEST))
     if export:
         export_step = json.loads(export)["step"]
         old = store.read_text_or_none(join(key, "eval.json"))
@@ -344,9 +312,9 @@ def stage_sft(cfg: Config) -> int:
         batch_geometry(cfg.sft.batch_sequences, nproc * nnodes, cfg.train.micro_batch_size, "sft.batch_sequences")
     except ValueError as e:
         raise ConfigError(f"invalid configuration:\n  {e}") from None
-    done = ckpt.complete_steps(store, run_id)
-    if done and done[0] >= cfg.sft.max_steps:
-        log(f"sft: {ckpt.step_name(done[0])} of {run_id} is published (sft.max_steps={cfg.sft.max_steps}); "
+    done = run_state.newest_state(store, run_id)
+    if run_state.finished(done, run_state.run_steps(cfg.sft.max_steps, 0.0, done)):
+        log(f"sft: {protocol.step_name(done.step)} of {run_id} is published (sft.max_steps={cfg.sft.max_steps}); "
             f"nothing to train")
     else:
         lease = hold_lease(cfg, run_id)
@@ -356,7 +324,8 @@ def stage_sft(cfg: Config) -> int:
             if lease is not None:
                 lease.release()
         if code:
-            log(f"sft exited with {code}" + (" (preempted: rerun the same command to resume)" if code == 75 else ""))
+            log(f"sft exited with {code}"
+                + (" (preempted: rerun the same command to resume)" if code == EXIT_PREEMPTED else ""))
             return code
     if node_rank() == 0:
         key = f"runs/{run_id}/final"

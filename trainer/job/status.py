@@ -11,7 +11,8 @@ import yaml
 from trainer.config import Config
 from trainer.io.lease import lease_key
 from trainer.io.storage import join, open_storage
-from trainer.state import checkpoint as ckpt
+from trainer.state import protocol
+from trainer.state.run import newest_state, run_steps
 
 
 def run_ids(store) -> list[str]:
@@ -24,15 +25,15 @@ def run_ids(store) -> list[str]:
 
 
 def run_status(store, run_id: str) -> dict:
-    steps = ckpt.complete_steps(store, run_id)
-    latest = store.read_text_or_none(join(ckpt.checkpoints_prefix(run_id), ckpt.LATEST))
+    steps = protocol.complete_steps(store, run_id)
+    latest = store.read_text_or_none(join(protocol.checkpoints_prefix(run_id), protocol.LATEST))
     metrics = store.read_text_or_none(f"runs/{run_id}/metrics.jsonl") or ""
     rows = [json.loads(line) for line in metrics.splitlines() if line.strip()]
     last_val = next((r for r in reversed(rows) if "val_loss" in r), None)
-    final = store.read_text_or_none(f"runs/{run_id}/final/{ckpt.MANIFEST}")
+    final = store.read_text_or_none(f"runs/{run_id}/final/{protocol.MANIFEST}")
     lease = json.loads(store.read_text_or_none(lease_key(run_id)) or "null")
     live = bool(lease) and lease["expires_at"] > time.time()
-    target, eta = run_length(store, run_id, steps), None
+    target, eta = run_length(store, run_id), None
     if live and rows and target and rows[-1].get("tok_per_s"):
         cfg = yaml.safe_load(store.read_text_or_none(f"runs/{run_id}/config.yaml") or "{}") or {}
         tokens_per_step = (cfg.get("train") or {}).get("batch_tokens") or rows[-1]["tokens"] / rows[-1]["step"]
@@ -46,16 +47,12 @@ def run_status(store, run_id: str) -> dict:
     }
 
 
-def run_length(store, run_id: str, steps: list[int]) -> int | None:
-    """The steps the run trains to: fixed by a budget in its newest checkpoint, else its config's."""
-    if steps:
-        state = json.loads(store.read_text(join(ckpt.checkpoints_prefix(run_id), ckpt.step_name(steps[0]),
-                                                "trainer_state.json")))
-        if state.get("max_steps"):
-            return state["max_steps"]
+def run_length(store, run_id: str) -> int | None:
+    """The steps the run trains to (run_steps: fixed by a budget in its newest checkpoint, else its
+    config's; None while a budget has not fixed it)."""
     cfg = yaml.safe_load(store.read_text_or_none(f"runs/{run_id}/config.yaml") or "{}") or {}
     train = cfg.get("train") or cfg.get("sft") or {}
-    return None if train.get("budget_minutes") else train.get("max_steps")
+    return run_steps(train.get("max_steps"), train.get("budget_minutes") or 0.0, newest_state(store, run_id))
 
 
 def status_report(cfg: Config) -> str:
@@ -72,7 +69,7 @@ def status_report(cfg: Config) -> str:
                                                           is not None else "")) if s["live"] else f"idle, {progress}"
         lines.append(f"run {run_id}{marker}: {state}")
         lines.append(f"  LATEST: {s['latest']}   complete checkpoints: "
-                     f"{', '.join(ckpt.step_name(x) for x in s['checkpoints']) or 'none'}")
+                     f"{', '.join(protocol.step_name(x) for x in s['checkpoints']) or 'none'}")
         lines.append(f"  last logged step {s['last_step']}  loss {s['last_loss']}  val_loss {s['last_val_loss']}")
         lines.append(f"  export: {s['final'] or 'not yet'}")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ did into the job's exit code (0, 75 preempted with a published checkpoint, or th
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,11 +13,12 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted
-from trainer.io.storage import Storage, join
+from trainer.errors import EXIT_FAILED, EXIT_PREEMPTED, Preempted
+from trainer.io.storage import Storage
 from trainer.log import logger
 from trainer.parallel.distributed import node_rank
-from trainer.state import checkpoint as ckpt
+from trainer.state.protocol import step_name
+from trainer.state.run import clear_preempted, preempted_step, published_as_newest
 
 
 def launch(what: str, store: Storage, run_id: str, run_local: Path, nproc: int, nnodes: int,
@@ -25,7 +26,7 @@ def launch(what: str, store: Storage, run_id: str, run_local: Path, nproc: int, 
     """Train with nproc x nnodes processes: `in_process()` when that is one (no torchrun: its start
     costs seconds and adds nothing), else `python -m trainer.training.worker <worker_argv>` under torchrun.
     Returns 0, 75 (preempted: rerun to resume) or the failure code."""
-    (run_local / PREEMPTED_MARKER).unlink(missing_ok=True)
+    clear_preempted(run_local)
     if nproc * nnodes == 1:
         try:
             in_process()
@@ -75,8 +76,7 @@ def torchrun(nproc: int, nnodes: int, tail: list[str], lease, grace_seconds: int
             except subprocess.TimeoutExpired:
                 if lease is not None and lease.lost.is_set():
                     logger.warning(f"{what}: another job took this run over: killing the workers without a checkpoint")
-                    _kill_tree(proc.pid)
-                    proc.wait()
+                    kill_tree(proc)
                     lease.check()
     finally:
         for s, h in old.items():
@@ -112,18 +112,15 @@ def _relay_stderr(stream) -> None:
 def exit_code(what: str, store: Storage, run_id: str, run_local: Path, code: int, signalled: bool) -> int:
     """torchrun exits 1 when its workers exit 75 after a SIGTERM (it counts them as failed), so the
     workers leave a marker once their final checkpoint is published, and this checks the bucket."""
-    marker = run_local / PREEMPTED_MARKER
     if code == 0:
         return 0
-    if marker.is_file():
-        step = json.loads(marker.read_text())["step"]
-        steps = ckpt.complete_steps(store, run_id)
-        latest = (store.read_text_or_none(join(ckpt.checkpoints_prefix(run_id), ckpt.LATEST)) or "").strip()
-        if steps and steps[0] == step and latest == ckpt.step_name(step):
-            logger.info(f"{what}: preempted; checkpoint {ckpt.step_name(step)} is published and LATEST names it")
+    step = preempted_step(run_local)
+    if step is not None:
+        ok, newest = published_as_newest(store, run_id, step)
+        if ok:
+            logger.info(f"{what}: preempted; checkpoint {step_name(step)} is published and LATEST names it")
             return EXIT_PREEMPTED
-        logger.error(f"{what}: the workers stopped at step {step} but the bucket's newest checkpoint is "
-                     f"{ckpt.step_name(steps[0]) if steps else 'none'} (LATEST {latest or 'absent'})")
+        logger.error(f"{what}: the workers stopped at step {step} but the bucket's newest checkpoint is {newest}")
         return code if code > 0 else EXIT_FAILED
     if signalled:
         logger.info(f"{what}: stopped by a signal before a final checkpoint; the rerun resumes from the newest "
@@ -132,17 +129,24 @@ def exit_code(what: str, store: Storage, run_id: str, run_local: Path, code: int
     return code if code > 0 else EXIT_FAILED
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun starts workers in sessions of their own)."""
+def kill_tree(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGKILL a process, its process group when it leads one, and all its descendants (torchrun
+    starts its workers in sessions of their own), as when the machine is lost; wait until they are
+    gone and return the process's exit code. The one process-tree killer: the tests use it too."""
     import psutil
 
     try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
+        tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
+        tree = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(proc.pid) == proc.pid:  # started with start_new_session=True
+            os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    code = proc.wait(timeout=timeout)
+    psutil.wait_procs(tree, timeout=timeout)
+    return code
