@@ -479,8 +479,19 @@ def check_k8s(docs: list[dict], nodes: int, gpus: int) -> dict:
         return "Count"
 
     assert (action(EXIT_BAD_INPUT), action(EXIT_PREEMPTED), action(1)) == ("FailJob", "Ignore", "Count")
-    assert {"type": "DisruptionTarget"} in [c for r in spec["podFailurePolicy"]["rules"] if r["action"] == "Ignore"
-                                           for c in r.get("onPodConditions", [])]
+    assert {"type": "DisruptionTarget", "status": "True"} in [
+        c for r in spec["podFailurePolicy"]["rules"] if r["action"] == "Ignore" for c in r.get("onPodConditions", [])]
+    # The fields the Kubernetes 1.31/1.33 OpenAPI schema requires (strict validators such as kubeconform refuse
+    # a pattern without `status`, though the API server defaults it): PodFailurePolicyRule needs `action`,
+    # exactly one of onExitCodes/onPodConditions; OnExitCodesRequirement `operator` and `values`;
+    # OnPodConditionsPattern `type` and `status`.
+    for rule in spec["podFailurePolicy"]["rules"]:
+        assert rule["action"] in ("FailJob", "FailIndex", "Ignore", "Count")
+        assert ("onExitCodes" in rule) != ("onPodConditions" in rule), rule
+        if "onExitCodes" in rule:
+            assert {"operator", "values"} <= set(rule["onExitCodes"]) and rule["onExitCodes"]["values"]
+        for pattern in rule.get("onPodConditions", []):
+            assert {"type", "status"} <= set(pattern) and pattern["status"] in ("True", "False", "Unknown"), pattern
     assert container["args"] == ["run"] and container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     env = {e["name"]: e for e in container["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -279,7 +279,9 @@ def k8s_manifests(name: str, nodes: int, gpus: int, image: str, env: dict[str, s
                                                       "values": [EXIT_BAD_INPUT]}},
                 {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                                      "values": [EXIT_PREEMPTED]}},
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # `status` is required by the Job API's OpenAPI schema (PodFailurePolicyOnPodConditionsPattern:
+                # type and status), though the server defaults it to "True": strict validators refuse it absent.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
             "template": {
                 "metadata": {"labels": labels},
