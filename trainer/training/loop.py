@@ -19,19 +19,18 @@ samples at checkpoints. Everything else is written once, here:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from trainer.config import Config, TrainConfig, to_yaml
-from trainer.errors import PREEMPTED_MARKER, Preempted
+from trainer.errors import Preempted
 from trainer.io.storage import Storage
 from trainer.log import logger
 from trainer.model.llama import peak_flops
@@ -48,34 +47,12 @@ from trainer.parallel.fsdp import (
     shard_root,
 )
 from trainer.state.checkpoint import Checkpointer, step_name
+from trainer.state.run import LoopState, mark_preempted, run_steps
 from trainer.training.optim import build_optimizer, step_skipping_nonfinite
 from trainer.training.runlog import RunLog
 
 MAX_ROLLBACKS_IN_A_ROW = 3  # train.on_nonfinite=rollback gives up after this many without a new checkpoint
 LOSS_EMA_DECAY = 0.9  # running mean of logged losses for spike detection (spikes left out)
-
-
-@dataclass
-class LoopState:
-    """Everything the loop carries from step to step, saved whole in trainer_state.json. Loaded
-    leniently: unknown keys are ignored and missing ones take these defaults, so older checkpoints
-    keep loading."""
-    step: int = 0  # optimizer steps done
-    tokens_seen: int = 0  # tokens trained on (padding included for SFT)
-    data_position: int = 0  # global sequences consumed: where the data order continues
-    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
-    spikes: int = 0  # logged windows whose loss exceeded train.spike_factor x the running mean
-    rollbacks: int = 0  # times training went back to the last checkpoint (train.on_nonfinite=rollback)
-    loss_ema: float | None = None  # running mean of logged losses (spikes left out)
-    wall_seconds: float = 0.0  # training time over all attempts
-    world_size: int = 1  # processes that saved this state
-    max_steps: int | None = None  # the step count fixed by train.budget_minutes (None: train.max_steps)
-    inputs: dict = field(default_factory=dict)  # what it trains on (Task.inputs); a resume must match
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> "LoopState":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 class Task(Protocol):
@@ -180,11 +157,8 @@ def _run_length(hp: TrainConfig, state: LoopState, task: Task) -> tuple[TrainCon
     fixed before the checkpoint (the same schedule and end), a placeholder until Budget fixes it
     (warm-up's lr does not depend on it), or train.max_steps within the cap."""
     cap = epoch_cap(hp, task)
-    if state.max_steps:
-        return dataclasses.replace(hp, max_steps=state.max_steps), cap
-    if hp.budget_minutes:
-        return dataclasses.replace(hp, max_steps=BUDGET_UNFIXED_STEPS), cap
-    return dataclasses.replace(hp, max_steps=min(hp.max_steps, cap or hp.max_steps)), cap
+    steps = run_steps(hp.max_steps, hp.budget_minutes, state, cap)
+    return dataclasses.replace(hp, max_steps=steps or BUDGET_UNFIXED_STEPS), cap
 
 
 def epoch_cap(hp: TrainConfig, task: Task) -> int | None:
@@ -404,7 +378,7 @@ def _stop_after_signal(stop: StopFlag, ckpts: Checkpointer, runlog: RunLog, d: D
         logger.warning(f"stopping took {took:.1f}s, more than train.grace_seconds={grace_seconds}: the launcher may "
                        f"kill the next one before its checkpoint is published")
     if d.local_rank == 0:
-        (run_local / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "seconds": took}))
+        mark_preempted(run_local, step, took)
     raise Preempted()
 
 
