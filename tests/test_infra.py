@@ -657,3 +657,21 @@ def test_render_docker_refuses_a_folder_bucket_on_several_nodes(cfg, config_file
     local = replace(cfg, **{"storage.bucket": str(tmp_path / "bucket")})
     with pytest.raises(ValueError, match="--nodes 2: storage.bucket must be s3://"):
         render("docker", local, str(config_file), nodes=2)
+
+
+def test_render_docker_makes_a_local_bucket_the_job_can_write(cfg, config_file, tmp_path):
+    """A folder bucket that does not exist yet (Docker would create it root-owned) or belongs to this user
+    under a uid other than the image's 1000: the command makes it and runs the job as this user, in group 0
+    (the image gives group 0 its user's rights on /app, /scratch and $HOME)."""
+    bucket = tmp_path / "fresh" / "my bucket"
+    local = replace(cfg, **{"storage.bucket": str(bucket)})
+    text = render("docker", local, str(config_file))
+    env = {**fake_docker(tmp_path), "AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+    r = subprocess.run(["bash", "-c", text], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert bucket.is_dir(), "the bucket folder must exist before docker mounts it"
+    argv, seen = docker_call(tmp_path)
+    assert f"--user={os.getuid()}:{os.getgid()}" in argv and "--group-add=0" in argv
+    assert f"{bucket}:/bucket" in flag_values(argv, "-v") and seen["BUCKET"] == "/bucket"
+    # An s3:// bucket keeps the image's own user.
+    assert "--user" not in render("docker", cfg, str(config_file))

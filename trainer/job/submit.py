@@ -148,9 +148,19 @@ def _docker(cfg: Config, config_path: str | None, nodes: int, gpus_per_node: int
     overrides = [o for o in cli_overrides(cfg, config_path) if not o.startswith(tuple(f"--{k}=" for k in sources))]
     overrides += [f"--{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sources.items()]
     groups.append([image, "run", *overrides])
-    body = " \\\n  ".join(" ".join(shlex.quote(a) for a in g) for g in groups)
+    lines = [" ".join(shlex.quote(a) for a in g) for g in groups]
+    prepare = []
+    if not cfg.storage.bucket.startswith("s3://"):
+        # The image runs as uid 1000, which cannot write a folder Docker creates for a missing mount source
+        # (root's) or one this user owns under another uid. So the folder is made here first, and the job
+        # runs as this shell's user, in group 0 for the image's /app, /scratch and $HOME (group 0 has the
+        # owner's rights there): the checkpoints are then this user's files on the host.
+        host = shlex.quote(str(Path(cfg.storage.bucket).expanduser().resolve()))
+        prepare = [f"mkdir -p {host}"]
+        lines.insert(1, '--user="$(id -u):$(id -g)" --group-add=0')
+    body = " \\\n  ".join(lines)
     return "\n".join([*comment, "# AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY come from this shell's environment.",
-                      body]) + "\n"
+                      *prepare, body]) + "\n"
 
 
 BUNDLED = (["data", "sample"], ["data", "sft-sample"])  # the Dockerfile copies these samples into the image
