@@ -176,9 +176,20 @@ def test_data_constrained_preset_by_hand():
 
     m = {"a": 1.0, "b": 2.0, "c": 4.0}
     tokens = {"a": 100.0, "b": 50.0, "c": 25.0}
-    assert data_constrained_preset(m, tokens, corpus_tokens=12.0) == "b"  # 50 / 12 = 4.2 epochs <= 5
-    assert data_constrained_preset(m, tokens, corpus_tokens=4.0) == "c"  # none within: the largest
-    assert data_constrained_preset(m, tokens, corpus_tokens=30.0) == "a"
+    params = {"a": 10.0, "b": 20.0, "c": 500.0}  # tokens per parameter: 10, 2.5, 0.05
+    assert data_constrained_preset(m, tokens, 12.0, params, "a") == "b"  # 50 / 12 = 4.2 epochs <= 5
+    assert data_constrained_preset(m, tokens, 30.0, params, "a") == "a"
+    # c reads 4 tokens 25/4 = 6.25 times and b 12.5 times: none within, the optimal preset stays
+    assert data_constrained_preset(m, tokens, 4.0, params, "a") == "a"
+    # c would read 6 tokens only 4.2 times, but at 0.05 tokens per parameter: not grown to
+    assert data_constrained_preset(m, tokens, 6.0, params, "a") == "a"
+
+
+def test_a_small_budget_on_a_small_corpus_gets_a_small_plan():
+    """0.05 GPU-hours on 1e6 tokens once picked 3b at 0.0 tokens per parameter (issue 24)."""
+    p = plan(gpu_hours=0.05, corpus_tokens=1e6)
+    assert p.params < 100e6 and p.tokens / p.params >= 1  # 25m at 4 tokens per parameter
+    assert not any("no preset is close" in w for w in p.warnings)
 
 
 def test_a_plan_that_repeats_data_writes_the_repeated_data_settings():

@@ -64,6 +64,9 @@ MAX_GOOD_EPOCHS = 4.0
 # weight decay 0.1): Muon with weight decay 1.6, and no more than MAX_EPOCHS passes.
 REPEATED_DATA_TRAIN = {"optimizer": "muon", "weight_decay": 1.6}
 MAX_EPOCHS = 5.0
+# The fewest training tokens per parameter a data-constrained plan grows a model to (Chinchilla's
+# optimum is 20; the reference budget on 19.6M tokens grows to 350m at 0.11; 3b at 0.001 is no plan).
+MIN_TOKENS_PER_PARAM = 0.1
 DEFAULT_VOCAB = 32000  # TokenizerConfig.vocab_size default; only parameter counts and lm_head FLOPs use it
 # Micro-batches (sequences per GPU per forward) tried, largest first; 16 is what the loop takes when
 # train.micro_batch_size is 0 (trainer/training/loop.py batch_geometry), so a plan that fits it writes none.
@@ -255,17 +258,23 @@ def _nearest(values: dict[str, float], target: float | dict[str, float]) -> str:
     return min(values, key=dist)
 
 
-def data_constrained_preset(m: dict[str, float], tokens_of: dict[str, float], corpus_tokens: float) -> str:
+def data_constrained_preset(m: dict[str, float], tokens_of: dict[str, float], corpus_tokens: float,
+                            params: dict[str, float], chosen: str) -> str:
     """When the budget would read the corpus more than MAX_EPOCHS times, the compute goes into the
     model instead: the preset nearest the DeepSeek optimum among those that read it at most
     MAX_EPOCHS times (the smallest such model when all the near ones read it more), or the largest
     preset when every one does. Muennighoff et al. 2023 find ~4 epochs nearly as good as fresh data
     and little gain past ~16; MAX_EPOCHS is where the reference run stopped gaining. Their full
     L(N', D') fit (eq. 5-6 with Chinchilla's constants) picks the 6m preset at 59 epochs for the
-    reference budget, which our measurement contradicts at this scale, so the limit is used instead."""
-    within = [k for k in m if tokens_of[k] <= MAX_EPOCHS * corpus_tokens]
+    reference budget, which our measurement contradicts at this scale, so the limit is used instead.
+    A model is grown only while it still trains on MIN_TOKENS_PER_PARAM tokens per parameter: past
+    that the budget buys a model the corpus cannot train (a 0.05 GPU-hour budget on 1e6 tokens once
+    picked 3b at 0.0 tokens per parameter), so the compute-optimal preset `chosen` stays and the
+    epochs warning says the corpus repeats."""
+    within = [k for k in m if tokens_of[k] <= MAX_EPOCHS * corpus_tokens
+              and tokens_of[k] >= MIN_TOKENS_PER_PARAM * params[k]]
     if not within:
-        return max(m, key=m.get)
+        return chosen
     return min(within, key=m.get)
 
 
@@ -351,7 +360,8 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
     else:  # budget alone: the preset nearest M_opt of the compute it would get
         chosen = _nearest(m, {k: M_COEF * (m[k] * tokens_of[k]) ** M_EXP for k in PRESETS})
         if corpus_tokens is not None and tokens_of[chosen] > MAX_EPOCHS * corpus_tokens:
-            chosen = data_constrained_preset(m, tokens_of, corpus_tokens)
+            params = {k: n_params(s, vocab_size)["total"] for k, s in PRESETS.items()}
+            chosen = data_constrained_preset(m, tokens_of, corpus_tokens, params, chosen)
 
     if tokens_of is None:  # preset alone: the compute for which M_opt(C) = M
         c = (m[chosen] / M_COEF) ** (1.0 / M_EXP)
