@@ -185,3 +185,20 @@ def test_config_command_prints_the_full_resolved_config(capsys, tmp_path):
     tree = yaml.safe_load(out)
     assert tree == to_dict(load_config(str(path), {"train.lr": 0.002}, env={}))
     assert (tree["run"]["id"], tree["train"]["max_steps"], tree["train"]["lr"]) == ("shown", 40, 0.002)
+
+
+TORCH_FREE = [["plan", "--gpu_hours", "8"], ["plan", "--gpu_hours", "0.05", "--corpus_tokens", "1e6"], ["config"],
+              ["config-docs"], ["status"], *[[name, "--help"] for name in entrypoint.COMMANDS], ["--help"]]
+
+
+@pytest.mark.parametrize("args", TORCH_FREE, ids=" ".join)
+def test_commands_that_need_no_gpu_import_no_torch(tmp_path, args):
+    """They start in well under a second because torch is never imported (python -X importtime
+    lists every module a process imports); a timed assertion would only measure the machine."""
+    p = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "entrypoint.py"), *args], cwd=tmp_path,
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert "trainer.config.load" in imported  # the listing was read
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers", "numpy"))
+    assert heavy == []
