@@ -19,7 +19,7 @@ class Shape:
 
 
 # Shapes follow GPT-2/3 widths and depths with LLaMA's SwiGLU (ffn ~ 8/3 d, rounded to 128).
-# 124m and 350m are the shapes of the speed baselines in ../shared/GPU_NOTES.md (at vocab 32000).
+# 124m and 350m are the shapes of the speed baselines in bench/RESULTS.md (at vocab 32000).
 PRESETS: dict[str, Shape] = {
     "tiny": Shape(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ffn=192),  # tests: seconds on CPU
     "6m": Shape(n_layer=4, d_model=256, n_head=4, n_kv_head=4, d_ffn=768),  # make demo on CPU
@@ -125,7 +125,7 @@ def flops_per_token(shape: Shape, vocab_size: int, seq_len: int, tie_embeddings:
 
     The first term is forward + backward of every matmul (Kaplan et al. 2020, arXiv 2001.08361);
     the second is attention scores and values (PaLM appendix B, arXiv 2204.02311). The lm_head
-    counts, the input embedding (a lookup) does not. Same definition as ../shared/GPU_NOTES.md.
+    counts, the input embedding (a lookup) does not.
     """
     p = n_params(shape, vocab_size, tie_embeddings)
     matmul_params = p["total"] - p["embedding"] + (p["embedding"] if tie_embeddings else 0)
@@ -183,21 +183,8 @@ def training_memory(shape: Shape, vocab_size: int, seq_len: int, micro_batch_siz
     = bf16 weights of FSDP_GATHERED_LAYERS decoder layers and of the root unit; overhead =
     MEMORY_OVERHEAD_BYTES. Pure arithmetic on the constants above, whose sources they cite.
 
-    Checked against bench/RESULTS.md (one H200, DDP, no checkpointing, torch.compile, bf16 autocast,
-    vocab 32000, seq 1024; the measurement is torch.cuda.max_memory_allocated, which leaves out what
-    MEMORY_OVERHEAD_BYTES stands for, so compare it with total - overhead):
-        124m, 32 sequences: predicted 18.7 GB without overhead, measured 15.05 GB (1.24x);
-        350m, 16 sequences: predicted 22.8 GB without overhead, measured 21.3 GB (1.07x).
-    The compiled loss keeps no full fp32 logits (the eager loop measured 32.0 and 35.9 GB), which is
-    most of the over-estimate at 124m, where logits are a third of the total. ../shared/GPU_NOTES.md's
-    plain compiled loop (loss outside the graph) measured 20, 39, 25 and 45 GB for 124m x 32, 124m x 64,
-    350m x 16 and 350m x 32, against 18.7, 35.3, 22.8 and 39.7 predicted (0.88-0.94x): the two loops
-    bracket the prediction, and the overhead term covers the gap. Measured on one or two H200s
-    (bench/RESULTS.md, 2026-11-30), against total - overhead:
-        1b, 16 sequences: predicted 50.7 GB, measured 46.8 (1.08x);
-        1b, 16 sequences, FSDP over 2: predicted 41.1 GB, measured 38.8 per GPU (1.06x);
-        7b, 4 sequences: predicted 126.9 GB, measured 114.2 (1.11x);
-        7b, 16 sequences, activation checkpointing: predicted 117.5 GB, measured 111.1 (1.06x).
+    Checked against measurements on H200s from 124m to 7b (bench/RESULTS.md; docs/running.md,
+    "Planning a big model", lists them): it errs high by 6-24%.
     """
     p = n_params(shape, vocab_size, tie_embeddings)
     s_b = float(seq_len * micro_batch_size)  # tokens in one micro-batch
