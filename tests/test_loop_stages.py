@@ -191,6 +191,26 @@ def test_sigterm_publishes_the_step_exits_75_and_resumes_exactly(stage_run, tmp_
         [{k: r.get(k) for k in compared} for r in metrics(straight_store, run_id)]
 
 
+@pytest.mark.parametrize("stage_run", STAGES, indirect=True)
+def test_metrics_do_not_depend_on_a_preemption_between_log_steps(stage_run, tmp_path):
+    """Issue 23: SIGTERM while step 5 runs (log every 2: the window of steps 5-6 is open): the
+    checkpoint carries the window, so the resumed run logs step 6's loss over steps 5 and 6 and its
+    metrics rows equal an uninterrupted run's (before, the window restarted at the resume)."""
+    with pytest.raises(Preempted):
+        stage_run(tmp_path / "stopped", {"train.log_every_steps": 2}, sigterm_at=5)
+    run_id = "rel" if stage_run.stage == "pretrain" else "base-sft"
+    store = open_storage(str(tmp_path / "stopped" / "bucket"))
+    saved = json.loads(store.read_text(f"{protocol.checkpoints_prefix(run_id)}/{protocol.step_name(5)}/"
+                                       "trainer_state.json"))
+    assert saved["window"]["start_step"] == 4 and saved["window"]["skipped"] == 0
+    stage_run(tmp_path / "stopped", {"train.log_every_steps": 2})
+    _, straight_store, _ = stage_run(tmp_path / "straight", {"train.log_every_steps": 2})
+    compared = ("step", "loss", "lr", "grad_norm", "tokens", "skipped_steps")
+    rows = [{k: r.get(k) for k in compared} for r in metrics(store, run_id)]
+    assert [r["step"] for r in rows] == list(range(2, 17, 2))
+    assert rows == [{k: r.get(k) for k in compared} for r in metrics(straight_store, run_id)]
+
+
 def test_a_wall_clock_budget_fixes_the_step_count_and_a_resume_ends_at_it(template, tmp_path, in_process, caplog):
     """train.budget_minutes: the count is fixed after the timed warm-up steps, the schedule decays to
     it (the last logged lr is the floor), and a run stopped after that ends at the same step."""

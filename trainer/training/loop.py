@@ -182,6 +182,29 @@ class Window:
         self.norm = torch.zeros((), device=device)
         self.start_step, self.start_time, self.start_wait = step, time.time(), wait
 
+    @classmethod
+    def resumed(cls, device: torch.device, state: LoopState, wait: float, d: Dist) -> "Window":
+        """The window open at state.step as the checkpoint saved it (a stop between log steps), so
+        the next logged row equals the uninterrupted run's; else an empty one. Each rank takes back
+        its own loss share when as many processes resume, else rank 0 takes the sum."""
+        window, saved = cls(device, state.step, wait), state.window
+        state.window = None
+        if saved and saved["start_step"] < state.step:
+            shares = saved["loss"]
+            share = shares[d.rank] if len(shares) == d.world else (sum(shares) if d.main else 0.0)
+            window.loss.fill_(share)
+            window.skipped.fill_(saved["skipped"])
+            window.start_step = saved["start_step"]
+            window.start_time -= saved["seconds"]
+            window.start_wait -= saved["wait_seconds"]
+        return window
+
+    def saved(self, d: Dist, wait: float) -> dict:
+        """The open window's sums for the checkpoint (every rank's loss share; one host sync)."""
+        return {"start_step": self.start_step, "loss": d.all_gather_object(self.loss.item()),
+                "skipped": self.skipped.item(), "seconds": time.time() - self.start_time,
+                "wait_seconds": wait - self.start_wait}
+
     def add(self, loss: torch.Tensor, found_inf: torch.Tensor, norm: torch.Tensor) -> None:
         self.skipped += found_inf
         self.loss += torch.where(found_inf > 0, torch.zeros_like(loss), loss)  # skipped steps' loss left out
@@ -238,7 +261,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                wall_before=state.wall_seconds, started_at=time.time())
     model.train()
     last_ckpt, rollbacks_in_a_row = state.step, 0
-    window = Window(d.device, state.step, loader.wait_seconds)
+    window = Window.resumed(d.device, state, loader.wait_seconds, d)
     budget = Budget(hp, state.step, state.wall_seconds, task.samples_per_step)
     with StopFlag() as stop:
         try:
@@ -246,6 +269,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                 if (d.world > 1 or stop.requested_at is not None) and d.any(stop.requested_at is not None):
                     loader.close()
                     if state.step > last_ckpt:
+                        state.window = window.saved(d, loader.wait_seconds) if state.step > window.start_step else None
                         _checkpoint(run, state, background=False, samples=False)
                     _stop_after_signal(stop, ckpts, runlog, d, run_local, state.step, hp.grace_seconds)
                 lr = lr_at(state.step, hp)
