@@ -7,7 +7,7 @@ image has: `make test-image-torch` (CI's third step) runs it with the image's to
 import pytest
 import torch
 
-from trainer.training.loop import float8_training
+from trainer.training.parallelize import float8_training
 
 
 def tiny_llama():

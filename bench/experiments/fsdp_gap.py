@@ -37,7 +37,7 @@ VARIANTS = ("unsharded", "fsdp", "fsdp-ce", "fsdp-noreshard", "fsdp-bf16reduce",
 def _patch(variant: str) -> None:
     """Change the one setting the variant names, in this process."""
     from trainer.parallel import fsdp as sharding
-    from trainer.training import loop, tasks
+    from trainer.training import parallelize, tasks
     if variant == "fsdp-noreshard":
         sharding.RESHARD_AFTER_FORWARD = False
     if variant == "fsdp-bf16reduce":
@@ -57,15 +57,15 @@ def _patch(variant: str) -> None:
                 layer.compile()
             return loss_module, loss_module
 
-        loop._wrap = wrap
+        parallelize.wrap = wrap
     if variant == "fsdp-fullcompile":  # FSDP, then the whole root compiled instead of each block
-        loop._compiles = lambda *a: False
+        parallelize.compiles = lambda *a: False
 
         def wrap(loss_module, d, compile_setting, strategy="ddp", bf16=False):
             sharding.shard_root(loss_module, bf16)
             return torch.compile(loss_module), loss_module
 
-        loop._wrap = wrap
+        parallelize.wrap = wrap
 
 
 def one(variant: str, args) -> None:

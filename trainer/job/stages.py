@@ -33,8 +33,9 @@ from trainer.state import checkpoint as ckpt
 from trainer.state import protocol
 from trainer.state import run as run_state
 from trainer.training.launch import launch
-from trainer.training.loop import batch_geometry, float8_available
+from trainer.training.loop import batch_geometry
 from trainer.training.optim import muon_available
+from trainer.training.parallelize import float8_available
 from trainer.training.tasks import pretrain_inputs, sft_inputs
 from trainer.training.worker import pretrain_worker, sft_worker
 

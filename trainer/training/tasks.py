@@ -100,7 +100,7 @@ class PretrainTask:
         tok = load_tokenizer(self.tok_dir)
         self.model_config.pad_token_id = tok.pad_token_id
         # Initialised where it trains: seconds for billions of weights on a GPU, not minutes on CPU
-        # (FSDP: the meta model here, the weights from rank 0's CPU build, see loop._prepare).
+        # (FSDP: the meta model here, the weights from rank 0's CPU build, see parallelize.prepare).
         with torch.device("meta") if empty else device:
             model = build_model(self.model_config, pick_attention(self.cfg.model.attn_implementation, device.type))
         # Sampling defaults in every checkpoint and export: plain model.generate() does not parrot.
