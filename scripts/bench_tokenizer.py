@@ -73,8 +73,8 @@ def _heldout_stats(tok, heldout: list[str]) -> dict:
 def worker_recipe(params) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from trainer.data.readers import iter_documents
     from trainer.data.shards import is_validation
-    from trainer.data.sources import iter_documents
 
     cfg = _config(params)
     heldout: list[str] = []
@@ -100,8 +100,8 @@ def worker_ours(params) -> dict:
 
     from tokenizers import Tokenizer
 
+    from trainer.data.readers import iter_documents
     from trainer.data.shards import Normalizer, is_validation
-    from trainer.data.sources import iter_documents
     from trainer.data.tokenizer import train_from_corpus
 
     cfg = _config(params)
@@ -131,8 +131,8 @@ def worker_sweep(params) -> dict:
     """The steps of train_from_corpus with a given Han chunk length (not a config setting)."""
     import dataclasses
 
+    from trainer.data.readers import iter_documents
     from trainer.data.shards import Normalizer, is_validation
-    from trainer.data.sources import iter_documents
     from trainer.data.tokenizer import sample_documents, train_tokenizer
 
     cfg = _config(params)
@@ -159,8 +159,9 @@ def worker_pre(params) -> dict:
     (the file name's first word: poetry-00000.jsonl.zst is "poetry")."""
     import dataclasses
 
+    from trainer.data.readers import iter_documents
     from trainer.data.shards import Normalizer, is_validation
-    from trainer.data.sources import iter_documents, local_files
+    from trainer.data.sources import local_files
     from trainer.data.tokenizer import chars_per_token, sample_documents, train_tokenizer
 
     cfg = _config(params)
@@ -208,8 +209,8 @@ def worker_encode_batch(params) -> dict:
     from tokenizers import Tokenizer
 
     from trainer.config import DataConfig
+    from trainer.data.readers import iter_documents
     from trainer.data.shards import BATCH_DOCS
-    from trainer.data.sources import iter_documents
 
     tok = Tokenizer.from_file(str(Path(params["tok_dir"]) / "tokenizer.json"))
     encode = getattr(tok, params["method"])  # encode_batch, or encode_batch_fast (no offsets)
@@ -225,8 +226,8 @@ def worker_encode_batch(params) -> dict:
 
 
 def worker_prepare(params) -> dict:
+    from trainer.data.readers import iter_documents
     from trainer.data.shards import prepare_shards
-    from trainer.data.sources import iter_documents
     from trainer.data.tokenizer import load_tokenizer
 
     cfg = _config(params)

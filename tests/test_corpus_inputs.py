@@ -21,16 +21,9 @@ import pytest
 import zstandard
 
 from trainer.config import ConfigError, load_config
+from trainer.data.readers import DocumentReader, iter_documents, iter_json_array
 from trainer.data.shards import check_trainable, prepare_shards
-from trainer.data.sources import (
-    DataError,
-    DocumentReader,
-    file_kind,
-    iter_documents,
-    iter_json_array,
-    local_files,
-    resolve_sources,
-)
+from trainer.data.sources import DataError, file_kind, local_files, resolve_sources
 from trainer.data.tokenizer import EOS, load_tokenizer, sample_pieces, train_from_corpus
 
 

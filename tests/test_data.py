@@ -10,7 +10,8 @@ import pytest
 import zstandard
 
 from trainer.config import ConfigError, load_config
-from trainer.data.sources import DataError, DocumentReader, corpus_fingerprint, local_files, pull, resolve_sources
+from trainer.data.readers import DocumentReader
+from trainer.data.sources import DataError, corpus_fingerprint, local_files, pull, resolve_sources
 from trainer.io.storage import S3Storage
 
 DOCS = ["床前明月光，\n疑是地上霜。", "春眠不覺曉，處處聞啼鳥。", "plain ascii, with \"quotes\"", "白日依山盡"]

@@ -18,14 +18,8 @@ import pytest
 from faults import chat_model, sft_config  # noqa: F401 - fixtures
 from trainer.config import ConfigError, load_config, replace
 from trainer.data.conversations import load_chat_tokenizer, prepare_conversations
-from trainer.data.sources import (
-    DataError,
-    DocumentReader,
-    corpus_fingerprint,
-    hf_datasets,
-    iter_documents,
-    resolve_sources,
-)
+from trainer.data.readers import DocumentReader, iter_documents
+from trainer.data.sources import DataError, corpus_fingerprint, hf_datasets, resolve_sources
 from trainer.io.storage import open_storage
 from trainer.job.run import run
 from trainer.job.stages import stage_prepare

@@ -19,7 +19,8 @@ import zstandard
 
 from faults import cli_args, copy_bucket, make_config, run, template, tiny_settings, write_config  # noqa: F401
 from trainer.config import DataConfig
-from trainer.data.sources import DataError, DocumentReader, local_files, resolve_sources
+from trainer.data.readers import DocumentReader
+from trainer.data.sources import DataError, local_files, resolve_sources
 from trainer.io.storage import open_storage
 
 

@@ -61,7 +61,8 @@ def test_parquet_without_the_column_names_the_field_key(tmp_path):
     import pyarrow.parquet as pq
 
     from trainer.config import load_config
-    from trainer.data.sources import DataError, DocumentReader, local_files
+    from trainer.data.readers import DocumentReader
+    from trainer.data.sources import DataError, local_files
 
     path = tmp_path / "c.parquet"
     pq.write_table(pa.table({"content": ["床前明月光"]}), path)

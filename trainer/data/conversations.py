@@ -35,7 +35,8 @@ import numpy as np
 
 from trainer.config import Config
 from trainer.data.loader import global_sample_ids
-from trainer.data.sources import DataError, DocumentReader, corpus_fingerprint, pull, resolve_sources
+from trainer.data.readers import DocumentReader
+from trainer.data.sources import DataError, corpus_fingerprint, pull, resolve_sources
 from trainer.data.tokenizer import CHAT_TEMPLATE, IM_END, load_tokenizer
 from trainer.log import logger
 

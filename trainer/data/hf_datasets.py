@@ -11,7 +11,7 @@ A repo and a hub source are the same call, `datasets.load_dataset(location, conf
 streaming=True)`, with a folder or a Hub id as the location: files are streamed, never converted
 into the `datasets` cache. The Hub's commit (resolved once by `hub_revision`) pins what is read.
 
-This module knows `datasets`, not the corpus reader: trainer/data/sources.py turns its errors into DataError
+This module knows `datasets`, not the corpus reader: trainer/data/readers.py turns its errors into DataError
 (exit 2) and reads the rows with the same checks and counts as file records.
 """
 

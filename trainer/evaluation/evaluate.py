@@ -166,8 +166,8 @@ def heldout_documents(cfg, files, max_chars: int, min_docs: int = 0) -> list[str
     """Held-out documents of the corpus (the validation split, chosen by document hash exactly as
     prepare chooses it), in corpus order, until they hold max_chars characters and number at least
     min_docs. Reads only as far into the corpus as that needs."""
+    from trainer.data.readers import DocumentReader, iter_documents
     from trainer.data.shards import Normalizer, is_validation
-    from trainer.data.sources import DocumentReader, iter_documents
 
     if cfg.data.val_permille == 0:
         return []
@@ -277,7 +277,8 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
 def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
     """`entrypoint.py eval`: load an export or checkpoint (local or s3://) and evaluate it on the
     held-out split of cfg.data.sources and on text_files (any corpus format data.* reads)."""
-    from trainer.data.sources import DataError, iter_documents, local_files, pull, resolve_sources
+    from trainer.data.readers import iter_documents
+    from trainer.data.sources import DataError, local_files, pull, resolve_sources
     from trainer.evaluation.generate import load_for_generation
     from trainer.state.checkpoint import model_dir
 

@@ -16,8 +16,9 @@ from trainer.config import Config, ConfigError, to_yaml
 from trainer.data import shards as prepare
 from trainer.data import tokenizer as tokenizers
 from trainer.data.conversations import load_chat_tokenizer, prepare_conversations, sft_run_id
+from trainer.data.readers import DocumentReader, iter_documents
 from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
-from trainer.data.sources import DocumentReader, corpus_fingerprint, iter_documents, pull, resolve_sources
+from trainer.data.sources import corpus_fingerprint, pull, resolve_sources
 from trainer.data.tokenizer import load_tokenizer, tokenizer_hash
 from trainer.errors import EXIT_PREEMPTED
 from trainer.evaluation.evaluate import evaluate_model, heldout_documents
