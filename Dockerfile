@@ -26,8 +26,16 @@ ARG TORCH_VERSION=2.9.1
 ARG TORCH_CUDA_VERSION=12.8
 ARG CUDA_VERSION=12.4.1
 ARG PYTHON_VERSION=3.11
+# FLAVOUR=cpu (`make image-cpu`, docker/build_cpu.sh): the same stages, entrypoint, tini, user, venv and
+# file layout on a Debian bookworm base (its own python3.11; BUILDER_BASE/RUNTIME_BASE name it) with the
+# CPU torch wheel that `make install` uses (TORCH_VERSION=2.13.0, TORCH_CUDA_VERSION empty) taken from the
+# build context's .whl/, no flash-attn and no gpu extra. `make test-container` runs the job in it
+# (docs/image.md). The defaults below are the CUDA image's.
+ARG FLAVOUR=cuda
+ARG BUILDER_BASE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04
+ARG RUNTIME_BASE=nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04
 
-FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS builder
+FROM ${BUILDER_BASE} AS builder
 
 ARG TORCH_VERSION
 ARG TORCH_CUDA_VERSION
@@ -36,6 +44,7 @@ ARG FLASH_ATTN_VERSION=2.8.3
 # Parallel nvcc jobs for a flash-attn source build: each takes several GB of RAM, so keep it bounded.
 ARG MAX_JOBS=4
 ARG DEBIAN_FRONTEND=noninteractive
+ARG FLAVOUR
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 \
@@ -46,26 +55,36 @@ ENV PIP_NO_CACHE_DIR=1 \
 # -dev: headers for the flash-attn source build.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends software-properties-common \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends \
+    && if [ "${FLAVOUR}" = cuda ]; then \
+        apt-get install -y --no-install-recommends software-properties-common \
+        && add-apt-repository -y ppa:deadsnakes/ppa \
+        && apt-get update; \
+    fi \
+    && apt-get install -y --no-install-recommends ca-certificates \
         "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-venv" "python${PYTHON_VERSION}-dev" \
     && rm -rf /var/lib/apt/lists/*
 
 # torch from PyPI at exactly this version (its CUDA 12.8 build); the constraint keeps every later install
 # from replacing it. Its wheels are built with the C++11 ABI (flash-attn's wheel name says so).
+# The cpu flavour finds its wheel in .whl/ (pyproject.toml is listed so the COPY has a source when .whl/
+# is empty: the CUDA flavour has no wheel there and takes torch from PyPI as before).
+COPY pyproject.toml .whl/torch-* .whl/*.crt /tmp/wheels/
+# PIP_CERT: a CA bundle for pip behind a TLS-inspecting proxy (docker/build_cpu.sh copies the host's into
+# .whl/ and passes its path). An ARG, not an ENV: it is set for this stage's RUNs only and the builder
+# stage is discarded, so the final image holds neither the bundle nor the setting.
+ARG PIP_CERT
 RUN "python${PYTHON_VERSION}" -m venv /opt/venv \
     && echo "torch==${TORCH_VERSION}" > /opt/constraints.txt \
-    && /opt/venv/bin/pip install -c /opt/constraints.txt "torch==${TORCH_VERSION}" \
-    && /opt/venv/bin/python -c "import sys, torch; assert f'{sys.version_info[0]}.{sys.version_info[1]}' == '${PYTHON_VERSION}' and torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${TORCH_CUDA_VERSION}' and torch._C._GLIBCXX_USE_CXX11_ABI, (sys.version, torch.__version__, torch.version.cuda)"
+    && /opt/venv/bin/pip install -c /opt/constraints.txt --find-links=/tmp/wheels "torch==${TORCH_VERSION}" \
+    && /opt/venv/bin/python -c "import sys, torch; assert f'{sys.version_info[0]}.{sys.version_info[1]}' == '${PYTHON_VERSION}' and torch.__version__.split('+')[0] == '${TORCH_VERSION}' and (torch.version.cuda or '') == '${TORCH_CUDA_VERSION}' and torch._C._GLIBCXX_USE_CXX11_ABI, (sys.version, torch.__version__, torch.version.cuda)"
 ENV PATH=/opt/venv/bin:$PATH
 
 # flash-attn: the release wheel built for exactly this torch minor, torch's CUDA major, C++ ABI and Python
 # (named like flash_attn-2.8.3+cu12torch2.9cxx11abiTRUE-cp311-cp311-linux_x86_64.whl); if there is none,
 # compile it here with ninja for Ampere and Hopper (sm80, sm90; about an hour at MAX_JOBS=4). v2.8.3's
 # release wheels stop at torch 2.8 (its publish workflow's matrix), so for torch 2.9 this builds.
-RUN py="cp$(python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')" \
+RUN if [ "${FLAVOUR}" = cpu ]; then echo "flash-attn: none in the cpu flavour"; exit 0; fi \
+    && py="cp$(python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')" \
     && torch_minor="$(python -c 'import torch; print(".".join(torch.__version__.split(".")[:2]))')" \
     && cuda_major="$(python -c 'import torch; print(torch.version.cuda.split(".")[0])')" \
     && abi="$(python -c 'import torch; print(str(torch._C._GLIBCXX_USE_CXX11_ABI).upper())')" \
@@ -84,25 +103,27 @@ RUN py="cp$(python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_inf
 # changes don't reinstall them. flash-attn is already there and must match the Dockerfile.
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', fromlist=['load']); p = toml.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu'] + p['optional-dependencies']['wandb']))" > /tmp/requirements.txt \
-    && grep -qx "flash-attn==${FLASH_ATTN_VERSION}" /tmp/requirements.txt \
+RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', fromlist=['load']); p = toml.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + (p['optional-dependencies']['gpu'] if '${FLAVOUR}' == 'cuda' else []) + p['optional-dependencies']['wandb']))" > /tmp/requirements.txt \
+    && { [ "${FLAVOUR}" = cpu ] || grep -qx "flash-attn==${FLASH_ATTN_VERSION}" /tmp/requirements.txt; } \
     && pip install -c /opt/constraints.txt -r /tmp/requirements.txt
 
 # The project itself (trainer package + entrypoint module), from pyproject.toml with the gpu extra;
 # `python -I` so the check imports the installed copy, not the one in this folder.
 COPY entrypoint.py ./
 COPY trainer ./trainer
-RUN pip install -c /opt/constraints.txt ".[gpu,wandb]" \
-    && python -I -c "import flash_attn, flash_attn_2_cuda, torchao.float8, wandb, trainer.config, entrypoint"
+RUN if [ "${FLAVOUR}" = cpu ]; then extras="wandb" gpu_mods=""; else extras="gpu,wandb" gpu_mods="flash_attn, flash_attn_2_cuda, torchao.float8, "; fi \
+    && pip install -c /opt/constraints.txt ".[${extras}]" \
+    && python -I -c "import ${gpu_mods}wandb, trainer.config, entrypoint"
 
 
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04
+FROM ${RUNTIME_BASE}
 
 ARG TORCH_VERSION
 ARG TORCH_CUDA_VERSION
 ARG PYTHON_VERSION
 ARG FLASH_ATTN_VERSION=2.8.3
 ARG DEBIAN_FRONTEND=noninteractive
+ARG FLAVOUR
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -112,12 +133,14 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # zombies. add-apt-repository is removed again once the PPA is configured.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends software-properties-common \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends \
+    && if [ "${FLAVOUR}" = cuda ]; then \
+        apt-get install -y --no-install-recommends software-properties-common \
+        && add-apt-repository -y ppa:deadsnakes/ppa \
+        && apt-get update; \
+    fi \
+    && apt-get install -y --no-install-recommends ca-certificates \
         "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-dev" gcc libc6-dev tini \
-    && apt-get purge -y --auto-remove software-properties-common \
+    && { [ "${FLAVOUR}" = cpu ] || apt-get purge -y --auto-remove software-properties-common; } \
     && rm -rf /var/lib/apt/lists/*
 
 # A non-root user that owns the writable places. Group 0 gets the same rights, so the image also runs
@@ -151,7 +174,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 # Fail the build, not the run: the compiled extensions must load against this image's libraries,
 # torch.optim.Muon must exist, and torch must find the cuDNN it was built with (its own wheel's).
-RUN python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, trainer.job.run, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert hasattr(torch.optim, 'Muon'), 'no torch.optim.Muon'; assert torch.backends.cudnn.version() is not None, 'torch finds no cuDNN'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${TORCH_CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"
+RUN if [ "${FLAVOUR}" = cpu ]; then \
+        python -c "import torch, transformers, trainer.job.run, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert hasattr(torch.optim, 'Muon'), 'no torch.optim.Muon'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda is None, (torch.__version__, torch.version.cuda)"; \
+    else \
+        python -c "import torch, transformers, flash_attn, flash_attn_2_cuda, trainer.job.run, entrypoint; assert transformers.utils.is_torch_available(), 'transformers rejects this torch'; assert hasattr(torch.optim, 'Muon'), 'no torch.optim.Muon'; assert torch.backends.cudnn.version() is not None, 'torch finds no cuDNN'; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}' and torch.version.cuda == '${TORCH_CUDA_VERSION}' and flash_attn.__version__ == '${FLASH_ATTN_VERSION}', (torch.__version__, torch.version.cuda, flash_attn.__version__)"; \
+    fi
 
 # The user `trainer`, by number so Kubernetes can verify runAsNonRoot.
 USER 1000:1000

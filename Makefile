@@ -23,7 +23,7 @@ IMAGE_TESTS ?= tests/test_run.py tests/test_resume.py tests/test_reliability_kil
 	tests/test_reliability_preemption.py tests/test_optim.py tests/test_loop_stages.py tests/test_float8.py \
 	$(wildcard tests/test_fsdp*.py)
 
-.PHONY: install demo test test-image-torch lint bench-tokenizer clean
+.PHONY: install demo test test-image-torch image-cpu lint bench-tokenizer clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ test: install
 
 test-image-torch: $(IMAGE_STAMP)
 	$(IMAGE_PY) -m pytest -q $(IMAGE_TESTS) $(ARGS)
+
+# The Dockerfile's CPU flavour (FLAVOUR=cpu: Debian bookworm base, this TORCH_SPEC's CPU wheel), built
+# from `git archive HEAD`; docker/engine.sh installs and starts Docker and makes the base when missing.
+IMAGE_CPU ?= zh-pretrain:cpu
+image-cpu:
+	IMAGE_CPU=$(IMAGE_CPU) TORCH_SPEC=$(TORCH_SPEC) PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash docker/build_cpu.sh
 
 lint: install
 	$(PY) -m ruff check .

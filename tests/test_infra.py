@@ -107,7 +107,11 @@ def test_dockerfile_versions_agree_with_pyproject():
     assert args["TORCH_CUDA_VERSION"].split(".")[0] == args["CUDA_VERSION"].split(".")[0]
     assert args["PYTHON_VERSION"] == "3.11"
     froms = [a for _, i, a in dockerfile() if i == "FROM"]
-    assert froms == ["nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04 AS builder", "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04"]
+    assert froms == ["${BUILDER_BASE} AS builder", "${RUNTIME_BASE}"]
+    # The default flavour is the CUDA image; FLAVOUR=cpu (make image-cpu) swaps the bases only by build argument.
+    assert args["FLAVOUR"] == "cuda"
+    assert args["BUILDER_BASE"] == "nvidia/cuda:${CUDA_VERSION}-devel-ubuntu22.04"
+    assert args["RUNTIME_BASE"] == "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04"
     # The final stage asserts what it ships: these versions, and torch.optim.Muon.
     check = [a for s, i, a in dockerfile() if s == 1 and i == "RUN" and "assert" in a][-1]
     for name in ("TORCH_VERSION", "TORCH_CUDA_VERSION", "FLASH_ATTN_VERSION"):
@@ -190,7 +194,8 @@ def test_dockerignore_keeps_build_inputs_and_drops_the_rest():
         if instr == "COPY" and "--from" not in args:
             copied += [a for a in args.split()[:-1] if not a.startswith("--")]
     assert set(copied) >= {"pyproject.toml", "entrypoint.py", "trainer", "configs", "data/sample"}
-    assert not [c for c in copied if not (ROOT / c).exists()], "COPY of a path that isn't in the repository"
+    # A glob (the cpu flavour's torch wheel in .whl/) may match nothing; every plain path must exist.
+    assert not [c for c in copied if "*" not in c and not (ROOT / c).exists()], "COPY of a path that isn't in the repository"
     for path in copied + ["trainer/config.py", "data/sample/poetry-sample-00.jsonl.zst"]:
         assert not ignored(path), f"{path} is COPYed but .dockerignore drops it"
     for path in [".env", ".git/config", ".venv/bin/python", "bucket/x", "work/x", "tests/test_infra.py",
