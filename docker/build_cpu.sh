@@ -38,7 +38,8 @@ cp "$CA_BUNDLE" "$context/.whl/host-ca.crt"
 
 say "docker build $IMAGE_CPU from HEAD $(git rev-parse --short HEAD) on $BASE_IMAGE"
 start=$SECONDS
-docker build -t "$IMAGE_CPU" \
+# --network host: the daemon runs without a bridge, so a build step has no other network to reach PyPI.
+docker build --network host -t "$IMAGE_CPU" \
     --build-arg FLAVOUR=cpu \
     --build-arg BUILDER_BASE="$BASE_IMAGE" \
     --build-arg RUNTIME_BASE="$BASE_IMAGE" \
