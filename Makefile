@@ -23,7 +23,7 @@ IMAGE_TESTS ?= tests/test_run.py tests/test_resume.py tests/test_reliability_kil
 	tests/test_reliability_preemption.py tests/test_optim.py tests/test_loop_stages.py tests/test_float8.py \
 	$(wildcard tests/test_fsdp*.py)
 
-.PHONY: install demo test test-image-torch image-cpu lint bench-tokenizer clean
+.PHONY: install demo test test-image-torch image-cpu test-container lint bench-tokenizer clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ test-image-torch: $(IMAGE_STAMP)
 IMAGE_CPU ?= zh-pretrain:cpu
 image-cpu:
 	IMAGE_CPU=$(IMAGE_CPU) TORCH_SPEC=$(TORCH_SPEC) PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash docker/build_cpu.sh
+
+# The image for real (docs/image.md): demo in the container, docker stop -> exit 75 -> resume to the same
+# weights, a loopback S3 server, and the compose file under docker-compose.test.yml.
+test-container: install
+	IMAGE_CPU=$(IMAGE_CPU) TORCH_SPEC=$(TORCH_SPEC) PYTHON=$(PY) bash scripts/test_container.sh $(ARGS)
 
 lint: install
 	$(PY) -m ruff check .
