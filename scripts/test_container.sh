@@ -33,7 +33,7 @@ cleanup() {
     [ -n "$ids" ] && docker rm -f $ids > /dev/null 2>&1
     [ -n "$moto_pid" ] && kill "$moto_pid" 2>/dev/null
     [ -f "$work/compose.env" ] && compose down -v --remove-orphans > /dev/null 2>&1
-    [ "$KEEP_IMAGE" = 0 ] && docker rmi "$IMAGE_CPU" > /dev/null 2>&1
+    [ "$KEEP_IMAGE" = 0 ] && docker rmi "$IMAGE_CPU" zh-pretrain-s3-standin:test > /dev/null 2>&1
     rm -rf "$work"
     return 0
 }

@@ -297,6 +297,9 @@ def test_compose_trainer_gets_all_gpus_and_the_cpu_profile_none():
     assert "profiles" not in services["trainer"], "`docker compose up` must start the GPU trainer"
     cpu = services["trainer-cpu"]
     assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu
+    # `docker compose up trainer-cpu` runs make image-cpu's image and can never build the CUDA one (~1 h).
+    assert "build" not in cpu and cpu["image"] == "zh-pretrain:cpu"
+    assert services["trainer"]["build"] == "." and services["trainer"]["image"] == "zh-pretrain:latest"
     assert cpu["command"][0] == "run" and "--train.device=cpu" in cpu["command"]
     # Its overrides are a valid config on top of the compose config and environment.
     creds = {"AWS_ACCESS_KEY_ID": "trainer", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
