@@ -127,6 +127,7 @@ for step in range(4):
 full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
 torch.save({"weights": [full(p).detach() for p in params],
             "momentum": [full(opt.state[p]["momentum_buffer"]) for p in params]}, f"{out}/{mode}{rank}.pt")
+dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT at exit on 2 cores)
 dist.destroy_process_group()
 '''
 
