@@ -20,7 +20,7 @@ IMAGE_PY := $(IMAGE_VENV)/bin/python
 # One stamp per torch spec: changing IMAGE_TORCH_SPEC reinstalls torch in the same venv.
 IMAGE_STAMP := $(IMAGE_VENV)/.installed-$(subst ==,-,$(IMAGE_TORCH_SPEC))
 IMAGE_TESTS ?= tests/test_run.py tests/test_resume.py tests/test_reliability_kill.py \
-	tests/test_reliability_preemption.py tests/test_optim.py tests/test_loop_stages.py tests/test_float8.py \
+	tests/test_reliability_preemption.py tests/test_optim.py tests/test_muon.py tests/test_loop_stages.py tests/test_float8.py \
 	$(wildcard tests/test_fsdp*.py)
 
 .PHONY: install demo test test-image-torch image-cpu test-container lint bench-tokenizer clean

@@ -139,7 +139,7 @@ def test_ci_runs_the_image_torch_tests():
     (pytest_line,) = [line for line in lines if "-m pytest" in line]
     selected = pytest_line.split()
     must = ["tests/test_run.py", "tests/test_resume.py", "tests/test_reliability_kill.py",
-            "tests/test_reliability_preemption.py", "tests/test_optim.py", "tests/test_loop_stages.py"]
+            "tests/test_reliability_preemption.py", "tests/test_optim.py", "tests/test_muon.py", "tests/test_loop_stages.py"]
     fsdp = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_fsdp*.py"))  # picked up by a glob
     assert set(must + fsdp) <= set(selected) and all((ROOT / t).is_file() for t in must)
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
