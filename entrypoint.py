@@ -227,7 +227,7 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
     import yaml
 
     from trainer.config import ConfigError, load_config, load_config_tree, to_dict
-    from trainer.model.planner import format_table, plan_json, plan_to_config
+    from trainer.model.plan_output import format_table, plan_json, plan_to_config
     from trainer.model.planner import plan as make_plan
 
     if out and Path(out).exists() and not force:  # before anything is printed or written

@@ -299,7 +299,7 @@ def test_generate_takes_every_checkpoint_form_eval_and_chat_take(capsys, trained
 
 
 def test_short_count_by_hand():
-    from trainer.model.planner import short_count
+    from trainer.model.plan_output import short_count
 
     cases = {5: "5", 999: "1k", 1234: "1.2k", 999_999: "1m", 2.6e9: "2.6b", 12.3e9: "12b", 150e9: "150b",
              99.6e9: "100b", 1.5e12: "1.5t"}

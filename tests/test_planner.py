@@ -4,14 +4,12 @@ import pytest
 
 from trainer.config import Config, load_config_tree, to_dict
 from trainer.model.llama import PRESETS
+from trainer.model.plan_output import format_table, plan_json, plan_to_config
 from trainer.model.planner import (
     chinchilla_optimum,
     deepseek_optimum,
-    format_table,
     non_embedding_flops_per_token,
     plan,
-    plan_json,
-    plan_to_config,
     round_batch,
     whole_micro_batches,
 )
@@ -193,7 +191,8 @@ def test_a_small_budget_on_a_small_corpus_gets_a_small_plan():
 
 
 def test_a_plan_that_repeats_data_writes_the_repeated_data_settings():
-    from trainer.model.planner import MAX_EPOCHS, REPEATED_DATA_TRAIN, plan_to_config
+    from trainer.model.plan_output import plan_to_config
+    from trainer.model.planner import MAX_EPOCHS, REPEATED_DATA_TRAIN
 
     repeated = plan_to_config(plan(gpu_hours=0.092, gpu="h200", seq_len=512, corpus_tokens=19.6e6), {})
     assert {k: repeated["train"][k] for k in REPEATED_DATA_TRAIN} == REPEATED_DATA_TRAIN

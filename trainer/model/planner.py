@@ -19,17 +19,14 @@ strategy (FSDP when DDP does not fit or the model is past FSDP_AUTO_PARAMS), the
 micro-batch that fits, activation checkpointing only when nothing fits without it, and says how many
 GPUs FSDP needs at least.
 
-`plan` is a pure function of its arguments; `plan_to_config` turns a plan into the config keys
-`run` reads, `format_table` and `plan_json` present it.
+`plan` is a pure function of its arguments; trainer.model.plan_output turns a plan into the config
+keys `run` reads (`plan_to_config`) and presents it (`format_table`, `plan_json`).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from trainer.model.llama import (
     FSDP_AUTO_PARAMS,
@@ -303,6 +300,54 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
     the compute it would get, and tokens fill the budget. `gpu_hours` budgets count the FLOPs the
     GPUs really execute (with the lm_head), so the plan's wall time matches the hours asked for.
     """
+    compute, gpu_hours, gpu, mfu, tokens, seq_len, corpus_tokens, gpus, vocab_size = _validated_inputs(
+        compute, gpu_hours, gpu, mfu, preset, tokens, seq_len, corpus_tokens, gpus, price_per_gpu_hour, vocab_size)
+    m = {k: non_embedding_flops_per_token(s, seq_len) for k, s in PRESETS.items()}
+    f = {k: flops_per_token(s, vocab_size, seq_len) for k, s in PRESETS.items()}
+    peak = PEAK_FLOPS[gpu]
+    hw_flops = None if gpu_hours is None else gpu_hours * 3600.0 * peak * mfu
+    tokens_of = _tokens_per_preset(m, f, compute, hw_flops, tokens)
+    chosen = _choose_preset(m, f, tokens_of, compute, hw_flops, preset, tokens, corpus_tokens, vocab_size)
+    target_tokens, c, basis = _target(m[chosen], tokens_of, compute, hw_flops, preset, chosen)
+
+    opt = deepseek_optimum(c)
+    batch, steps, warmup = _schedule(opt["batch_tokens"], target_tokens, chosen, vocab_size, seq_len, gpu, gpus)
+    planned_tokens = steps * batch
+    actual_c = m[chosen] * planned_tokens
+
+    wall_seconds = planned_tokens * f[chosen] / (gpus * peak * mfu)
+    wall_hours = wall_seconds / 3600.0
+    used_gpu_hours = wall_hours * gpus
+    cost = None if price_per_gpu_hour is None else used_gpu_hours * float(price_per_gpu_hour)
+    params = n_params(PRESETS[chosen], vocab_size)["total"]
+
+    ch_params, ch_tokens = chinchilla_optimum(actual_c)
+    chinchilla = Chinchilla(
+        params=ch_params, tokens=ch_tokens,
+        preset=_nearest({k: n_params(s, vocab_size)["total"] for k, s in PRESETS.items()}, ch_params),
+        plan_tokens_per_param=planned_tokens / params,
+    )
+
+    epochs = None if corpus_tokens is None else planned_tokens / corpus_tokens
+    p = Plan(
+        seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu, price_per_gpu_hour=price_per_gpu_hour,
+        vocab_size=vocab_size, corpus_tokens=corpus_tokens, basis=basis, compute_budget=c,
+        m_opt=opt["m"], d_opt=opt["tokens"], batch_opt=opt["batch_tokens"], lr_opt=opt["lr"],
+        preset=chosen, shape=PRESETS[chosen], non_embedding_flops_per_token=m[chosen],
+        train_flops_per_token=f[chosen], params=params, batch_tokens=batch, steps=steps,
+        warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
+        epochs=epochs, wall_hours=wall_hours, gpu_hours=used_gpu_hours, cost=cost,
+        chinchilla=chinchilla, warnings=(), **memory_plan(chosen, vocab_size, seq_len, gpu, gpus, batch),
+    )
+    return replace(p, warnings=plan_warnings(p, target_tokens))
+
+
+def _validated_inputs(compute, gpu_hours, gpu, mfu, preset, tokens, seq_len, corpus_tokens, gpus,
+                      price_per_gpu_hour, vocab_size) -> tuple:
+    """plan's arguments checked, every problem a ValueError naming the argument: (compute,
+    gpu_hours, gpu, mfu, tokens, seq_len, corpus_tokens, gpus, vocab_size), with tokens,
+    corpus_tokens, seq_len, gpus and vocab_size as ints, compute, gpu_hours and mfu as floats
+    (None where not given) and gpu lower-cased. preset and price_per_gpu_hour are only checked."""
     compute = _positive("compute", compute)
     gpu_hours = _positive("gpu_hours", gpu_hours)
     tokens = _positive("tokens", tokens)
@@ -334,79 +379,72 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
         raise ValueError("tokens: a budget with both preset and tokens fixed is over-determined; drop one of the three")
     if not budget_given and preset is None and tokens is None:
         raise ValueError("compute: give compute, gpu_hours, preset or tokens")
+    return compute, gpu_hours, gpu, mfu, tokens, seq_len, corpus_tokens, gpus, vocab_size
 
-    m = {k: non_embedding_flops_per_token(s, seq_len) for k, s in PRESETS.items()}
-    f = {k: flops_per_token(s, vocab_size, seq_len) for k, s in PRESETS.items()}
-    peak = PEAK_FLOPS[gpu]
-    hw_flops = None if gpu_hours is None else gpu_hours * 3600.0 * peak * mfu
 
-    # The tokens each preset would train on, given what is fixed.
+def _tokens_per_preset(m: dict[str, float], f: dict[str, float], compute: float | None, hw_flops: float | None,
+                       tokens: int | None) -> dict[str, float] | None:
+    """The tokens each preset would train on, given what is fixed: `tokens` itself; or the budget
+    divided by the preset's FLOPs per token (f, what the GPUs execute, for a gpu_hours budget turned
+    into hw_flops; m, DeepSeek's M, for a compute budget). None for a preset alone (plan decides)."""
     if tokens is not None:
-        tokens_of = {k: float(tokens) for k in PRESETS}
-    elif hw_flops is not None:
-        tokens_of = {k: hw_flops / f[k] for k in PRESETS}
-    elif compute is not None:
-        tokens_of = {k: compute / m[k] for k in PRESETS}
-    else:
-        tokens_of = None  # preset alone: decided below
+        return {k: float(tokens) for k in PRESETS}
+    if hw_flops is not None:
+        return {k: hw_flops / f[k] for k in PRESETS}
+    if compute is not None:
+        return {k: compute / m[k] for k in PRESETS}
+    return None
 
+
+def _choose_preset(m: dict[str, float], f: dict[str, float], tokens_of: dict[str, float] | None,
+                   compute: float | None, hw_flops: float | None, preset: str | None, tokens: int | None,
+                   corpus_tokens: int | None, vocab_size: int) -> str:
+    """The plan's preset: `preset` when fixed; for tokens alone, the one nearest M_opt of the compute
+    for which D_opt(C) = tokens; for a budget and tokens, the model that spends the budget on those
+    tokens; for a budget alone, the one nearest M_opt of the compute it would get, made
+    data-constrained (data_constrained_preset) when that would read corpus_tokens more than
+    MAX_EPOCHS times. m and f: FLOPs per token per preset, as in _tokens_per_preset."""
     if preset is not None:
-        chosen = preset
-    elif not budget_given:  # tokens alone: the compute for which D_opt(C) = tokens
+        return preset
+    if compute is None and hw_flops is None:  # tokens alone: the compute for which D_opt(C) = tokens
         c = (tokens / D_COEF) ** (1.0 / D_EXP)
-        chosen = _nearest(m, M_COEF * c ** M_EXP)
-    elif tokens is not None:  # budget and tokens: the model that spends the budget on those tokens
-        chosen = (_nearest(f, hw_flops / tokens) if hw_flops is not None else _nearest(m, compute / tokens))
-    else:  # budget alone: the preset nearest M_opt of the compute it would get
-        chosen = _nearest(m, {k: M_COEF * (m[k] * tokens_of[k]) ** M_EXP for k in PRESETS})
-        if corpus_tokens is not None and tokens_of[chosen] > MAX_EPOCHS * corpus_tokens:
-            params = {k: n_params(s, vocab_size)["total"] for k, s in PRESETS.items()}
-            chosen = data_constrained_preset(m, tokens_of, corpus_tokens, params, chosen)
+        return _nearest(m, M_COEF * c ** M_EXP)
+    if tokens is not None:  # budget and tokens: the model that spends the budget on those tokens
+        return _nearest(f, hw_flops / tokens) if hw_flops is not None else _nearest(m, compute / tokens)
+    # budget alone: the preset nearest M_opt of the compute it would get
+    chosen = _nearest(m, {k: M_COEF * (m[k] * tokens_of[k]) ** M_EXP for k in PRESETS})
+    if corpus_tokens is not None and tokens_of[chosen] > MAX_EPOCHS * corpus_tokens:
+        params = {k: n_params(s, vocab_size)["total"] for k, s in PRESETS.items()}
+        chosen = data_constrained_preset(m, tokens_of, corpus_tokens, params, chosen)
+    return chosen
 
+
+def _target(m_chosen: float, tokens_of: dict[str, float] | None, compute: float | None, hw_flops: float | None,
+            preset: str | None, chosen: str) -> tuple[float, float, str]:
+    """(target tokens, compute budget C in FLOPs (M x D), basis) for the chosen preset, whose M is
+    m_chosen. A preset alone gets the compute for which M_opt(C) = M (DeepSeek eq. 4); otherwise
+    the tokens it would train on fix C = M x tokens. basis names what fixed the plan (Plan.basis)."""
     if tokens_of is None:  # preset alone: the compute for which M_opt(C) = M
-        c = (m[chosen] / M_COEF) ** (1.0 / M_EXP)
-        target_tokens = c / m[chosen]
-        basis = "preset"
-    else:
-        target_tokens = tokens_of[chosen]
-        c = m[chosen] * target_tokens
-        basis = ("gpu_hours" if hw_flops is not None else "compute" if compute is not None
-                 else "preset+tokens" if preset is not None else "tokens")
+        c = (m_chosen / M_COEF) ** (1.0 / M_EXP)
+        return c / m_chosen, c, "preset"
+    target_tokens = tokens_of[chosen]
+    basis = ("gpu_hours" if hw_flops is not None else "compute" if compute is not None
+             else "preset+tokens" if preset is not None else "tokens")
+    return target_tokens, m_chosen * target_tokens, basis
 
-    opt = deepseek_optimum(c)
-    batch = round_batch(opt["batch_tokens"], seq_len, gpus)
+
+def _schedule(batch_opt: float, target_tokens: float, chosen: str, vocab_size: int, seq_len: int, gpu: str,
+              gpus: int) -> tuple[int, int, int]:
+    """(batch_tokens, steps, warmup_steps): DeepSeek's batch_opt (tokens) rounded to whole sequences
+    per GPU that split into the micro-batch memory allows (whole_micro_batches), as many whole steps
+    as come nearest target_tokens (at least one), and warmup capped at WARMUP_STEPS and
+    WARMUP_MAX_FRACTION of the steps (DeepSeek LLM section 2.3)."""
+    batch = round_batch(batch_opt, seq_len, gpus)
     micro = memory_plan(chosen, vocab_size, seq_len, gpu, gpus, batch)["micro_batch_size"]
-    batch = whole_micro_batches(opt["batch_tokens"], seq_len, gpus, micro)
+    batch = whole_micro_batches(batch_opt, seq_len, gpus, micro)
     steps = max(1, round(target_tokens / batch))
     warmup = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * steps))
-    planned_tokens = steps * batch
-    actual_c = m[chosen] * planned_tokens
-
-    wall_seconds = planned_tokens * f[chosen] / (gpus * peak * mfu)
-    wall_hours = wall_seconds / 3600.0
-    used_gpu_hours = wall_hours * gpus
-    cost = None if price_per_gpu_hour is None else used_gpu_hours * float(price_per_gpu_hour)
-    params = n_params(PRESETS[chosen], vocab_size)["total"]
-
-    ch_params, ch_tokens = chinchilla_optimum(actual_c)
-    chinchilla = Chinchilla(
-        params=ch_params, tokens=ch_tokens,
-        preset=_nearest({k: n_params(s, vocab_size)["total"] for k, s in PRESETS.items()}, ch_params),
-        plan_tokens_per_param=planned_tokens / params,
-    )
-
-    epochs = None if corpus_tokens is None else planned_tokens / corpus_tokens
-    p = Plan(
-        seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu, price_per_gpu_hour=price_per_gpu_hour,
-        vocab_size=vocab_size, corpus_tokens=corpus_tokens, basis=basis, compute_budget=c,
-        m_opt=opt["m"], d_opt=opt["tokens"], batch_opt=opt["batch_tokens"], lr_opt=opt["lr"],
-        preset=chosen, shape=PRESETS[chosen], non_embedding_flops_per_token=m[chosen],
-        train_flops_per_token=f[chosen], params=params, batch_tokens=batch, steps=steps,
-        warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
-        epochs=epochs, wall_hours=wall_hours, gpu_hours=used_gpu_hours, cost=cost,
-        chinchilla=chinchilla, warnings=(), **memory_plan(chosen, vocab_size, seq_len, gpu, gpus, batch),
-    )
-    return replace(p, warnings=plan_warnings(p, target_tokens))
+    return batch, steps, warmup
 
 
 def plan_warnings(p: Plan, target_tokens: float) -> tuple[str, ...]:
@@ -453,143 +491,3 @@ def memory_warning(p: Plan) -> str:
     return (f"{p.preset} does not fit on {gpus}: {p.memory_gb_per_gpu:.0f} GB per GPU predicted with "
             f"{p.strategy}, micro-batch 1 and activation checkpointing; it needs at least {p.min_gpus_fsdp_ac} x "
             f"{p.gpu} with FSDP and activation checkpointing ({without})")
-
-
-def plan_to_config(plan: Plan, base: dict) -> dict:
-    """A copy of the config tree `base` (as config.to_dict gives, or a YAML file's) with the plan's
-    model.preset, train.max_steps, batch_tokens, lr, seq_len and warmup_steps set, and a run.id of
-    its own (planned_run_id): a planned model must not resume, or overwrite, base's run. A plan that
-    reads its corpus more than once also gets REPEATED_DATA_TRAIN and train.max_epochs=MAX_EPOCHS.
-    Memory: train.strategy=fsdp when the plan shards, train.activation_checkpointing=true when it
-    needs it, and train.micro_batch_size when memory allows fewer than the loop's default of 16."""
-    tree = copy.deepcopy(base)
-    tree.setdefault("model", {})["preset"] = plan.preset
-    tree.setdefault("train", {}).update({
-        "max_steps": plan.steps, "batch_tokens": plan.batch_tokens, "lr": plan.lr,
-        "seq_len": plan.seq_len, "warmup_steps": plan.warmup_steps,
-    })
-    if plan.epochs is not None and plan.epochs > 1:  # repeated data: what trained it best (measured)
-        tree["train"].update({**REPEATED_DATA_TRAIN, "max_epochs": MAX_EPOCHS})
-    if plan.strategy == "fsdp":
-        tree["train"]["strategy"] = "fsdp"
-    if plan.activation_checkpointing:
-        tree["train"]["activation_checkpointing"] = True
-    if plan.micro_batch_size < MICRO_BATCHES[0]:  # the loop's default (0) would run up to 16
-        tree["train"]["micro_batch_size"] = plan.micro_batch_size
-    tree.setdefault("run", {})["id"] = planned_run_id(plan, tree)
-    return tree
-
-
-def planned_run_id(plan: Plan, tree: dict) -> str:
-    """`<preset>-<tokens>-<6 hex digits>`, e.g. `124m-2.6b-3f9a1c`: the model and tokens to read at a
-    glance, and a hash of the whole config tree without run.id, so the same plan of the same base
-    gets the same id (rerunning it resumes) and any other plan or base gets another."""
-    rest = {section: {k: v for k, v in body.items() if (section, k) != ("run", "id")} if isinstance(body, dict)
-            else body for section, body in tree.items()}
-    digest = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6]
-    return f"{plan.preset}-{short_count(plan.tokens)}-{digest}"
-
-
-def short_count(n: float) -> str:
-    """1234 -> 1.2k, 2.6e9 -> 2.6b (two significant figures; k, m, b, t for 1e3, 1e6, 1e9, 1e12)."""
-    n = float(f"{n:.2g}")  # round first, so 999_999 reads 1m, not 1e+03k
-    for unit, scale in (("t", 1e12), ("b", 1e9), ("m", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:g}{unit}"
-    return f"{n:g}"
-
-
-def plan_json(plan: Plan) -> dict:
-    """Plain JSON-ready dict for tools."""
-    return {
-        "basis": plan.basis,
-        "compute": plan.compute,
-        "compute_budget": plan.compute_budget,
-        "non_embedding_flops_per_token": plan.non_embedding_flops_per_token,
-        "train_flops_per_token": plan.train_flops_per_token,
-        "tokens": plan.tokens,
-        "batch_tokens": plan.batch_tokens,
-        "steps": plan.steps,
-        "warmup_steps": plan.warmup_steps,
-        "lr": plan.lr,
-        "seq_len": plan.seq_len,
-        "model": {"preset": plan.preset, **asdict(plan.shape), "params": plan.params, "vocab_size": plan.vocab_size},
-        "deepseek_optimum": {"non_embedding_flops_per_token": plan.m_opt, "tokens": plan.d_opt,
-                             "batch_tokens": plan.batch_opt, "lr": plan.lr_opt},
-        "chinchilla": asdict(plan.chinchilla),
-        "corpus_tokens": plan.corpus_tokens,
-        "epochs": plan.epochs,
-        "gpu": plan.gpu,
-        "gpus": plan.gpus,
-        "mfu": plan.mfu,
-        "wall_hours": plan.wall_hours,
-        "gpu_hours": plan.gpu_hours,
-        "price_per_gpu_hour": plan.price_per_gpu_hour,
-        "cost": plan.cost,
-        "strategy": plan.strategy,
-        "fits": plan.fits,
-        "micro_batch_size": plan.micro_batch_size,
-        "activation_checkpointing": plan.activation_checkpointing,
-        "memory_gb_per_gpu": plan.memory_gb_per_gpu,
-        "gpu_memory_gb": plan.gpu_memory_gb,
-        "min_gpus_fsdp": plan.min_gpus_fsdp,
-        "min_gpus_fsdp_ac": plan.min_gpus_fsdp_ac,
-        "memory": {"ddp": asdict(plan.ddp), "fsdp": asdict(plan.fsdp)},
-        "warnings": list(plan.warnings),
-    }
-
-
-def _duration(hours: float) -> str:
-    return f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
-
-
-def _fit_cell(fit: MemoryFit) -> str:
-    checkpointing = ", activation checkpointing" if fit.activation_checkpointing else ""
-    verdict = "fits" if fit.fits else "does not fit"
-    return f"{verdict}: {fit.gb_per_gpu:.1f} GB/GPU at micro-batch {fit.micro_batch_size}{checkpointing}"
-
-
-def _gpus_cell(n: int | None) -> str:
-    return "none up to " + str(MAX_GPUS) if n is None else str(n)
-
-
-def format_table(plan: Plan) -> str:
-    """A table for people: the DeepSeek optimum, the plan, and Chinchilla's choice side by side."""
-    s, ch = plan.shape, plan.chinchilla
-    rows = [
-        ("", "DeepSeek optimum", "plan", "Chinchilla (20 tok/param)"),
-        ("compute (FLOPs, M x D)", f"{plan.compute_budget:.3e}", f"{plan.compute:.3e}", f"{plan.compute:.3e}"),
-        ("model", "", f"{plan.preset} ({s.n_layer} layers, d_model {s.d_model}, {s.n_head} heads, "
-                      f"{s.n_kv_head} kv heads, ffn {s.d_ffn})", ch.preset),
-        ("non-embedding FLOPs/token", f"{plan.m_opt:.3e}", f"{plan.non_embedding_flops_per_token:.3e}", ""),
-        ("parameters", "", f"{plan.params / 1e6:.1f}M", f"{ch.params / 1e6:.1f}M"),
-        ("tokens", f"{plan.d_opt:.3e}", f"{plan.tokens:.3e}", f"{ch.tokens:.3e}"),
-        ("tokens per parameter", "", f"{ch.plan_tokens_per_param:.1f}", f"{CHINCHILLA_TOKENS_PER_PARAM:g}"),
-        ("batch (tokens)", f"{plan.batch_opt:.0f}", f"{plan.batch_tokens} = {plan.batch_tokens // plan.seq_len} x "
-                                                    f"{plan.seq_len}", ""),
-        ("peak lr", f"{plan.lr_opt:.3e}", f"{plan.lr:g}", ""),
-        ("steps (warmup)", "", f"{plan.steps} ({plan.warmup_steps})", ""),
-    ]
-    if plan.epochs is not None:
-        rows.append(("epochs of corpus", "", f"{plan.epochs:.2f} of {plan.corpus_tokens:.3e} tokens", ""))
-    rows.append(("wall time", "", f"{_duration(plan.wall_hours)} on {plan.gpus} x {plan.gpu} at MFU {plan.mfu:g}", ""))
-    rows.append(("GPU-hours", "", f"{plan.gpu_hours:.3g}", ""))
-    if plan.cost is not None:
-        rows.append(("cost", "", f"{plan.cost:.2f} at {plan.price_per_gpu_hour:g}/GPU-hour", ""))
-    rows += [
-        (f"memory: DDP ({plan.gpu}, {plan.gpu_memory_gb:g} GB)", "", _fit_cell(plan.ddp), ""),
-        (f"memory: FSDP over {plan.gpus}", "", _fit_cell(plan.fsdp), ""),
-        ("FSDP needs at least", "", f"{_gpus_cell(plan.min_gpus_fsdp)} x {plan.gpu} "
-                                    f"({_gpus_cell(plan.min_gpus_fsdp_ac)} with activation checkpointing)", ""),
-        ("strategy", "", f"{plan.strategy}, micro-batch {plan.micro_batch_size}, activation checkpointing "
-                         f"{'on' if plan.activation_checkpointing else 'off'}{'' if plan.fits else ' (does not fit)'}",
-         ""),
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = []
-    for i, r in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines += [f"warning: {w}" for w in plan.warnings]
-    return "\n".join(lines)
