@@ -132,14 +132,6 @@ def export(config: str | None = None, **overrides) -> None:
     print(bucket(cfg).url(stage_export(cfg)))
 
 
-def worker(config: str, artifacts: str) -> None:
-    """(internal) One pretraining process, as torchrun starts it (python -m trainer.training.worker)."""
-    from trainer.io.artifacts import Artifacts
-    from trainer.training.worker import pretrain_worker
-
-    pretrain_worker(_config(config, {}, show=False), Artifacts.from_json(Path(artifacts).read_text()))
-
-
 def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, config: str | None = None,
              **overrides) -> None:
     """Continue a prompt with a model, by the sample.* settings.
@@ -321,8 +313,7 @@ def config_docs() -> None:
 
 COMMANDS = {"run": run, "pull": pull, "tokenizer": tokenizer, "prepare": prepare, "pretrain": pretrain,
             "export": export, "generate": generate, "eval": eval, "report": report, "plan": plan, "sft": sft,
-            "chat": chat, "submit": submit, "status": status, "config": show_config, "config-docs": config_docs,
-            "worker": worker}
+            "chat": chat, "submit": submit, "status": status, "config": show_config, "config-docs": config_docs}
 
 # The config sections ("train") or keys ("train.device") each command reads, for its --help.
 _PRETRAIN = ["run", "storage", "data", "tokenizer", "model", "train", "checkpoint", "sample"]
@@ -334,7 +325,7 @@ COMMAND_CONFIG = {
     "report": ["run", "storage", "data", "train.device", "sample"], "plan": [],
     "sft": ["run", "storage", "data.on_error", "model.attn_implementation", "train", "checkpoint", "sample", "sft"],
     "chat": ["storage", "train.device", "sample"], "submit": _ALL, "status": ["run", "storage"], "config": _ALL,
-    "config-docs": [], "worker": _PRETRAIN,
+    "config-docs": [],
 }
 CONFIG_FLAG_DOC = "YAML config file (default: $CONFIG, else the defaults in trainer/config.py)"
 

@@ -153,9 +153,10 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
         path = Path(args.workdir) / f"{run_id}.yaml"
         path.write_text(to_yaml(cfg))
         arts_path = Path(args.workdir) / "artifacts.json"
+        pythonpath = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))  # a bare checkout too
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(ROOT / "entrypoint.py"), "worker", f"--config={path}", f"--artifacts={arts_path}"],
-                       check=True)
+                        "-m", "trainer.training.worker", "--stage=pretrain", f"--config={path}",
+                        f"--artifacts={arts_path}"], check=True, env={**os.environ, "PYTHONPATH": pythonpath})
     metrics = Path(cfg.storage.local_dir) / "runs" / run_id / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     import shutil

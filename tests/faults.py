@@ -6,10 +6,11 @@ trainer/ imports this.
   (optionally only those matching a pattern, or the first n of a pattern) with 500 or 503, resets
   the connection, stalls, cuts a response body short, or echoes the Authorization header in an
   error, and counts what it did.
-- `python tests/faults.py kill-at POINT N -- <entrypoint.py args>`: runs the CLI in this process
-  and SIGKILLs it the Nth time it reaches POINT (while staging a checkpoint, after one checkpoint
-  file is uploaded, between the manifest and LATEST, inside an optimizer step): a kill -9 at an
-  exact moment, which random delays only hit by luck. `Zygote` does the same for forked processes.
+- `python tests/faults.py kill-at POINT N -- <entrypoint.py args | -m trainer.training.worker ...>`: runs
+  the CLI (or one training process) in this process and SIGKILLs it the Nth time it reaches POINT
+  (while staging a checkpoint, after one checkpoint file is uploaded, between the manifest and
+  LATEST, inside an optimizer step): a kill -9 at an exact moment, which random delays only hit
+  by luck. `Zygote` does the same for forked processes.
 - Fixtures (`template`, `s3_server`, `in_process`) and helpers: a tiny corpus, its prepared
   tokenizer and shards, configs, subprocess environment, bucket invariants, weights.
 """
@@ -293,13 +294,24 @@ def _main(argv: list[str]) -> None:
     if len(argv) < 4 or argv[0] != "kill-at" or argv[3] != "--":
         raise SystemExit("usage: python tests/faults.py kill-at POINT N -- <entrypoint.py args> | zygote")
     _install_kill(argv[1], int(argv[2]))
+    job_main(argv[4:])
+
+
+def job_main(args: list[str]) -> None:
+    """Run a job process's arguments in this process: `-m trainer.training.worker ...` as
+    `python -m trainer.training.worker ...` would (one training process), anything else as
+    `entrypoint.py ...`."""
+    if args[:2] == ["-m", "trainer.training.worker"]:
+        from trainer.training import worker
+
+        return worker.main(args[2:])
     import entrypoint
 
-    entrypoint.main(argv[4:])
+    entrypoint.main(args)
 
 
 # A zygote: job processes forked from one that has imported everything -----------------------------
-# A fresh `entrypoint.py worker` spends 4-8 s (on 2 busy cores) importing torch and transformers
+# A fresh `python -m trainer.training.worker` spends 4-8 s (on 2 busy cores) importing torch and transformers
 # before its first step. The kill tests start a dozen processes, so they fork them from a process
 # that did those imports once. Each child is still a whole job process with its own pid and
 # session, killed with a real SIGKILL; only the imports are shared (no threads run at the fork).
@@ -338,7 +350,7 @@ def _zygote() -> None:
                 os.environ.update(req.get("env", {}))
                 if req.get("kill"):
                     _install_kill(*req["kill"])
-                entrypoint.main(req["args"])
+                job_main(req["args"])
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -471,10 +483,11 @@ def upload_bucket(template: dict, store) -> None:
 
 
 def worker_args(config: Path, template: dict, where: Path) -> list[str]:
-    """`entrypoint.py worker` arguments: one training process, as torchrun would start it."""
+    """`python -m trainer.training.worker` arguments (after `python`): one training process, as
+    torchrun would start it; Zygote.spawn and `faults.py kill-at` run them (job_main)."""
     arts = where / "artifacts.json"
     arts.write_text(json.dumps({"tokenizer_key": template["tokenizer_key"], "data_key": template["data_key"]}))
-    return ["worker", f"--config={config}", f"--artifacts={arts}"]
+    return ["-m", "trainer.training.worker", "--stage=pretrain", f"--config={config}", f"--artifacts={arts}"]
 
 
 @pytest.fixture
