@@ -109,6 +109,14 @@ def test_generate_seed_makes_sampling_repeatable(capsys, model_folder):
     assert others - {a}  # a random tiny model: another seed samples other tokens
 
 
+def test_generate_prints_the_text_and_no_loading_bars(model_folder):
+    r = entrypoint_process("generate", f"--checkpoint={model_folder}", "--prompt=春眠", "--sample.max_new_tokens=8",
+                           "--train.device=cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("春眠")
+    assert "Loading weights" not in r.stderr + r.stdout and "it/s]" not in r.stderr  # transformers' tqdm bars
+
+
 def test_generate_from_an_export_in_s3(capsys, model_folder, new_s3_bucket):
     bucket = new_s3_bucket()
     bucket.open().upload_dir(model_folder, "runs/r/final")

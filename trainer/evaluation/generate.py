@@ -24,7 +24,9 @@ def load_for_generation(url: str, cfg: Config):
     checkpoint.model_dir (the one resolver of generate, eval and chat); FileNotFoundError when
     there is no model there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar in generate/eval/chat output says nothing
     path = model_dir(url, cfg.storage, Path(cfg.storage.local_dir))
     device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
