@@ -82,6 +82,40 @@ def _export_settings_kept(config: str | None, overrides: dict) -> frozenset[str]
     return frozenset(key.partition(".")[2] for key in overrides if key.startswith("sample."))
 
 
+# The config each command reads, declared next to it (@reads) and listed by its --help.
+EVERY_SECTION = "*"  # each section of trainer/config/schema.py's Config, read from the dataclass when asked
+
+
+def reads(*names: str, but: tuple[str, ...] = ()):
+    """Declare the config a command reads: sections ("train"), keys ("train.device"), or
+    EVERY_SECTION (every section of Config but `but`: a section added to Config is then listed
+    without an edit here). config_reads() resolves and checks the declaration."""
+    def declare(fn):
+        fn.config_reads = (names, but)
+        return fn
+    return declare
+
+
+def config_reads(name: str) -> list[str]:
+    """The config sections and keys command `name` reads, by its @reads. Raises ValueError for a
+    command without a declaration or a name that is no section or key of Config."""
+    from trainer.config import key_rows, sections
+
+    fn = COMMANDS[name]
+    if not hasattr(fn, "config_reads"):
+        raise ValueError(f"entrypoint.py {name}: declare the config it reads with @reads(...)")
+    names, but = fn.config_reads
+    every = sections()
+    out = [s for s in every if s not in but] if EVERY_SECTION in names else []
+    out += [n for n in names if n != EVERY_SECTION and n not in out]
+    known = set(every) | {row[0] for s in every for row in key_rows(s)}
+    unknown = [n for n in (*out, *but) if n not in known]
+    if unknown:
+        raise ValueError(f"entrypoint.py {name}: @reads names no config section or key: {', '.join(unknown)}")
+    return out
+
+
+@reads(EVERY_SECTION)
 def run(config: str | None = None, **overrides) -> None:
     """The whole job: pull, tokenizer, prepare, pretrain (torchrun), export, samples."""
     from trainer.job.run import run as run_job
@@ -91,6 +125,7 @@ def run(config: str | None = None, **overrides) -> None:
         sys.exit(code)
 
 
+@reads("storage", "data")
 def pull(config: str | None = None, **overrides) -> None:
     """Resolve data.sources and download remote corpus files into the local cache."""
     from trainer.job.stages import stage_pull
@@ -99,6 +134,7 @@ def pull(config: str | None = None, **overrides) -> None:
         print(f"{f.url}\t{f.size}\t{f.local}")
 
 
+@reads("run", "storage", "data", "tokenizer")
 def tokenizer(config: str | None = None, **overrides) -> None:
     """Train (or load, with tokenizer.path) the tokenizer and store it in the bucket."""
     from trainer.job.stages import bucket, stage_tokenizer
@@ -107,6 +143,7 @@ def tokenizer(config: str | None = None, **overrides) -> None:
     print(bucket(cfg).url(stage_tokenizer(cfg)))
 
 
+@reads("run", "storage", "data", "tokenizer")
 def prepare(config: str | None = None, **overrides) -> None:
     """Tokenize the corpus into packed shards in the bucket."""
     from trainer.job.stages import bucket, stage_prepare
@@ -115,6 +152,7 @@ def prepare(config: str | None = None, **overrides) -> None:
     print(bucket(cfg).url(stage_prepare(cfg).data_key))
 
 
+@reads(EVERY_SECTION, but=("sft",))
 def pretrain(config: str | None = None, **overrides) -> None:
     """Launch torchrun pretraining (resumes from the newest complete checkpoint of run.id)."""
     from trainer.job.stages import stage_pretrain
@@ -124,6 +162,7 @@ def pretrain(config: str | None = None, **overrides) -> None:
         sys.exit(code)
 
 
+@reads(EVERY_SECTION, but=("sft",))
 def export(config: str | None = None, **overrides) -> None:
     """Write the Hugging Face model folder runs/<id>/final/ from the newest checkpoint."""
     from trainer.job.stages import bucket, stage_export
@@ -132,6 +171,7 @@ def export(config: str | None = None, **overrides) -> None:
     print(bucket(cfg).url(stage_export(cfg)))
 
 
+@reads("storage", "train.device", "sample")
 def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, config: str | None = None,
              **overrides) -> None:
     """Continue a prompt with a model, by the sample.* settings.
@@ -159,6 +199,7 @@ def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, co
         print(text)
 
 
+@reads("storage", "data", "train.device", "sample")
 def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **overrides) -> None:  # noqa: A001
     """Bits per character on the held-out split (and on --text files), plus samples from
     sample.prompts with degeneration metrics; prints JSON.
@@ -182,6 +223,7 @@ def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **o
     print(json.dumps(result, ensure_ascii=False, indent=1))
 
 
+@reads("run", "storage", "data", "model.preset", "train", "sample")
 def report(config: str | None = None, **overrides) -> None:
     """(Re)write runs/<run.id>/report/: report.md, PNG plots, TensorBoard events, samples."""
     from trainer.job.stages import bucket, stage_report
@@ -190,6 +232,7 @@ def report(config: str | None = None, **overrides) -> None:
     print(bucket(cfg).url(stage_report(cfg)))
 
 
+@reads()
 def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str = "h100", mfu: float = 0.4,
          preset: str | None = None, tokens: float | None = None, seq_len: int = 1024,
          corpus_tokens: float | None = None, gpus: int = 1, price_per_gpu_hour: float | None = None,
@@ -246,6 +289,7 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
         print(f"wrote {out} (run.id {tree['run']['id']})", file=sys.stderr)
 
 
+@reads("run", "storage", "data.on_error", "model.attn_implementation", "train", "checkpoint", "sample", "sft")
 def sft(config: str | None = None, **overrides) -> None:
     """Supervised fine-tuning on conversations (sft.sources) from sft.init, resumable; exports
     runs/<sft.run_id>/final/."""
@@ -256,6 +300,7 @@ def sft(config: str | None = None, **overrides) -> None:
         sys.exit(code)
 
 
+@reads("storage", "train.device", "sample")
 def chat(checkpoint: str, system: str = "", config: str | None = None, **overrides) -> None:
     """Interactive terminal chat with a fine-tuned model; reads lines from stdin (a pipe works too).
 
@@ -276,6 +321,7 @@ def chat(checkpoint: str, system: str = "", config: str | None = None, **overrid
         sys.exit(EXIT_INTERRUPTED)
 
 
+@reads(EVERY_SECTION)
 def submit(target: str, config: str | None = None, nodes: int = 1, gpus_per_node: int = 0,
            image: str = "zh-pretrain:latest", accelerator: str = "H100", **overrides) -> None:
     """Print the docker command, SkyPilot task or Kubernetes manifest that runs this config."""
@@ -290,6 +336,7 @@ def submit(target: str, config: str | None = None, nodes: int = 1, gpus_per_node
         raise ConfigError(str(e)) from None
 
 
+@reads("run", "storage")
 def status(config: str | None = None, **overrides) -> None:
     """Runs in the bucket: checkpoints, LATEST, last metrics, export."""
     from trainer.job.status import status_report
@@ -297,6 +344,7 @@ def status(config: str | None = None, **overrides) -> None:
     print(status_report(_config(config, overrides, show=False)))
 
 
+@reads(EVERY_SECTION)
 def show_config(config: str | None = None, **overrides) -> None:
     """Print the resolved config as YAML: defaults, the file, the environment and the overrides."""
     from trainer.config import to_yaml
@@ -304,6 +352,7 @@ def show_config(config: str | None = None, **overrides) -> None:
     print(to_yaml(_config(config, overrides, show=False)), end="")
 
 
+@reads()
 def config_docs() -> None:
     """Print docs/config.md (every config key with its type, default and docstring)."""
     from trainer.config import markdown
@@ -315,18 +364,6 @@ COMMANDS = {"run": run, "pull": pull, "tokenizer": tokenizer, "prepare": prepare
             "export": export, "generate": generate, "eval": eval, "report": report, "plan": plan, "sft": sft,
             "chat": chat, "submit": submit, "status": status, "config": show_config, "config-docs": config_docs}
 
-# The config sections ("train") or keys ("train.device") each command reads, for its --help.
-_PRETRAIN = ["run", "storage", "data", "tokenizer", "model", "train", "checkpoint", "sample"]
-_ALL = _PRETRAIN + ["sft"]
-COMMAND_CONFIG = {
-    "run": _ALL, "pull": ["storage", "data"], "tokenizer": ["run", "storage", "data", "tokenizer"],
-    "prepare": ["run", "storage", "data", "tokenizer"], "pretrain": _PRETRAIN, "export": _PRETRAIN,
-    "generate": ["storage", "train.device", "sample"], "eval": ["storage", "data", "train.device", "sample"],
-    "report": ["run", "storage", "data", "train.device", "sample"], "plan": [],
-    "sft": ["run", "storage", "data.on_error", "model.attn_implementation", "train", "checkpoint", "sample", "sft"],
-    "chat": ["storage", "train.device", "sample"], "submit": _ALL, "status": ["run", "storage"], "config": _ALL,
-    "config-docs": [],
-}
 CONFIG_FLAG_DOC = "YAML config file (default: $CONFIG, else the defaults in trainer/config.py)"
 
 
@@ -345,7 +382,7 @@ def command_help(name: str) -> str:
     arg_docs = {a.name: a.description or "" for a in info.args or []}
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     required = [f"--{p.name}={p.name.upper()}" for p in params if p.default is p.empty]
-    keys = COMMAND_CONFIG[name]
+    keys = config_reads(name)
     usage = " ".join(["usage: entrypoint.py", name, *required, "[flags]" if len(required) < len(params) else "",
                       "[--section.key=value ...]" if keys else ""])
     lines = [" ".join(usage.split()), "", info.summary or "", *([info.description] if info.description else [])]

@@ -1,9 +1,12 @@
 """Config the user can see: `entrypoint.py <command> --help` for every command, with its own flags
-and the config keys it reads (from the config dataclasses' docstrings); docs/config.md generated the
-same way and current; the short config summary at start and the full one from `config`."""
+and the config keys it reads (declared next to the command with @reads, every section derived from
+the schema; checked against what the commands really read; docs from the config dataclasses'
+docstrings); docs/config.md generated the same way and current; the short config summary at start
+and the full one from `config`."""
 
 import dataclasses
 import inspect
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,7 +41,7 @@ def all_keys() -> list[str]:
 
 
 def keys_of(command: str) -> list[str]:
-    names = entrypoint.COMMAND_CONFIG[command]
+    names = entrypoint.config_reads(command)
     return [k for k in all_keys() if k in names or k.partition(".")[0] in names]
 
 
@@ -62,6 +65,85 @@ def test_help_lists_flags_and_config_keys(capsys, command):
         assert f"--{key}=" not in out, key
     if keys:
         assert out.count("\n    --") == len(keys)
+
+
+def test_commands_of_the_whole_job_read_every_section_a_new_one_too(monkeypatch):
+    """The keys per command are derived: EVERY_SECTION is Config's sections when --help asks, so a
+    section added to the schema shows up in run's and pretrain's --help without an edit to entrypoint.py."""
+    assert entrypoint.config_reads("run") == sections()
+    assert entrypoint.config_reads("pretrain") == [s for s in sections() if s != "sft"]
+    real_sections, real_rows = config_mod.sections, config_mod.key_rows
+    monkeypatch.setattr(config_mod, "sections", lambda: [*real_sections(), "eval"])
+    monkeypatch.setattr(config_mod, "key_rows", lambda s: [("eval.tasks", "str", '""', "")] if s == "eval"
+                        else real_rows(s))
+    for command in ("run", "pretrain", "submit", "config"):
+        assert "eval" in entrypoint.config_reads(command), command
+    assert "eval" not in entrypoint.config_reads("status")
+
+
+def test_a_command_must_declare_real_config_names(monkeypatch):
+    def undeclared(config=None):
+        """Does something."""
+
+    monkeypatch.setitem(entrypoint.COMMANDS, "undeclared", undeclared)
+    with pytest.raises(ValueError, match="undeclared: declare the config it reads"):
+        entrypoint.config_reads("undeclared")
+    monkeypatch.setitem(entrypoint.COMMANDS, "typo", entrypoint.reads("storage", "train.devise", "smaple")(undeclared))
+    with pytest.raises(ValueError, match="typo: @reads names no config section or key: train.devise, smaple"):
+        entrypoint.config_reads("typo")
+
+
+@pytest.fixture
+def config_reads_recorded(monkeypatch):
+    """The config keys the next command reads once its config is loaded (loading, validation and
+    the start-up summary read them all): every section dataclass records reads of its fields.
+    Call it before each command; it returns the set the command's reads go into."""
+    read: set[str] = set()
+    recording = []
+    for section in sections():
+        cls = type(getattr(Config(), section))
+        names = {f.name for f in dataclasses.fields(cls)}
+
+        def get(self, name, _section=section, _names=names):
+            if recording and name in _names:
+                read.add(f"{_section}.{name}")
+            return object.__getattribute__(self, name)
+
+        monkeypatch.setattr(cls, "__getattribute__", get, raising=False)
+    load = entrypoint._config
+
+    def loaded(*args, **kwargs):
+        cfg = load(*args, **kwargs)
+        recording.append(True)
+        return cfg
+
+    monkeypatch.setattr(entrypoint, "_config", loaded)
+
+    def restart() -> set[str]:
+        read.clear()
+        recording.clear()
+        return read
+
+    return restart
+
+
+def test_what_each_command_reads_is_in_its_help(config_reads_recorded, capsys, tmp_path):
+    """The declarations next to the commands are true: running the commands that need no GPU or
+    training (on a tiny corpus and bucket), every config key they read is one their --help lists."""
+    corpus = tmp_path / "c.jsonl"
+    poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
+    corpus.write_text("".join(json.dumps({"text": f"{poem}{i}"}, ensure_ascii=False) + "\n" for i in range(60)),
+                      encoding="utf-8")
+    common = [f"--storage.bucket={tmp_path / 'bucket'}", f"--storage.local_dir={tmp_path / 'work'}",
+              f"--data.sources={json.dumps([str(corpus)])}", "--tokenizer.vocab_size=300", "--data.val_permille=100"]
+    for command in ("pull", "tokenizer", "prepare", "report", "status", "config", "submit"):
+        recorded = config_reads_recorded()
+        entrypoint.main([command, *(["docker"] if command == "submit" else []), *common])
+        read = set(recorded)  # before --help's own reads of the defaults
+        capsys.readouterr()
+        listed = set(keys_of(command))
+        assert read, command  # the recording saw the command read its config
+        assert read <= listed, (command, sorted(read - listed))
 
 
 def test_help_shows_defaults_types_and_flag_docs(capsys):
