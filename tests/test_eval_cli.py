@@ -341,3 +341,21 @@ def test_report_lists_what_the_corpus_filters_removed_and_the_skipped_records(tm
     assert "| documents removed by filters | removed_duplicate: 50 |" in md
     assert "| bad records skipped | invalid_json: 3, missing_text_field: 2 |" in md
     assert "held-out bits/char" not in md  # no export: nothing evaluated
+
+
+def test_evaluation_says_how_far_it_is(model, tok, poems, caplog, monkeypatch):
+    """No long silence (issue 25): each phase logs when it ends, and the bits/char loop logs its
+    progress (every PROGRESS_SECONDS; 0 here, so at every batch after the first)."""
+    import logging
+
+    from trainer.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "PROGRESS_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="trainer")
+    evaluate_model(model, tok, eval_cfg(), poems)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval: ")]
+    assert any(line.startswith("eval: bits per character on ") for line in lines)
+    assert any(line.startswith("eval: bits/char: ") and " windows of 64 tokens" in line for line in lines)
+    assert any(line.startswith("eval: held-out bits/char ") for line in lines)
+    done = [line.split(" decoding")[0] for line in lines if " decoding done" in line]
+    assert done == ["eval: default", "eval: greedy"]

@@ -13,8 +13,13 @@ Degeneration metrics run over characters, since Chinese has no spaces to split w
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Sequence
+
+from trainer.log import logger
+
+PROGRESS_SECONDS = 10.0  # evaluation logs how far it is at most this often (issue 25: no long silence)
 
 
 def char_ngrams(text: str, n: int) -> list[str]:
@@ -129,10 +134,14 @@ def evaluate_bpc(model, tokenizer, texts: Sequence[str], seq_len: int, device, b
     was_training = model.training
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
-    predicted = 0
+    predicted, start, last = 0, time.monotonic(), time.monotonic()
     try:
         with torch.no_grad():
             for b in range(0, len(windows), batch_size):
+                if time.monotonic() - last >= PROGRESS_SECONDS:
+                    last = time.monotonic()
+                    logger.info(f"eval: bits/char: {b:,}/{len(windows):,} windows of {seq_len} tokens "
+                                f"({last - start:.0f}s)")
                 chunk = windows[b:b + batch_size]
                 width = max(len(w) for w in chunk)
                 # Short (last) windows are padded at the end; padding sits after every real token, so
@@ -252,6 +261,7 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
 
     s, seq_len = cfg.sample, model.config.max_position_embeddings
     result: dict = {}
+    start = time.monotonic()
     if heldout and s.eval_chars:
         scored, chars = [], 0
         for text in heldout:
@@ -259,10 +269,16 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
                 break
             scored.append(text)
             chars += len(text)
+        logger.info(f"eval: bits per character on {len(scored):,} held-out documents ({chars:,} characters)")
         result["heldout"] = evaluate_bpc(model, tok, scored, seq_len, model.device)
+        logger.info(f"eval: held-out bits/char {result['heldout']['bits_per_char']:.3f} "
+                    f"({time.monotonic() - start:.0f}s)")
     for name, texts in (extra or {}).items():
         result[name] = evaluate_bpc(model, tok, texts, seq_len, model.device)
+        logger.info(f"eval: {name}: bits/char {result[name]['bits_per_char']:.3f} ({time.monotonic() - start:.0f}s)")
     prompts = list(s.prompts)
+    logger.info(f"eval: sampling {len(prompts)} sample.prompts and {s.heldout_prompts if heldout else 0} "
+                f"held-out continuations under sample.*, the export's defaults and greedy decoding")
     generated = sample(model, tok, prompts, s)
     result["samples"] = [{"prompt": p, "text": continuation(p, g)} for p, g in zip(prompts, generated)]
     if result["samples"]:
@@ -270,7 +286,10 @@ def evaluate_model(model, tok, cfg, heldout: Sequence[str], extra: dict[str, Seq
     if heldout and s.heldout_prompts:
         result["vs_human"] = compare_with_human(model, tok, heldout, s)
     if prompts or (heldout and s.heldout_prompts):
-        result["decoding"] = {d: decoding_report(model, tok, s, heldout, d) for d in DECODINGS}
+        result["decoding"] = {}
+        for d in DECODINGS:
+            result["decoding"][d] = decoding_report(model, tok, s, heldout, d)
+            logger.info(f"eval: {d} decoding done ({time.monotonic() - start:.0f}s)")
     return result
 
 
