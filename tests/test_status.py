@@ -1,4 +1,5 @@
-"""`status`: live or idle (the run's lease), how far (step k/N), ETA from the last logged speed."""
+"""`status`: live or idle (the run's lease), how far (step k/N), ETA from the last logged speed;
+an SFT run's length (sft.max_steps), base model and validation loss."""
 
 from __future__ import annotations
 
@@ -34,3 +35,44 @@ def test_an_expired_or_absent_lease_is_idle(tmp_path):
     for i, expires_in in enumerate((-5, None)):
         s = run_status(bucket_with_a_run(tmp_path / str(i), expires_in), "r")
         assert not s["live"] and s["eta_seconds"] is None and s["target_steps"] == 8
+
+
+def bucket_with_sft_run(tmp_path, **settings):
+    """A bucket as `sft` leaves it: the pretraining run `base`, its fine-tuning run (config.yaml as
+    stage_sft saves it: the whole resolved config), metrics with an SFT validation loss."""
+    from trainer.config import to_yaml
+
+    store = open_storage(str(tmp_path / "bucket"))
+    cfg = load_config(None, {"run.id": "base", "train.max_steps": 1000, "train.batch_tokens": 8192,
+                             "sft.max_steps": 6, "sft.warmup_steps": 1, **settings}, env={})
+    sft_id = cfg.sft.run_id or "base-sft"
+    store.write_text("runs/base/config.yaml", to_yaml(cfg))
+    store.write_text(f"runs/{sft_id}/config.yaml", to_yaml(cfg))
+    rows = [{"step": 2, "loss": 2.5, "tok_per_s": 50.0, "tokens": 2 * 600}, {"step": 4, "val_loss": 1.75},
+            {"step": 4, "loss": 2.0, "tok_per_s": 50.0, "tokens": 4 * 600}]
+    store.write_text(f"runs/{sft_id}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    store.write_text(lease_key(sft_id), json.dumps({"owner": "host:2:cd", "expires_at": time.time() + 60,
+                                                    "acquired_at": 0, "renewed_at": 0}))
+    return store, cfg, sft_id
+
+
+def test_an_sft_run_is_as_long_as_sft_max_steps_and_names_its_base_model(tmp_path):
+    store, cfg, sft_id = bucket_with_sft_run(tmp_path)
+    s = run_status(store, "base-sft")
+    assert (s["stage"], s["target_steps"], s["last_val_loss"]) == ("sft", 6, 1.75)  # not train.max_steps=1000
+    assert s["model"] == f"sft of {store.url('runs/base/final')}"  # sft.init "": the export of run.id
+    assert s["eta_seconds"] == (6 - 4) * 600 / 50.0  # the logged tokens per step, not train.batch_tokens
+    text = status_report(load_config(None, {"storage.bucket": str(tmp_path / "bucket")}, env={}))
+    assert f"run base-sft: LIVE (host:2:cd), step 4/6, ETA 0.4 min\n  sft of {store.url('runs/base/final')}\n" in text
+    assert "  last logged step 4  loss 2.0  sft val_loss 1.75" in text
+    assert "model.preset" not in text.split("run base-sft")[1]
+    base = run_status(store, "base")  # the pretraining run of the same config is not taken for the SFT
+    assert (base["stage"], base["target_steps"], base["model"]) == ("pretrain", 1000, "pretrain of model.preset tiny")
+    assert "run base: idle, no step yet\n  pretrain of model.preset tiny\n" in text
+
+
+def test_an_sft_run_with_its_own_id_and_init(tmp_path):
+    store, cfg, sft_id = bucket_with_sft_run(tmp_path, **{"sft.run_id": "chat-v1", "sft.init": "s3://models/qwen"})
+    s = run_status(store, "chat-v1")
+    assert (s["stage"], s["target_steps"], s["model"]) == ("sft", 6, "sft of s3://models/qwen")
+    assert run_status(store, "base")["stage"] == "pretrain"

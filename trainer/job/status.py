@@ -1,5 +1,7 @@
 """`status`: what a bucket holds for each run (checkpoints, LATEST, last metrics, export), whether
-a job is running it now (its lease in the bucket is unexpired) and how far it is (step k/N, ETA)."""
+a job is running it now (its lease in the bucket is unexpired) and how far it is (step k/N, ETA).
+A run's own saved config (runs/<id>/config.yaml) says what it is: pretraining of model.preset, or
+fine-tuning (`sft`) of a base model, whose length is sft.max_steps."""
 
 from __future__ import annotations
 
@@ -24,6 +26,27 @@ def run_ids(store) -> list[str]:
     return sorted(ids)
 
 
+def saved_config(store, run_id: str) -> dict:
+    """The run's resolved config as its job saved it ({} before the job wrote it)."""
+    return yaml.safe_load(store.read_text_or_none(f"runs/{run_id}/config.yaml") or "{}") or {}
+
+
+def is_sft(saved: dict, run_id: str) -> bool:
+    """Whether run_id is the fine-tuning run of its saved config: outputs of `sft` go to sft.run_id,
+    "" meaning <run.id>-sft (trainer/data/conversations.sft_run_id)."""
+    run, sft = saved.get("run") or {}, saved.get("sft") or {}
+    return run.get("id") != run_id and (sft.get("run_id") or f"{run.get('id')}-sft") == run_id
+
+
+def base_model(store, saved: dict, run_id: str) -> str:
+    """What the run trains: `sft of <model>` (sft.init, or the export of run.id, as stage_sft starts
+    from) or `pretrain of model.preset <preset>`."""
+    if is_sft(saved, run_id):
+        init = (saved.get("sft") or {}).get("init") or store.url(f"runs/{(saved.get('run') or {}).get('id')}/final")
+        return f"sft of {init}"
+    return f"pretrain of model.preset {(saved.get('model') or {}).get('preset', '?')}"
+
+
 def run_status(store, run_id: str) -> dict:
     steps = protocol.complete_steps(store, run_id)
     latest = store.read_text_or_none(join(protocol.checkpoints_prefix(run_id), protocol.LATEST))
@@ -33,25 +56,32 @@ def run_status(store, run_id: str) -> dict:
     final = store.read_text_or_none(f"runs/{run_id}/final/{protocol.MANIFEST}")
     lease = json.loads(store.read_text_or_none(lease_key(run_id)) or "null")
     live = bool(lease) and lease["expires_at"] > time.time()
-    target, eta = run_length(store, run_id), None
+    saved = saved_config(store, run_id)
+    sft = is_sft(saved, run_id)
+    target, eta = run_length(store, run_id, saved), None
     if live and rows and target and rows[-1].get("tok_per_s"):
-        cfg = yaml.safe_load(store.read_text_or_none(f"runs/{run_id}/config.yaml") or "{}") or {}
-        tokens_per_step = (cfg.get("train") or {}).get("batch_tokens") or rows[-1]["tokens"] / rows[-1]["step"]
+        # SFT steps hold sft.batch_sequences packed rows (their length may be the model's): the logged mean
+        per_step = None if sft else (saved.get("train") or {}).get("batch_tokens")
+        tokens_per_step = per_step or rows[-1]["tokens"] / rows[-1]["step"]
         eta = max(0.0, (target - rows[-1]["step"]) * tokens_per_step / rows[-1]["tok_per_s"])
     return {
         "live": live, "owner": lease["owner"] if live else None, "target_steps": target, "eta_seconds": eta,
-        "run": run_id, "latest": latest.strip() if latest else None, "checkpoints": steps,
+        "run": run_id, "stage": "sft" if sft else "pretrain", "model": base_model(store, saved, run_id),
+        "latest": latest.strip() if latest else None, "checkpoints": steps,
         "last_step": rows[-1]["step"] if rows else None, "last_loss": rows[-1].get("loss") if rows else None,
         "last_val_loss": last_val.get("val_loss") if last_val else None,
         "final": store.url(f"runs/{run_id}/final") if final else None,
     }
 
 
-def run_length(store, run_id: str) -> int | None:
-    """The steps the run trains to (run_steps: fixed by a budget in its newest checkpoint, else its
-    config's; None while a budget has not fixed it)."""
-    cfg = yaml.safe_load(store.read_text_or_none(f"runs/{run_id}/config.yaml") or "{}") or {}
-    train = cfg.get("train") or cfg.get("sft") or {}
+def run_length(store, run_id: str, saved: dict | None = None) -> int | None:
+    """The steps the run trains to (run_steps, as its stage decides it: sft.max_steps for a
+    fine-tuning run; train.max_steps or the count a train.budget_minutes fixed in the newest
+    checkpoint for pretraining; None while a budget has not fixed it)."""
+    saved = saved_config(store, run_id) if saved is None else saved
+    if is_sft(saved, run_id):
+        return run_steps((saved.get("sft") or {}).get("max_steps"), 0.0, newest_state(store, run_id))
+    train = saved.get("train") or {}
     return run_steps(train.get("max_steps"), train.get("budget_minutes") or 0.0, newest_state(store, run_id))
 
 
@@ -68,8 +98,10 @@ def status_report(cfg: Config) -> str:
         state = (f"LIVE ({s['owner']}), {progress}" + (f", ETA {s['eta_seconds'] / 60:.1f} min" if s["eta_seconds"]
                                                           is not None else "")) if s["live"] else f"idle, {progress}"
         lines.append(f"run {run_id}{marker}: {state}")
+        lines.append(f"  {s['model']}")
         lines.append(f"  LATEST: {s['latest']}   complete checkpoints: "
                      f"{', '.join(protocol.step_name(x) for x in s['checkpoints']) or 'none'}")
-        lines.append(f"  last logged step {s['last_step']}  loss {s['last_loss']}  val_loss {s['last_val_loss']}")
+        val = "sft val_loss" if s["stage"] == "sft" else "val_loss"
+        lines.append(f"  last logged step {s['last_step']}  loss {s['last_loss']}  {val} {s['last_val_loss']}")
         lines.append(f"  export: {s['final'] or 'not yet'}")
     return "\n".join(lines)
