@@ -153,7 +153,7 @@ def test_stages_publish_last_and_reuse(bucket, store, tmp_path, tiny_config, mon
 
     # A rerun, here or on another machine (fresh scratch), reuses both without recomputing.
     forbid(monkeypatch, "trainer.data.tokenizer.train_from_corpus")
-    forbid(monkeypatch, "trainer.data.shards.prepare_shards")
+    forbid(monkeypatch, "trainer.data.prepare_pool.prepare_corpus")
     other = tiny_config(tmp_path, {"storage.local_dir": str(tmp_path / "other-machine")}, bucket=bucket)
     for c in (cfg, other):
         assert stage_tokenizer(c) == tok_key
@@ -161,12 +161,12 @@ def test_stages_publish_last_and_reuse(bucket, store, tmp_path, tiny_config, mon
 
 
 def test_unfinished_or_changed_prepare_is_redone(bucket, store, tmp_path, tiny_config, monkeypatch):
-    from trainer.data import shards as prepare
+    from trainer.data import prepare_pool
     from trainer.job.stages import stage_prepare
 
     calls = []
-    real = prepare.prepare_shards
-    monkeypatch.setattr(prepare, "prepare_shards", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = prepare_pool.prepare_corpus
+    monkeypatch.setattr(prepare_pool, "prepare_corpus", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = tiny_config(tmp_path, bucket=bucket)
     arts = stage_prepare(cfg)
     store.delete(f"{arts.data_key}/index.json")  # killed before the last upload: shards without an index

@@ -40,6 +40,7 @@ def _check_inputs(cfg: Config, need: Need) -> None:
     need(0 <= cfg.data.val_permille < 1000, "data.val_permille", "must be in [0, 1000)")
     need(cfg.data.shard_tokens >= 1024, "data.shard_tokens", "must be at least 1024")
     need(cfg.data.min_chars >= 0, "data.min_chars", "must be >= 0")
+    need(cfg.data.prepare_workers >= 0, "data.prepare_workers", "must be >= 0 (0 = every core)")
     need(cfg.data.max_chars >= 0, "data.max_chars", "must be >= 0 (0 = no limit)")
     need(bool(cfg.data.text_field), "data.text_field", "must be set")
     need(cfg.tokenizer.path != "" or 256 + 8 <= cfg.tokenizer.vocab_size <= 1_000_000, "tokenizer.vocab_size",

@@ -80,6 +80,8 @@ class DataConfig:
     """cut documents longer than this many characters; 0 = no limit"""
     dedup: bool = True
     """drop exact duplicate documents (by text hash)"""
+    prepare_workers: int = 0
+    """processes that read and tokenize the corpus in prepare; 0 = every core this process may use"""
 
 
 @dataclass(frozen=True)

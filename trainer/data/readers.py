@@ -6,7 +6,9 @@ Formats (by file name, any letter case): .jsonl / .ndjson (one JSON object per l
 optionally compressed as .gz, .zst (.zstd), .bz2 or .xz.
 
 Every reader strips a UTF-8 byte-order mark and turns CRLF and CR line ends into LF, inside JSON and
-parquet text too. Errors name the file and line (or array index, or parquet row); with
+parquet text too. Prepare reads a large file in parts (trainer/data/units.py): a byte range of an
+uncompressed .jsonl or .txt, a run of row groups of a parquet file; the documents of the parts, in
+order, are those of the whole file. Errors name the file and line (or array index, or parquet row); with
 `data.on_error: skip` the bad record (or the unreadable rest of a corrupt file) is skipped and counted
 instead. Text that is not valid Unicode (bytes that are not UTF-8, an unpaired surrogate escape such
 as "\\ud83d" in JSON) is a bad record like any other. Hugging Face `datasets` sources are read row by
@@ -79,6 +81,35 @@ class _ZstdFrames(io.RawIOBase):
         if hasattr(self, "_f"):  # not when open() failed in __init__
             self._f.close()
         super().close()
+
+
+class _ByteRange(io.RawIOBase):
+    """Bytes [start, end) of an uncompressed file."""
+
+    def __init__(self, path: str, start: int, end: int):
+        self._f = open(path, "rb")
+        self._f.seek(start)
+        self._left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self._f.readinto(memoryview(buf)[: max(0, min(len(buf), self._left))])
+        self._left -= n
+        return n
+
+    def close(self):
+        if hasattr(self, "_f"):
+            self._f.close()
+        super().close()
+
+
+def lines_before(path: str, offset: int) -> int:
+    """How many lines (as the readers count them: LF, CRLF and a lone CR each end one) the first
+    `offset` bytes of an uncompressed file hold. Reads them all: for naming the line of an error."""
+    with io.BufferedReader(_ByteRange(path, 0, offset), 1 << 20) as fh:
+        return sum(1 for _ in _lines(fh))
 
 
 def _open_binary(path: str, compression: str | None = None) -> io.BufferedIOBase:
@@ -208,13 +239,22 @@ class DocumentReader:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self.skipped: Counter = Counter()  # reason -> records skipped
+        self.line_base = 0  # lines before the part being read (error messages name file lines)
+        self._byte_range: tuple[int, int] | None = None
+        self._row_groups: tuple[int, int] | None = None
 
     def _bad(self, where: str, reason: str, detail: str, fix: str = "set data.on_error=skip to skip such records"):
         if self.cfg.on_error == "fail":
             raise DataError(f"{where}: {detail} ({fix})")
         self.skipped[reason] += 1
 
-    def iter_file(self, f: CorpusFile) -> Iterator[str]:
+    def iter_file(self, f: CorpusFile, byte_range: tuple[int, int] | None = None,
+                  row_groups: tuple[int, int] | None = None, line_base: int = 0) -> Iterator[str]:
+        """The documents of `f`, or of one part of it: `byte_range` (start, end) of an uncompressed
+        .jsonl or .txt file, cut where a line (.txt: a blank line) ends, or the parquet
+        `row_groups` [first, last). `line_base`: lines before byte_range's start, for the line
+        numbers of error messages (0 counts them from the range's start)."""
+        self._byte_range, self._row_groups, self.line_base = byte_range, row_groups, line_base
         if f.dataset is not None:
             yield from self._dataset(f)
             return
@@ -227,7 +267,7 @@ class DocumentReader:
         if f.size == 0 or os.path.getsize(path) == 0:
             self._bad(f.url, "empty file", "empty file")
             return
-        self._lines_read = 0  # where a corrupt stream broke off, for the message
+        self._lines_read = line_base  # where a corrupt stream broke off, for the message
         try:
             if fmt == "parquet":
                 yield from self._parquet(f, path)
@@ -271,19 +311,25 @@ class DocumentReader:
         if index < 0:
             self._bad(f.url, "empty dataset", "the train split has no rows")
 
+    def _open(self, path: str, compression: str) -> io.BufferedIOBase:
+        if self._byte_range is None:
+            return _open_binary(path, compression)
+        return io.BufferedReader(_ByteRange(path, *self._byte_range), 1 << 20)
+
     def _decoded_lines(self, f: CorpusFile, fh) -> Iterator[tuple[int, str]]:
         """(line number, text) of each line that is valid UTF-8, without its line end or a BOM."""
-        for line_no, raw in enumerate(_lines(fh), 1):
+        at_start = self._byte_range is None or self._byte_range[0] == 0  # a BOM only begins a file
+        for line_no, raw in enumerate(_lines(fh), self.line_base + 1):
             self._lines_read = line_no
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 self._bad(f"{f.url}:{line_no}", "invalid UTF-8", f"invalid UTF-8 ({e.reason} at byte {e.start})")
                 continue
-            yield line_no, line[1:] if line_no == 1 and line.startswith("\ufeff") else line
+            yield line_no, line[1:] if at_start and line_no == 1 and line.startswith("\ufeff") else line
 
     def _jsonl(self, f: CorpusFile, path: str, compression: str | None = None, hint: str = "") -> Iterator:
-        with _open_binary(path, compression) as fh:
+        with self._open(path, compression) as fh:
             for line_no, line in self._decoded_lines(f, fh):
                 if not line.strip():
                     continue
@@ -343,7 +389,7 @@ class DocumentReader:
         yield clean_text(text)
 
     def _txt(self, f: CorpusFile, path: str, compression: str | None = None) -> Iterator[str]:
-        with _open_binary(path, compression) as fh:
+        with self._open(path, compression) as fh:
             lines: list[str] = []
             for _, line in self._decoded_lines(f, fh):
                 if line.strip():
@@ -359,12 +405,16 @@ class DocumentReader:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
+        first, last = self._row_groups or (0, pf.metadata.num_row_groups)
         if self.cfg.text_field not in pf.schema_arrow.names:
+            if first:  # the file's first part reports it, once
+                return
             self._bad(f.url, "missing text field", f"no column '{self.cfg.text_field}' (data.text_field); columns: "
                       f"{pf.schema_arrow.names}", fix="set data.text_field to the column that holds the text")
             return
-        row = 0
-        for batch in pf.iter_batches(columns=[self.cfg.text_field], batch_size=4096):
+        row = sum(pf.metadata.row_group(i).num_rows for i in range(first))
+        for batch in pf.iter_batches(columns=[self.cfg.text_field], batch_size=4096,
+                                     row_groups=None if self._row_groups is None else list(range(first, last))):
             column = batch.column(0)
             try:
                 texts = column.to_pylist()
@@ -393,7 +443,12 @@ def iter_documents(cfg: DataConfig, files: list[CorpusFile], reader: DocumentRea
             n += 1
             yield text
     if not n:
-        skipped = ", ".join(f"{why}: {k}" for why, k in sorted(reader.skipped.items())) or "nothing"
-        shown = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-        raise DataError(f"data.sources: no document in {len(files)} corpus file(s) ({shown}); skipped {skipped} "
-                        f"(data.on_error={cfg.on_error})")
+        raise no_documents(cfg, files, reader.skipped)
+
+
+def no_documents(cfg: DataConfig, files: list[CorpusFile], skipped: dict) -> DataError:
+    """The DataError for files that hold no document at all, with the counts of what was skipped."""
+    why = ", ".join(f"{reason}: {k}" for reason, k in sorted(skipped.items())) or "nothing"
+    shown = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return DataError(f"data.sources: no document in {len(files)} corpus file(s) ({shown}); skipped {why} "
+                     f"(data.on_error={cfg.on_error})")

@@ -13,6 +13,10 @@ of documents (Python, holds the GIL); `encode_batch_fast` tokenizes the next bat
 file. At most a few batches are in flight, so memory does not grow with the corpus; only exact dedup
 remembers something per document (8 bytes of hash, see SeenHashes). scripts/bench_tokenizer.py
 measures this against raw `Tokenizer.encode_batch` on the same texts.
+
+That is `prepare_shards`, the one-process path over any iterable of documents (tests, tools). The
+job's prepare stage runs trainer/data/prepare_pool.py instead: worker processes over work units on
+every core, then the same writer, making the same bytes (tests/test_prepare_parallel.py).
 """
 
 from __future__ import annotations
@@ -248,7 +252,15 @@ def encoding_backend(tokenizer):
     backend = backend_of(tokenizer)
     if not isinstance(backend, Tokenizer):  # any object with token_to_id, get_vocab_size, encode_batch
         return backend
-    backend = Tokenizer.from_str(backend.to_str())
+    return packing_tokenizer(backend.to_str())
+
+
+def packing_tokenizer(tokenizer_json: str):
+    """encoding_backend's copy made from a tokenizer.json string, as prepare's worker processes get
+    it (the string pickles; encode_special_tokens is not part of it, so it is set here)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
     backend.no_truncation()
     backend.no_padding()
     backend.encode_special_tokens = True
@@ -265,6 +277,17 @@ def document_separator(tokenizer, backend=None) -> tuple[str, int]:
             return token, backend.token_to_id(token)
     raise ConfigError(f"tokenizer.path: the tokenizer has no {EOS} token and no eos_token in its vocabulary; "
                       f"pretraining needs one to separate documents")
+
+
+def encode_documents(backend, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added; a text past LONG_DOC_CHARS is encoded in
+    line_pieces, in the same batch, so that it spreads over the cores like the others."""
+    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets
+    if max(map(len, texts), default=0) <= LONG_DOC_CHARS:
+        return [e.ids for e in encode_batch(texts, add_special_tokens=False)]
+    pieces = [line_pieces(t) if len(t) > LONG_DOC_CHARS else [t] for t in texts]
+    encodings = iter(encode_batch([p for ps in pieces for p in ps], add_special_tokens=False))
+    return [[i for _ in ps for i in next(encodings).ids] for ps in pieces]
 
 
 def train_samples(shards: list[dict], seq_len: int) -> int:
@@ -315,15 +338,9 @@ def prepare_shards(cfg: Config, docs: Iterable[str], tokenizer, out_dir: Path, p
     # disable=None: a bar on a terminal; in a log file (containers, CI) no carriage-return spam.
     bar = tqdm(desc="prepare", unit="char", unit_scale=True, disable=None if progress else True)
 
-    encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets
-
     def encode(batch):
         texts, hashes = batch
-        if max(map(len, texts), default=0) <= LONG_DOC_CHARS:
-            return texts, hashes, [e.ids for e in encode_batch(texts, add_special_tokens=False)]
-        pieces = [line_pieces(t) if len(t) > LONG_DOC_CHARS else [t] for t in texts]
-        encodings = iter(encode_batch([p for ps in pieces for p in ps], add_special_tokens=False))
-        return texts, hashes, [[i for _ in ps for i in next(encodings).ids] for ps in pieces]
+        return texts, hashes, encode_documents(backend, texts)
 
     def write(texts, hashes, token_ids):
         is_val = [h % 1000 < permille for h in hashes]  # == is_validation(text), hash computed once

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from trainer.config import Config, ConfigError, to_yaml
+from trainer.data import prepare_pool
 from trainer.data import shards as prepare
 from trainer.data import tokenizer as tokenizers
 from trainer.data.conversations import load_chat_tokenizer, prepare_conversations, sft_run_id
@@ -124,14 +125,14 @@ def stage_prepare(cfg: Config, files=None, tokenizer_key: str | None = None) -> 
         return arts
     out = Path(cfg.storage.local_dir) / key
     shutil.rmtree(out, ignore_errors=True)
-    reader = DocumentReader(cfg.data)
-    index = prepare.prepare_shards(cfg, iter_documents(cfg.data, files, reader), load_tokenizer(tok_dir), out,
-                                   skipped=reader.skipped)
-    index["skipped_records"] = dict(reader.skipped)
+    # Unit files survive a kill (-9 or SIGTERM: exit 75) and are reused by the rerun; gone once published.
+    scratch = Path(cfg.storage.local_dir) / "prepare" / key.rsplit("/", 1)[-1]
+    index = prepare_pool.prepare_corpus(cfg, files, load_tokenizer(tok_dir), out, scratch)
     index["tokenizer_key"] = tokenizer_key
     (out / "index.json").write_text(json.dumps(index, indent=1))
     store.upload_dir(out, key, skip=("index.json",))
     store.upload_file(out / "index.json", join(key, "index.json"))  # last: the folder counts from now
+    shutil.rmtree(scratch, ignore_errors=True)
     log(f"prepare: {index['tokens']['train']:,} train / {index['tokens']['val']:,} val tokens "
         f"({index['dtype']}), filters {index['filters']}, skipped {index['skipped_records']} -> {store.url(key)}")
     return arts

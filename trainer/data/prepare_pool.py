@@ -1,0 +1,230 @@
+"""Parallel, resumable prepare on one node: the corpus -> packed shards on every core.
+
+The pulled listing is cut into work units (trainer/data/units.py); `data.prepare_workers` worker
+processes (multiprocessing, spawn: no state forked from the parent, each loads the tokenizer from
+its tokenizer.json string once) take units from a queue, each reading, normalising and tokenizing a
+unit alone on one core (TOKENIZERS_PARALLELISM=false: processes, not Rust threads, use the cores;
+no GIL is shared) and publishing its unit file with a done marker under the scratch folder, which
+is keyed by the data hash. The parent then assembles the shards in unit order (trainer/data/assemble.py:
+global exact dedup, the byte-identical shards of the one-process path, whatever the worker count).
+
+Why processes of our own and not datatrove, Ray Data or a pool: a unit is one function call with
+a file path in and a file out, the queue is a few lines, and we need what a generic pool hides:
+SIGKILL of the workers when SIGTERM stops the stage (exit 75 within a second, Preempted), workers
+that exit when their parent is killed -9 (they poll getppid between units), a worker's death
+(the OOM killer) reported as such, and progress from the parent. A rerun reuses every unit with a
+done marker, and logs how many.
+
+Several nodes (not done yet): the plan is a pure function of the listing, so every node can
+compute it; node r of N would encode the units n with n % N == r (or take them from a shared
+claim list in the bucket), upload its unit files, and node 0 would assemble once all done markers
+are in the bucket. The assembly and the token stream stay the same as on one node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from trainer.config import Config
+from trainer.data.assemble import assemble_shards
+from trainer.data.readers import no_documents
+from trainer.data.shards import FORMAT_VERSION, check_trainable, document_separator, encoding_backend, token_dtype
+from trainer.data.sources import CorpusFile
+from trainer.data.units import encode_unit, plan_fingerprint, plan_units, read_done
+from trainer.errors import Preempted
+from trainer.log import logger
+
+PROGRESS_EVERY_S = 10.0  # seconds between progress lines
+POLL_S = 0.5  # how often the parent looks at its workers (and reacts to a signal's flag)
+
+
+def worker_count(setting: int) -> int:
+    """data.prepare_workers, with 0 meaning every core this process may run on (sched_getaffinity:
+    a container's cpuset, not the host's core count)."""
+    return setting if setting > 0 else len(os.sched_getaffinity(0))
+
+
+def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Path, scratch: Path,
+                   workers: int | None = None) -> dict:
+    """Tokenize the pulled `files` into shards under out_dir; return the index (also written as
+    out_dir/index.json), with skipped_records, workers and units added to prepare_shards' keys.
+
+    `scratch` holds the unit files (delete it once the shards are published); a rerun with the same
+    scratch reuses the units already done. workers: default data.prepare_workers. Raises DataError
+    (a bad record under data.on_error=fail, naming file and line; no document or no training token
+    left), ConfigError (the tokenizer has no document separator), Preempted (SIGTERM or SIGINT:
+    the workers are killed, the units done are kept; exit 75) and RuntimeError (a worker died)."""
+    start = time.time()
+    backend = encoding_backend(tokenizer)
+    eos_token, eos = document_separator(tokenizer, backend)
+    dtype = token_dtype(backend.get_vocab_size())
+    units = plan_units(files)
+    n_workers = max(1, min(worker_count(workers or cfg.data.prepare_workers), len(units)))
+    stats = _resume(scratch, plan_fingerprint(files, units), len(units))
+    todo = [n for n, s in enumerate(stats) if s is None]
+    logger.info(f"prepare: {len(units)} work unit(s) over {len(files)} file(s); {len(units) - len(todo)} done before "
+                f"(reused), {len(todo)} to do on {n_workers} worker process(es)")
+    if todo:
+        spec = {"data": cfg.data, "files": files, "units": units, "eos": eos, "dtype": dtype, "scratch": scratch,
+                "tokenizer": backend.to_str() if hasattr(backend, "to_str") else backend}
+        for n, s in _run_pool(spec, todo, n_workers, _Progress(units, todo)):
+            stats[n] = s
+    index = {"format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": backend.get_vocab_size(), "eos_id": eos,
+             "eos_token": eos_token}
+    index.update(assemble_shards(scratch, stats, out_dir, dtype, cfg.data.shard_tokens, cfg.data.dedup))
+    if not index["filters"].get("documents_read"):
+        raise no_documents(cfg.data, files, index["skipped_records"])
+    seconds = time.time() - start
+    index.update(seconds=round(seconds, 2), chars_per_second=round(sum(index["chars"].values()) / max(seconds, 1e-9)),
+                 workers=n_workers, units=len(units))
+    index["tokens"] = {s: sum(x["tokens"] for x in index[s]) for s in ("train", "val")}
+    if index["tokens"]["train"] == 0:
+        check_trainable(index, 1, index["skipped_records"])  # the message with the counts
+    (out_dir / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+    return index
+
+
+def _resume(scratch: Path, plan: str, n_units: int) -> list[dict | None]:
+    """Each unit's counts if a previous run finished it under the same plan, else None. A
+    scratch folder of another plan (other files, another UNIT_BYTES) is emptied; temporaries
+    left by killed workers are removed."""
+    import shutil
+
+    marker = scratch / "plan.txt"
+    if scratch.exists() and (not marker.is_file() or marker.read_text() != plan):
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    marker.write_text(plan)
+    for tmp in scratch.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return [read_done(scratch, n) for n in range(n_units)]
+
+
+class _Progress:
+    """Units done of the total, documents/s, input MB/s and ETA, logged every PROGRESS_EVERY_S."""
+
+    def __init__(self, units, todo):
+        self.total, self.done = len(units), len(units) - len(todo)
+        self.bytes_left = sum(units[n].size for n in todo)
+        self.docs = self.bytes = 0
+        self.start = self.last = time.time()
+
+    def add(self, stats: dict) -> None:
+        self.done += 1
+        self.docs += stats["filters"].get("documents_read", 0)
+        self.bytes += stats["bytes"]
+        self.bytes_left -= stats["bytes"]
+
+    def maybe_log(self) -> None:
+        now = time.time()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last, seconds = now, max(now - self.start, 1e-9)
+        rate = self.bytes / seconds
+        eta = f"{self.bytes_left / rate / 60:.1f} min" if rate else "unknown"
+        logger.info(f"prepare: {self.done}/{self.total} units, {self.docs / seconds:,.0f} documents/s, "
+                    f"{rate / 1e6:.1f} MB/s, ETA {eta}")
+
+
+def _run_pool(spec: dict, todo: list[int], n_workers: int, progress: _Progress):
+    """Yield (unit, counts) as the workers finish units. Any way out (done, an error, a signal)
+    kills the workers that are left; a unit in flight leaves only a temporary file."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for n in todo:
+        tasks.put(n)
+    for _ in range(n_workers):
+        tasks.put(None)
+    procs = [ctx.Process(target=_worker, args=(spec, tasks, results), daemon=True, name=f"prepare-{i}")
+             for i in range(n_workers)]
+    left, restore = len(todo), _stop_on_signals(progress)
+    try:
+        for p in procs:
+            p.start()
+        while left:
+            try:
+                kind, n, payload = results.get(timeout=POLL_S)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"prepare: worker process {dead[0].name} died (exit code {dead[0].exitcode}; "
+                                       f"-9 is SIGKILL, often the OOM killer); rerun to continue") from None
+                progress.maybe_log()
+                continue
+            if kind == "error":
+                raise payload
+            left -= 1
+            progress.add(payload)
+            progress.maybe_log()
+            yield n, payload
+    finally:
+        started = [p for p in procs if p.pid is not None]
+        for p in started:
+            if p.is_alive():
+                p.kill()
+        for p in started:
+            p.join(10)
+        for q in (tasks, results):
+            q.cancel_join_thread()
+            q.close()
+        restore()
+
+
+def _stop_on_signals(progress: _Progress):
+    """SIGTERM and SIGINT raise Preempted in the main thread (the pool's finally kills the workers);
+    returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum, frame):
+        logger.warning(f"prepare: received signal {signum}: stopping; {progress.done}/{progress.total} units are "
+                       f"done and kept, the rerun continues from them (exit 75)")
+        raise Preempted()
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def _worker(spec: dict, tasks, results) -> None:
+    """A worker process: units from `tasks` until None, or until its parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it kills us on a signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each; read by the Rust side at every call
+    from trainer.data.shards import packing_tokenizer
+
+    parent = os.getppid()
+    tok = spec["tokenizer"]
+    backend = packing_tokenizer(tok) if isinstance(tok, str) else tok
+    files, units = spec["files"], spec["units"]
+    while os.getppid() == parent:  # orphaned (the parent was killed -9): stop
+        try:
+            n = tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if n is None:
+            return
+        try:
+            u = units[n]
+            stats = encode_unit(spec["data"], files[u.file], u, n, backend, spec["eos"], spec["dtype"], spec["scratch"])
+        except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it
+            results.put(("error", n, _picklable(e)))
+            return
+        results.put(("done", n, stats))
+
+
+def _picklable(e: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"prepare worker: {type(e).__name__}: {e}\n{''.join(traceback.format_exception(e))}")

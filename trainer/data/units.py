@@ -1,0 +1,180 @@
+"""Prepare's work units: the corpus listing cut into parts that worker processes tokenize alone.
+
+A unit is a whole file, a byte range of a large uncompressed .jsonl or .txt file (cut right after a
+newline; .txt after a blank line, so no document is split), or a run of row groups of a large
+parquet file. Compressed files and `datasets` sources are one unit each (a stream cannot be entered
+in the middle). The plan depends on the listing and UNIT_BYTES only, never on the worker count, and
+its order (listing order, then position in the file) is the order of the documents in the shards.
+
+A unit file, `unit-<n>.npz` under the prepare scratch folder, holds the unit's documents after the
+length filters and before dedup: `tokens` (each document's ids followed by the document separator),
+`offsets` (n_docs + 1 token offsets into tokens), `hashes` (uint64 doc_hash), `chars` (characters + 1
+per document, as index.json counts them) and `val` (1 = validation document). It is written under a
+temporary name and renamed; `unit-<n>.done.json` (the unit's counts) is written after it, the same
+way, and marks the unit done: a rerun after a crash reuses every unit that has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import DataConfig
+from trainer.data.readers import DocumentReader, lines_before
+from trainer.data.shards import BATCH_DOCS, Normalizer, encode_documents
+from trainer.data.sources import CorpusFile, DataError, file_kind
+
+UNIT_BYTES = 64 << 20  # input bytes per unit: ~1-3 s of one core, small enough to balance and to redo after a kill
+SPLITTABLE = {("jsonl", ""), ("txt", "")}  # formats cut by byte range
+
+
+@dataclass(frozen=True)
+class Unit:
+    file: int  # position of the file in the corpus listing
+    kind: str = "file"  # file | bytes (start, end: byte offsets) | row_groups (start, end: row group numbers)
+    start: int = 0
+    end: int = 0
+    size: int = 0  # input bytes, for progress and ETA
+
+    def reader_args(self) -> dict:
+        if self.kind == "bytes":
+            return {"byte_range": (self.start, self.end)}
+        if self.kind == "row_groups":
+            return {"row_groups": (self.start, self.end)}
+        return {}
+
+
+def plan_units(files: list[CorpusFile], unit_bytes: int | None = None) -> list[Unit]:
+    """The units of a pulled listing (every file readable locally), in document order. Files are
+    cut only where they are larger than unit_bytes (default UNIT_BYTES); a parquet file that
+    cannot be opened stays one unit, so that the reader reports it."""
+    unit_bytes = unit_bytes or UNIT_BYTES
+    units: list[Unit] = []
+    for i, f in enumerate(files):
+        kind = file_kind(f.name) or file_kind(f.local or f.url)
+        path = f.local or f.url
+        if f.dataset is None and kind in SPLITTABLE and f.size > unit_bytes:
+            cuts = _byte_cuts(path, f.size, unit_bytes, blank_line=kind[0] == "txt")
+            units += [Unit(i, "bytes", a, b, b - a) for a, b in zip(cuts, cuts[1:])]
+        elif f.dataset is None and kind and kind[0] == "parquet" and f.size > unit_bytes:
+            units += _row_group_units(i, path, f.size, unit_bytes)
+        else:
+            units.append(Unit(i, size=f.size))
+    return units
+
+
+def _byte_cuts(path: str, size: int, unit_bytes: int, blank_line: bool) -> list[int]:
+    """[0, cut, ..., size]: each cut is the start of a line (blank_line: of a line after a line of
+    ASCII whitespace only, which ends a .txt document) at or after a multiple of about unit_bytes."""
+    cuts = [0]
+    with open(path, "rb") as fh:
+        while cuts[-1] + unit_bytes < size:
+            fh.seek(cuts[-1] + unit_bytes - 1)
+            fh.readline()  # to the start of the line at or after the target (the byte before may be \n)
+            while blank_line and (line := fh.readline()) and line.strip():
+                pass
+            if fh.tell() >= size:
+                break
+            cuts.append(fh.tell())
+    return cuts + [size]
+
+
+def _row_group_units(file: int, path: str, size: int, unit_bytes: int) -> list[Unit]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception:  # noqa: BLE001 - a corrupt file: the reader names it when it reads the unit
+        return [Unit(file, size=size)]
+    units, first, acc = [], 0, 0
+    for g in range(meta.num_row_groups):
+        acc += meta.row_group(g).total_byte_size
+        if acc >= unit_bytes or g == meta.num_row_groups - 1:
+            units.append(Unit(file, "row_groups", first, g + 1, acc))
+            first, acc = g + 1, 0
+    return units or [Unit(file, size=size)]
+
+
+def plan_fingerprint(files: list[CorpusFile], units: list[Unit]) -> str:
+    """Identifies a plan (the listing's content and the cuts), not where the files lie."""
+    rows = [[files[u.file].name, files[u.file].etag, u.kind, u.start, u.end] for u in units]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def unit_path(scratch: Path, n: int) -> Path:
+    return Path(scratch) / f"unit-{n:06d}.npz"
+
+
+def done_path(scratch: Path, n: int) -> Path:
+    return Path(scratch) / f"unit-{n:06d}.done.json"
+
+
+def read_done(scratch: Path, n: int) -> dict | None:
+    """The counts of a finished unit, None when it is not done (its marker is missing or torn)."""
+    try:
+        stats = json.loads(done_path(scratch, n).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stats if unit_path(scratch, n).is_file() else None
+
+
+def _publish(path: Path, write) -> None:
+    """write(file) to a temporary name beside `path`, flush to disk, rename: `path` is whole or absent."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def encode_unit(cfg: DataConfig, f: CorpusFile, unit: Unit, n: int, backend, eos: int, dtype: np.dtype,
+                scratch: Path) -> dict:
+    """Read, normalise (no dedup: that is global) and tokenize unit `n`, write its unit file and
+    done marker; return the counts (also in the marker). Raises DataError naming the file and line
+    of a bad record under data.on_error=fail (line numbers of the file, not of the unit)."""
+    try:
+        arrays, stats = _encode(cfg, f, unit, backend, eos, dtype)
+    except DataError:
+        if unit.kind != "bytes" or unit.start == 0:
+            raise
+        # Lines of a byte range count from its start; only on this fatal path is the part of the file
+        # before it read, to name the line of the file: the rerun raises the same error, numbered so.
+        _encode(cfg, f, unit, backend, eos, dtype, lines_before(f.local or f.url, unit.start))
+        raise
+    _publish(unit_path(scratch, n), lambda fh: np.savez(fh, **arrays))
+    _publish(done_path(scratch, n), lambda fh: fh.write(json.dumps(stats).encode()))
+    return stats
+
+
+def _encode(cfg: DataConfig, f: CorpusFile, unit: Unit, backend, eos: int, dtype: np.dtype,
+            line_base: int = 0) -> tuple[dict, dict]:
+    reader = DocumentReader(cfg)
+    norm = Normalizer(dataclasses.replace(cfg, dedup=False))
+    docs = reader.iter_file(f, line_base=line_base, **unit.reader_args())
+    parts, lengths, hashes, chars = [], [], [], []
+    for texts, batch_hashes in norm.batches(docs, BATCH_DOCS):
+        ids = encode_documents(backend, texts)
+        n_tokens = sum(map(len, ids)) + len(ids)
+        parts.append(np.fromiter(chain.from_iterable(chain(doc, (eos,)) for doc in ids), dtype, n_tokens))
+        lengths += [len(doc) + 1 for doc in ids]
+        hashes += batch_hashes
+        chars += [len(t) + 1 for t in texts]
+    h = np.array(hashes, dtype=np.uint64)
+    arrays = {"tokens": np.concatenate(parts) if parts else np.zeros(0, dtype),
+              "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+              "hashes": h, "chars": np.array(chars, dtype=np.int64),
+              "val": (h % np.uint64(1000) < np.uint64(cfg.val_permille)).astype(np.uint8)}
+    filters = Counter(norm.counts)
+    filters.pop("documents_kept", None)  # decided after the global dedup
+    stats = {"filters": dict(filters), "skipped": dict(reader.skipped), "documents": len(hashes),
+             "chars": int(sum(chars)), "bytes": unit.size}
+    return arrays, stats
