@@ -176,5 +176,5 @@ def _encode(cfg: DataConfig, f: CorpusFile, unit: Unit, backend, eos: int, dtype
     filters = Counter(norm.counts)
     filters.pop("documents_kept", None)  # decided after the global dedup
     stats = {"filters": dict(filters), "skipped": dict(reader.skipped), "documents": len(hashes),
-             "chars": int(sum(chars)), "bytes": unit.size}
+             "chars": int(sum(chars)), "bytes": unit.size, "worker_pid": os.getpid()}
     return arrays, stats
