@@ -4,10 +4,11 @@ Why not the usual recipe (ByteLevel pre-tokenizer + BpeTrainer over every text):
 every distinct pre-token ("word") in memory, as a vector of 32-byte symbols (one per byte) plus the
 set of words each byte pair occurs in. Unspaced Chinese makes words of whole clauses, nearly all
 distinct, so memory grows with the corpus (5.4 GB for 26 M characters of poetry). Here:
-  * training reads at most `tokenizer.sample_bytes` of text, sampled evenly across all files in one
-    streaming pass (bottom-k by document hash: deterministic, memory bounded by the sample). The
-    trainer's memory is about 100 bytes per sampled byte of Chinese, whatever the corpus size and
-    whatever the split;
+  * training reads at most `tokenizer.sample_bytes` of text, sampled evenly in one streaming pass
+    (bottom-k by document hash: deterministic, memory bounded by the sample) over the documents of
+    a bounded, evenly spread read of the corpus (trainer/data/sample.py: twice the sample, so its
+    cost does not grow with the corpus). The trainer's memory is about 100 bytes per sampled byte
+    of Chinese, whatever the corpus size and whatever the split;
   * the split (`tokenizer.pre_tokenizer`) is by default Qwen2's: Han runs whole (one leading
     punctuation mark joins them), Latin words, single digits, punctuation runs with the newlines
     after them. llama.cpp implements it (and `deepseek-llm`, `gpt-2`) under the same name, so an
@@ -139,18 +140,22 @@ def trainer_max_length(max_token_length: int) -> int:
     return 3 * max_token_length + 1
 
 
-def tokenizer_hash(cfg: Config, corpus_fp: str) -> str:
-    """Identifies a trained tokenizer: corpus listing, which documents it sees, and every setting."""
+def tokenizer_hash(cfg: Config, corpus_fp: str, sample: str = "") -> str:
+    """Identifies a trained tokenizer: corpus listing, which documents it sees, and every setting.
+    `sample` (trainer/data/sample.py sample_key) says how a corpus larger than the read budget is
+    read; "" (a corpus read whole) leaves the key as it was before the spread read existed."""
     t, d = cfg.tokenizer, cfg.data
-    key = json.dumps({
+    key = {
         "corpus": corpus_fp, "vocab_size": t.vocab_size, "max_token_length": t.max_token_length,
         "min_frequency": t.min_frequency, "sample_bytes": t.sample_bytes,
         # "zh" keeps its old key, so tokenizers trained before tokenizer.pre_tokenizer existed are reused
         "pre": PRETOKENIZER_VERSION if t.pre_tokenizer == "zh" else t.pre_tokenizer,
         "text_field": d.text_field, "nfkc": d.nfkc, "to_simplified": d.to_simplified,
         "min_chars": d.min_chars, "max_chars": d.max_chars, "val_permille": d.val_permille,
-    }, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    }
+    if sample:
+        key["sample"] = sample
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def hash_bytes(data: bytes) -> int:
