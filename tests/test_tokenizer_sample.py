@@ -271,3 +271,19 @@ def test_a_bad_record_in_a_window_names_the_line_of_the_file(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:1501: invalid JSON"):
         list(sample.iter_read(DocumentReader(DataConfig()), FileRead(f, ((start, f.size),), f.size - start)))
 
+
+def test_the_stage_trains_on_the_spread_read_and_reuses_it(tmp_path, tiny_config, monkeypatch):
+    from trainer.data.sources import corpus_fingerprint, resolve_sources
+    from trainer.io.artifacts import bucket
+    from trainer.job.stages import stage_tokenizer, trained_tokenizer_key
+
+    cfg = tiny_config(tmp_path, {"tokenizer.sample_bytes": 10_000})
+    files = resolve_sources(cfg)
+    assert sum(f.size for f in files) > 4 * cfg.tokenizer.sample_bytes  # more than the read budget
+    key = stage_tokenizer(cfg)
+    assert key == trained_tokenizer_key(cfg, files) != f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    report = json.loads(bucket(cfg).read_text(f"{key}/report.json"))
+    assert report["sample_read"]["mode"] == "spread" and report["sample_read"]["files_read"] == 1
+    assert report["corpus_train_bytes"] < 3 * cfg.tokenizer.sample_bytes < sum(f.size for f in files)
+    monkeypatch.setattr("trainer.data.tokenizer.train_from_corpus", lambda *a, **k: pytest.fail("trained again"))
+    assert stage_tokenizer(cfg) == key

@@ -17,7 +17,8 @@ from trainer.data import prepare_pool
 from trainer.data import shards as prepare
 from trainer.data import tokenizer as tokenizers
 from trainer.data.conversations import load_chat_tokenizer, prepare_conversations, sft_run_id
-from trainer.data.readers import DocumentReader, iter_documents
+from trainer.data.readers import DocumentReader
+from trainer.data.sample import describe_read, read_sample, sample_key
 from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.data.sources import corpus_fingerprint, pull, resolve_sources
 from trainer.data.tokenizer import load_tokenizer, tokenizer_hash
@@ -55,13 +56,19 @@ def stage_pull(cfg: Config):
 
 # Stage 2: tokenizer ----------------------------------------------------------------------------
 
+def trained_tokenizer_key(cfg: Config, files) -> str:
+    """Bucket key of the tokenizer trained on `files`: the listing, the settings and how the sample is read."""
+    return f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files), sample_key(files, cfg.tokenizer.sample_bytes))}"
+
+
 def stage_tokenizer(cfg: Config, files=None) -> str:
-    """Bucket key of the tokenizer folder: loaded from tokenizer.path, reused by hash, or trained."""
+    """Bucket key of the tokenizer folder: loaded from tokenizer.path, reused by hash, or trained on
+    a bounded, evenly spread read of the corpus (trainer/data/sample.py)."""
     store = bucket(cfg)
     if cfg.tokenizer.path:
         return import_tokenizer(cfg, store)
     files = files if files is not None else stage_pull(cfg)
-    key = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    key = trained_tokenizer_key(cfg, files)
     if store.exists(join(key, protocol.MANIFEST)):
         log(f"tokenizer: reusing {store.url(key)}")
         return key
@@ -74,9 +81,13 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     # The tokenizer trains on normalised text without validation documents (no leak into val bpc);
     # dedup is left to prepare (it doesn't change which strings are frequent enough to merge).
     norm = Normalizer(dataclasses.replace(cfg.data, dedup=False))
-    docs = norm(iter_documents(cfg.data, files, reader))
-    log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.1f} MB")
+    docs = norm(read_sample(cfg.data, files, cfg.tokenizer.sample_bytes, reader))
+    read = describe_read(files, cfg.tokenizer.sample_bytes)
+    log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.1f} MB "
+        f"drawn from {read['files_read']} of {len(files)} file(s)" +
+        (f", about {read['planned_bytes'] / 1e6:.1f} MB read" if read["mode"] == "spread" else ", read whole"))
     report = tokenizers.train_from_corpus(cfg, docs, out, lambda t: is_validation(t, cfg.data.val_permille))
+    report["sample_read"] = read
     report["skipped_records"] = dict(reader.skipped)
     report["filters"] = dict(norm.counts)
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -181,7 +192,7 @@ def check_tokenizer_kept(cfg: Config, files) -> None:
     if cfg.tokenizer.path or not old or run_state.newest_state(store, cfg.run.id) is None:
         return
     old_key = Artifacts.from_json(old).tokenizer_key
-    new_key = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    new_key = trained_tokenizer_key(cfg, files)
     if old_key != new_key:
         check_resume(cfg, cfg.run.id, {"tokenizer": f"a new tokenizer ({new_key}) for the changed corpus or "
                                                     f"tokenizer settings"})
