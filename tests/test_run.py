@@ -58,6 +58,14 @@ def check_export(store, run_id: str, tmp_path):
     assert out.shape[1] == ids.shape[1] + 6
     assert tok.decode(out[0], skip_special_tokens=True).startswith("床前明月光")
     assert tok.eos_token == "<|endoftext|>" and tok.chat_template
+    # The model card: Hugging Face metadata, then what trained for how long, from this run's own files.
+    card = (final / "README.md").read_text(encoding="utf-8")
+    state = json.loads(store.read_text(f"{protocol.checkpoints_prefix(run_id)}/{protocol.step_name(newest)}/"
+                                       "trainer_state.json"))
+    assert card.startswith("---\nlanguage:\n- zh\n") and "pipeline_tag: text-generation" in card
+    assert f"| optimizer steps | {state['step']:,} |" in card and f"| tokens seen | {state['tokens_seen']:,} |" in card
+    n_params = sum(p.numel() for p in model.parameters())
+    assert f"{n_params / 1e6:.1f} M parameters" in card and "## Scores" in card
 
 
 def test_run_on_two_processes_then_rerun_skips_every_stage(tmp_path, tiny_config, cli, metrics):

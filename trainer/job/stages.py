@@ -247,11 +247,32 @@ def final_key(cfg: Config) -> str:
     return f"runs/{cfg.run.id}/final"
 
 
+def export_card(store: Storage, run_id: str, stage: str = "pretrain"):
+    """card(checkpoint folder) -> the export's README.md (trainer/model/model_card.py), from the
+    checkpoint's config.yaml, trainer_state.json and config.json, the run's metrics and (pretraining)
+    the shards' index.json in the bucket."""
+    import yaml
+
+    from trainer.evaluation.report import parse_metrics
+    from trainer.model.model_card import model_card
+
+    def card(src: Path) -> str:
+        arts = store.read_text_or_none(f"runs/{run_id}/artifacts.json")
+        index = store.read_text_or_none(join(Artifacts.from_json(arts).data_key, "index.json")) if arts else None
+        rows, _ = parse_metrics(store.read_text_or_none(f"runs/{run_id}/metrics.jsonl") or "")
+        return model_card(run_id, yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8")) or {},
+                          json.loads((src / "trainer_state.json").read_text(encoding="utf-8")),
+                          json.loads((src / "config.json").read_text(encoding="utf-8")),
+                          json.loads(index) if index and stage == "pretrain" else None, rows, stage)
+    return card
+
+
 def stage_export(cfg: Config) -> str:
-    """The newest checkpoint's Hugging Face files at runs/<id>/final/ (manifest last)."""
+    """The newest checkpoint's Hugging Face files at runs/<id>/final/ with a model card (README.md),
+    manifest last."""
     check_scratch_apart(cfg.storage)  # a bucket inside local_dir: export would delete its own staged folder
     store, key = bucket(cfg), final_key(cfg)
-    step = ckpt.export(bucket(cfg), cfg.run.id, key, Path(cfg.storage.local_dir))
+    step = ckpt.export(store, cfg.run.id, key, Path(cfg.storage.local_dir), card=export_card(store, cfg.run.id))
     log(f"export: {store.url(key)} is up to date" if step is None else f"export: step {step} -> {store.url(key)}")
     return key
 
@@ -343,7 +364,8 @@ def stage_sft(cfg: Config) -> int:
             return code
     if node_rank() == 0:
         key = f"runs/{run_id}/final"
-        step = ckpt.export(store, run_id, key, Path(cfg.storage.local_dir), "sft export")
+        step = ckpt.export(store, run_id, key, Path(cfg.storage.local_dir), "sft export",
+                           card=export_card(store, run_id, "sft"))
         log(f"sft export: {store.url(key)} is up to date" if step is None else
             f"sft export: step {step} -> {store.url(key)}")
         log(f"sft done. model: {store.url(key)}  chat: python entrypoint.py chat --checkpoint {store.url(key)}")

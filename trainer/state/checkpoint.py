@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -184,10 +185,13 @@ class Checkpointer:
 
 # Exports and model folders ----------------------------------------------------------------------
 
-def export(store: Storage, run_id: str, key: str, local_root: Path, what: str = "export") -> int | None:
+def export(store: Storage, run_id: str, key: str, local_root: Path, what: str = "export",
+           card: Callable[[Path], str] | None = None) -> int | None:
     """Publish the newest complete checkpoint's Hugging Face files (all but TRAINING_FILES) at `key`,
-    manifest last; return its step, or None when `key` already holds it. Raises FileNotFoundError
-    when the run has no checkpoint, StorageError for a checkpoint of an older format (no config.json)."""
+    manifest last; return its step, or None when `key` already holds it. `card(checkpoint folder)`
+    gives the export's README.md (its model card), written before the manifest. Raises
+    FileNotFoundError when the run has no checkpoint, StorageError for a checkpoint of an older
+    format (no config.json)."""
     if newest_to_export(store, run_id, key, what) is None:
         return None
     step, src = fetch_newest(store, run_id, Path(local_root) / "runs" / run_id / "export-src")
@@ -195,6 +199,8 @@ def export(store: Storage, run_id: str, key: str, local_root: Path, what: str = 
         raise StorageError(f"{what}: {step_name(step)} of {run_id} was saved by an older version without "
                            f"config.json; resume the run to write a new checkpoint, then export")
     out = hf_folder(src, Path(local_root) / key)
+    if card is not None:
+        (out / "README.md").write_text(card(src), encoding="utf-8")
     publish_folder(store, out, key, step, replace=True)
     return step
 
