@@ -5,7 +5,9 @@ the unit files already done."""
 
 import gzip
 import json
+import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import psutil
 import pytest
 
 from trainer.config import load_config
-from trainer.data import units
+from trainer.data import prepare_pool, units
 from trainer.data.prepare_pool import prepare_corpus
 from trainer.data.readers import iter_documents
 from trainer.data.shards import prepare_shards
@@ -101,12 +103,14 @@ def test_same_shards_for_1_2_4_workers_and_one_process(tmp_path, tiny_docs, tok,
         assert json.loads((out / "index.json").read_text()) == index
 
 
-def test_dedup_across_units_held_by_different_workers(tmp_path, tiny_docs, tok, monkeypatch):
+def test_dedup_across_units_held_by_different_workers(tmp_path, tiny_docs, tok, monkeypatch, caplog):
     """Every unit starts with the same poem: only the first unit keeps it, whichever worker
-    finished first; the others hold it at their position 0 and drop it."""
+    finished first; the others hold it at their position 0 and drop it. Progress is logged."""
     for k, v in hook_env(tmp_path, 0, 0.3).items():  # a delay per unit in the workers: both get units
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(units, "UNIT_BYTES", 1 << 30)
+    monkeypatch.setattr(prepare_pool, "PROGRESS_EVERY_S", 0.2)
+    caplog.set_level(logging.INFO, logger="trainer")
     shared = tiny_docs[0]
     paths = [jsonl(tmp_path / f"part-{i}.jsonl", [shared] + tiny_docs[1 + 20 * i: 21 + 20 * i]) for i in range(8)]
     files = local_files(paths)
@@ -114,6 +118,8 @@ def test_dedup_across_units_held_by_different_workers(tmp_path, tiny_docs, tok, 
     index = prepare_corpus(cfg, files, tok, tmp_path / "out", tmp_path / "scratch", workers=2)
     pids = {json.loads(p.read_text())["worker_pid"] for p in (tmp_path / "scratch").glob("*.done.json")}
     assert len(pids) == 2  # the units were shared out
+    progress = [r.getMessage() for r in caplog.records if re.match(r"prepare: \d/8 units, ", r.getMessage())]
+    assert progress and re.search(r"[\d,]+ documents/s, [\d.]+ MB/s, ETA ([\d.]+ min|unknown)$", progress[-1])
     assert index["filters"]["removed_duplicate"] == 7 and index["documents"]["train"] == 1 + 8 * 20
     tokens = np.concatenate([np.fromfile(tmp_path / "out" / e["name"], dtype=index["dtype"]) for e in index["train"]])
     eos = index["eos_id"]

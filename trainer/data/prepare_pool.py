@@ -49,7 +49,9 @@ POLL_S = 0.5  # how often the parent looks at its workers (and reacts to a signa
 def worker_count(setting: int) -> int:
     """data.prepare_workers, with 0 meaning every core this process may run on (sched_getaffinity:
     a container's cpuset, not the host's core count)."""
-    return setting if setting > 0 else len(os.sched_getaffinity(0))
+    if setting > 0:
+        return setting
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
 
 
 def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Path, scratch: Path,
@@ -72,14 +74,18 @@ def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Pat
     todo = [n for n, s in enumerate(stats) if s is None]
     logger.info(f"prepare: {len(units)} work unit(s) over {len(files)} file(s); {len(units) - len(todo)} done before "
                 f"(reused), {len(todo)} to do on {n_workers} worker process(es)")
-    if todo:
-        spec = {"data": cfg.data, "files": files, "units": units, "eos": eos, "dtype": dtype, "scratch": scratch,
-                "tokenizer": backend.to_str() if hasattr(backend, "to_str") else backend}
-        for n, s in _run_pool(spec, todo, n_workers, _Progress(units, todo)):
+    spec = {"data": cfg.data, "files": files, "units": units, "eos": eos, "dtype": dtype, "scratch": scratch,
+            "tokenizer": backend.to_str() if hasattr(backend, "to_str") else backend}
+    progress = _Progress(units, todo)
+    restore = _stop_on_signals(progress)  # from here to the shards: a signal raises Preempted (exit 75)
+    try:
+        for n, s in _run_pool(spec, todo, n_workers, progress) if todo else ():
             stats[n] = s
-    index = {"format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": backend.get_vocab_size(), "eos_id": eos,
-             "eos_token": eos_token}
-    index.update(assemble_shards(scratch, stats, out_dir, dtype, cfg.data.shard_tokens, cfg.data.dedup))
+        index = {"format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": backend.get_vocab_size(),
+                 "eos_id": eos, "eos_token": eos_token}
+        index.update(assemble_shards(scratch, stats, out_dir, dtype, cfg.data.shard_tokens, cfg.data.dedup))
+    finally:
+        restore()
     if not index["filters"].get("documents_read"):
         raise no_documents(cfg.data, files, index["skipped_records"])
     seconds = time.time() - start
@@ -147,7 +153,7 @@ def _run_pool(spec: dict, todo: list[int], n_workers: int, progress: _Progress):
         tasks.put(None)
     procs = [ctx.Process(target=_worker, args=(spec, tasks, results), daemon=True, name=f"prepare-{i}")
              for i in range(n_workers)]
-    left, restore = len(todo), _stop_on_signals(progress)
+    left = len(todo)
     try:
         for p in procs:
             p.start()
@@ -177,7 +183,6 @@ def _run_pool(spec: dict, todo: list[int], n_workers: int, progress: _Progress):
         for q in (tasks, results):
             q.cancel_join_thread()
             q.close()
-        restore()
 
 
 def _stop_on_signals(progress: _Progress):

@@ -109,6 +109,17 @@ def plan_fingerprint(files: list[CorpusFile], units: list[Unit]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM: since its exec, unlike ru_maxrss, which
+    keeps the high-water mark of the process that forked it); 0 where /proc is missing."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1]) * 1024
+
+
 def unit_path(scratch: Path, n: int) -> Path:
     return Path(scratch) / f"unit-{n:06d}.npz"
 
@@ -176,5 +187,6 @@ def _encode(cfg: DataConfig, f: CorpusFile, unit: Unit, backend, eos: int, dtype
     filters = Counter(norm.counts)
     filters.pop("documents_kept", None)  # decided after the global dedup
     stats = {"filters": dict(filters), "skipped": dict(reader.skipped), "documents": len(hashes),
-             "chars": int(sum(chars)), "bytes": unit.size, "worker_pid": os.getpid()}
+             "chars": int(sum(chars)), "bytes": unit.size, "worker_pid": os.getpid(),
+             "worker_peak_rss_bytes": peak_rss_bytes()}
     return arrays, stats
