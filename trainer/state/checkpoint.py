@@ -95,11 +95,12 @@ def load(ckpt_dir: Path, model, optimizer, d: Dist, seed: int) -> dict:
     return state
 
 
-class Checkpointer:
-    """One run's checkpoints as the training loop uses them, on every rank: restore the newest
+class RunCheckpoints:
+    """One run's checkpoint files as the training loop uses them, on every rank: restore the newest
     complete one (rank 0 verifies it, the first rank of every other node fetches that same step),
     save (every rank's RNG gathered; rank 0 writes, or every rank its shards of a sharded model),
-    publish in the background (at most one upload in flight per node)."""
+    publish in the background (at most one upload in flight per node), then prune to keep_last.
+    When to save, and what else a checkpoint takes: trainer/training/checkpointer.py."""
 
     def __init__(self, store: Storage, run_id: str, local_root: Path, keep_last: int, d: Dist):
         self.store, self.run_id, self.local_root, self.d = store, run_id, Path(local_root), d

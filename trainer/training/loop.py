@@ -12,6 +12,8 @@ samples at checkpoints. Everything else is written once, here:
     (their data skipped) or fatal, so a checkpoint never holds weights of a window that failed;
   * SIGTERM/SIGINT: every rank stops at the same step, the checkpoint is published, exit 75; the
     previous signal handlers are back when the loop returns;
+  * when to checkpoint, and what a checkpoint takes (samples, logs, publication, pruning, rollback):
+    the Checkpointer (trainer/training/checkpointer.py), which the loop only calls;
   * the loop state (LoopState) is saved in every checkpoint and restored whole, so a resume continues
     at the same step, data position and counters (bit for bit on CPU).
 """
@@ -23,30 +25,24 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from trainer.config import Config, TrainConfig, to_yaml
-from trainer.errors import Preempted
+from trainer.config import Config, TrainConfig
 from trainer.io.storage import Storage
 from trainer.log import logger
 from trainer.model.llama import peak_flops
 from trainer.model.schedule import lr_at
 from trainer.parallel.distributed import Dist
-from trainer.parallel.fsdp import (
-    clip_grad_norm,
-    is_sharded,
-)
-from trainer.state.checkpoint import Checkpointer, step_name
-from trainer.state.run import LoopState, mark_preempted, run_steps
+from trainer.parallel.fsdp import clip_grad_norm
+from trainer.state.run import LoopState, run_steps
 from trainer.training import parallelize
+from trainer.training.checkpointer import Checkpointer
 from trainer.training.optim import build_optimizer, step_skipping_nonfinite
 from trainer.training.runlog import RunLog
 
-MAX_ROLLBACKS_IN_A_ROW = 3  # train.on_nonfinite=rollback gives up after this many without a new checkpoint
 LOSS_EMA_DECAY = 0.9  # running mean of logged losses for spike detection (spikes left out)
 
 
@@ -237,8 +233,8 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     use_bf16 = hp.dtype == "bf16" or (hp.dtype == "auto" and d.device.type == "cuda")
     model, tokenizer, strategy = parallelize.build(task, hp, d, use_bf16)
     optimizer = build_optimizer(model, hp)
-    ckpts = Checkpointer(store, task.run_id, run_local, cfg.checkpoint.keep_last, d)
-    state = _resume(task.name, ckpts, model, optimizer, hp.seed, d)
+    ckpt = Checkpointer(task, cfg, store, d, run_local, model, tokenizer, optimizer, lease)
+    state = ckpt.resume()
     state.inputs = task.inputs  # the stages refused a resume whose inputs changed (stages.check_resume)
     hp, cap = _run_length(hp, state, task)
 
@@ -252,10 +248,8 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                 f"{task.samples_per_step} sequences per step ({micro} per micro-batch, {accum} accumulation), "
                 f"steps {state.step} -> {hp.max_steps}")
 
-    run = _Run(task, model, tokenizer, optimizer, ckpts, runlog, to_yaml(cfg), autocast, d, lease,
-               wall_before=state.wall_seconds, started_at=time.time())
+    ckpt.start(runlog, autocast)
     model.train()
-    last_ckpt, rollbacks_in_a_row = state.step, 0
     window = Window.resumed(d.device, state, loader.wait_seconds, d)
     budget = Budget(hp, state.step, state.wall_seconds, task.samples_per_step)
     with StopFlag() as stop:
@@ -263,29 +257,15 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
             while state.step < hp.max_steps:
                 if (d.world > 1 or stop.requested_at is not None) and d.any(stop.requested_at is not None):
                     loader.close()
-                    if state.step > last_ckpt:
+                    if state.step > ckpt.last_step:  # the open window goes into the last checkpoint
                         state.window = window.saved(d, loader.wait_seconds) if state.step > window.start_step else None
-                        _checkpoint(run, state, background=False, samples=False)
-                    _stop_after_signal(stop, ckpts, runlog, d, run_local, state.step, hp.grace_seconds)
+                    ckpt.stop(state, stop.requested_at)  # raises Preempted
                 lr = lr_at(state.step, hp)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer.build_optimizer; older: none
                 # Sum of the step's per-token losses / their number over all ranks (DDP averages over ranks).
                 scale = d.world / max(1, task.targets_in_step(state.data_position))
-                step_loss = torch.zeros((), device=d.device)
-                for k in range(accum):
-                    batch = loader.next()
-                    with train_model.no_sync() if k < accum - 1 and d.world > 1 and hasattr(train_model, "no_sync") \
-                            else nullcontext():
-                        with autocast:
-                            loss = train_model(batch)
-                        (loss * scale).backward()
-                    step_loss += loss.detach() * (scale / d.world)
-                norm = clip_grad_norm(params, hp.grad_clip if hp.grad_clip > 0 else math.inf)
-                found_inf = (~torch.isfinite(norm)).float()
-                step_skipping_nonfinite(optimizer, found_inf)
-                optimizer.zero_grad(set_to_none=True)
-                window.add(step_loss, found_inf, norm)
+                window.add(*_step(train_model, loader, optimizer, params, autocast, scale, accum, hp.grad_clip, d))
                 state.step += 1
                 state.tokens_seen += task.tokens_per_step
                 state.data_position += task.samples_per_step
@@ -293,147 +273,81 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                     budget.tick(state.step)
                     if state.step == budget.measure_until:
                         hp = dataclasses.replace(hp, max_steps=budget.fix_steps(state, d, cap))
-                at_checkpoint = state.step % hp.checkpoint_every_steps == 0 or state.step == hp.max_steps
                 at_eval = state.step % max(1, hp.eval_every_steps or hp.max_steps) == 0
-                if not (state.step % hp.log_every_steps == 0 or at_checkpoint or at_eval):
+                if not (state.step % hp.log_every_steps == 0 or ckpt.due(state.step, hp.max_steps) or at_eval):
                     continue
                 # Judged at log steps and before every checkpoint (the only host syncs).
-                mean_loss, skipped, norm_v = window.close(d)
-                n_steps = state.step - window.start_step
-                mean_loss /= max(1, n_steps - skipped)
-                state.skipped_steps += skipped
-                trouble, spike = judge(mean_loss, skipped, state.loss_ema, hp.spike_factor)
-                state.spikes += spike
-                if trouble and hp.on_nonfinite == "fail":
-                    raise FloatingPointError(f"{trouble} before step {state.step} (train.on_nonfinite=fail)")
-                rolling_back = bool(trouble) and hp.on_nonfinite == "rollback"
-                if not spike and n_steps > skipped:
-                    state.loss_ema = mean_loss if state.loss_ema is None else \
-                        LOSS_EMA_DECAY * state.loss_ema + (1 - LOSS_EMA_DECAY) * mean_loss
-                now = time.time()
-                row = {"step": state.step, "loss": round(mean_loss, 6), "lr": lr, "grad_norm": round(norm_v, 4),
-                       **_speed(task, d, n_steps, now - window.start_time, loader.wait_seconds - window.start_wait),
-                       "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps, "spikes": state.spikes,
-                       "rollbacks": state.rollbacks + rolling_back}
+                row, rollback_from, now = _close_window(window, state, task, hp, lr, loader.wait_seconds, d)
                 if at_eval or state.step == hp.max_steps:
                     model.eval()
                     with torch.no_grad():
                         row.update(task.evaluate(eval_model, d, autocast))
                     model.train()
                 runlog.append("metrics.jsonl", [row])
-                elapsed = run.wall_before + now - run.started_at
-                eta = (hp.max_steps - state.step) * (now - window.start_time) / n_steps
-                logger.info(f"{task.name} step {state.step}/{hp.max_steps} {_fields(row)} elapsed={_hms(elapsed)} "
-                            f"eta={_hms(eta)}")
+                eta = (hp.max_steps - state.step) * (now - window.start_time) / (state.step - window.start_step)
+                logger.info(f"{task.name} step {state.step}/{hp.max_steps} {_fields(row)} "
+                            f"elapsed={_hms(ckpt.wall_seconds(now))} eta={_hms(eta)}")
                 window = Window(d.device, state.step, loader.wait_seconds)
-                if rolling_back:
+                if rollback_from:
                     loader.close()
-                    state = _roll_back(state, ckpts, model, optimizer, hp.seed, trouble, rollbacks_in_a_row)
-                    rollbacks_in_a_row += 1
-                    last_ckpt = state.step
+                    state = ckpt.roll_back(state, rollback_from)
                     loader = task.loader(state.data_position, d, micro)
                     window = Window(d.device, state.step, loader.wait_seconds)
                     continue
-                if at_checkpoint:
-                    _checkpoint(run, state, background=cfg.checkpoint.upload_async and state.step < hp.max_steps)
-                    last_ckpt, rollbacks_in_a_row = state.step, 0
+                ckpt.maybe_save(state, hp.max_steps)
         finally:
             loader.close()
-    ckpts.wait()
-    runlog.flush()
+    ckpt.close()
     runlog.close()
     d.barrier()
     return state
 
 
-@dataclass
-class _Run:
-    """What the loop's helpers share for one run (fixed once training starts)."""
-    task: Task
-    model: torch.nn.Module
-    tokenizer: object
-    optimizer: torch.optim.Optimizer
-    ckpts: Checkpointer
-    runlog: RunLog
-    config_yaml: str
-    autocast: object
-    d: Dist
-    lease: object
-    wall_before: float  # training seconds of earlier attempts
-    started_at: float  # time.time() when this attempt's loop started
+def _step(train_model, loader, optimizer, params, autocast, scale: float, accum: int, grad_clip: float, d: Dist
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over `accum` micro-batches, each loss multiplied by `scale`: (this rank's
+    share of the step's mean loss, 1.0 when the update was skipped for a non-finite gradient else
+    0.0, the gradient norm before clipping), all left on the device (no host sync)."""
+    step_loss = torch.zeros((), device=d.device)
+    for k in range(accum):
+        batch = loader.next()
+        with train_model.no_sync() if k < accum - 1 and d.world > 1 and hasattr(train_model, "no_sync") \
+                else nullcontext():
+            with autocast:
+                loss = train_model(batch)
+            (loss * scale).backward()
+        step_loss += loss.detach() * (scale / d.world)
+    norm = clip_grad_norm(params, grad_clip if grad_clip > 0 else math.inf)
+    found_inf = (~torch.isfinite(norm)).float()
+    step_skipping_nonfinite(optimizer, found_inf)
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, found_inf, norm
 
 
-def _checkpoint(run: _Run, state: LoopState, background: bool, samples: bool = True) -> None:
-    """Save the checkpoint of state.step (every rank), take samples (rank 0; they never stand between
-    a run and its checkpoint), upload the logs, then publish the checkpoint."""
-    if run.lease is not None:
-        run.lease.check()
-    state.wall_seconds = run.wall_before + time.time() - run.started_at
-    run.ckpts.save(asdict(state), run.model, run.tokenizer, run.optimizer, run.config_yaml)
-    sharded = is_sharded(run.model)  # every rank takes part in a sharded model's forward passes
-    if samples and (run.d.main or sharded):
-        try:
-            rows = run.task.at_checkpoint(run.model, run.tokenizer, state.step, run.autocast, synced=sharded)
-            if run.d.main:
-                run.runlog.append("samples.jsonl", rows)
-        except Exception as e:  # noqa: BLE001
-            logger.warning(f"{run.task.name}: samples at {step_name(state.step)} failed ({e}); training goes on")
-    run.runlog.flush()  # the logs up to this step are in the bucket before the checkpoint counts
-    run.ckpts.publish(background)
-
-
-def _stop_after_signal(stop: StopFlag, ckpts: Checkpointer, runlog: RunLog, d: Dist, run_local: Path, step: int,
-                       grace_seconds: int) -> None:
-    """The checkpoint of `step` is saved: publish it, tell every node, leave the marker the launcher
-    reads (trainer/training/launch.py), raise Preempted (exit 75)."""
-    since = stop.requested_at or time.time()
-    ckpts.wait()
-    runlog.flush()
-    d.barrier()  # every node knows the checkpoint is published
-    took = time.time() - since
-    logger.warning(f"rank {d.rank}: stopped at step {step} after a signal ({took:.1f}s to publish, "
-                   f"train.grace_seconds={grace_seconds})")
-    if took > grace_seconds:
-        logger.warning(f"stopping took {took:.1f}s, more than train.grace_seconds={grace_seconds}: the launcher may "
-                       f"kill the next one before its checkpoint is published")
-    if d.local_rank == 0:
-        mark_preempted(run_local, step, took)
-    raise Preempted()
-
-
-def _roll_back(state: LoopState, ckpts: Checkpointer, model, optimizer, seed: int, trouble: str,
-               rollbacks_in_a_row: int) -> LoopState:
-    """PaLM (Chowdhery et al. 2022, sec. 5.1): restart from the last checkpoint and skip the batches
-    around the trouble. The restored state keeps this state's data position (the failed window's
-    data is skipped) and counters. Raises FloatingPointError when there is no checkpoint yet or after
-    MAX_ROLLBACKS_IN_A_ROW without a new one."""
-    ckpts.wait()
-    saved = ckpts.restore(model, optimizer, seed) if rollbacks_in_a_row < MAX_ROLLBACKS_IN_A_ROW else None
-    if saved is None:
-        raise FloatingPointError(f"{trouble} before step {state.step}, and " + (
-            "no checkpoint to roll back to yet" if rollbacks_in_a_row < MAX_ROLLBACKS_IN_A_ROW else
-            f"{MAX_ROLLBACKS_IN_A_ROW} rollbacks without reaching a new checkpoint") + " (train.on_nonfinite=rollback)")
-    restored = LoopState.from_dict(saved)
-    restored.data_position = state.data_position
-    restored.skipped_steps, restored.spikes, restored.rollbacks = state.skipped_steps, state.spikes, state.rollbacks + 1
-    restored.wall_seconds, restored.world_size = state.wall_seconds, state.world_size
-    logger.info(f"rolled back from step {state.step} to {step_name(restored.step)} after {trouble}; the data of steps "
-                f"{restored.step}-{state.step} is skipped")
-    return restored
-
-
-def _resume(name: str, ckpts: Checkpointer, model, optimizer, seed: int, d: Dist) -> LoopState:
-    """The state of the newest checkpoint (loaded into model and optimizer), or a fresh one."""
-    saved = ckpts.restore(model, optimizer, seed)
-    state = LoopState.from_dict(saved) if saved else LoopState()
-    if saved:
-        logger.info(f"{name}: resumed from {step_name(state.step)} (saved by {state.world_size} process(es), "
-                    f"now {d.world})")
-    else:
-        torch.manual_seed(seed + d.rank)
-        logger.info(f"{name}: starting from scratch" if name == "pretrain" else f"{name}: starting")
-    state.world_size = d.world
-    return state
+def _close_window(window: Window, state: LoopState, task: Task, hp: TrainConfig, lr: float, data_wait_seconds: float,
+                  d: Dist) -> tuple[dict, str, float]:
+    """Judge the window ending at state.step (the host sync) per train.on_nonfinite and
+    train.spike_factor, counting skipped steps, spikes and the running loss into state: (its metrics
+    row, the trouble to roll back from or "", time.time() when it closed). Raises FloatingPointError
+    for trouble under train.on_nonfinite=fail."""
+    mean_loss, skipped, norm = window.close(d)
+    n_steps = state.step - window.start_step
+    mean_loss /= max(1, n_steps - skipped)
+    state.skipped_steps += skipped
+    trouble, spike = judge(mean_loss, skipped, state.loss_ema, hp.spike_factor)
+    state.spikes += spike
+    if trouble and hp.on_nonfinite == "fail":
+        raise FloatingPointError(f"{trouble} before step {state.step} (train.on_nonfinite=fail)")
+    rolling_back = bool(trouble) and hp.on_nonfinite == "rollback"
+    if not spike and n_steps > skipped:
+        state.loss_ema = mean_loss if state.loss_ema is None else \
+            LOSS_EMA_DECAY * state.loss_ema + (1 - LOSS_EMA_DECAY) * mean_loss
+    now = time.time()
+    row = {"step": state.step, "loss": round(mean_loss, 6), "lr": lr, "grad_norm": round(norm, 4),
+           **_speed(task, d, n_steps, now - window.start_time, data_wait_seconds - window.start_wait),
+           "tokens": state.tokens_seen, "skipped_steps": state.skipped_steps, "spikes": state.spikes,
+           "rollbacks": state.rollbacks + rolling_back}
+    return row, trouble if rolling_back else "", now
 
 
 def _speed(task: Task, d: Dist, n_steps: int, seconds: float, data_wait_seconds: float) -> dict:
