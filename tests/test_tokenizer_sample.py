@@ -287,3 +287,23 @@ def test_the_stage_trains_on_the_spread_read_and_reuses_it(tmp_path, tiny_config
     assert report["corpus_train_bytes"] < 3 * cfg.tokenizer.sample_bytes < sum(f.size for f in files)
     monkeypatch.setattr("trainer.data.tokenizer.train_from_corpus", lambda *a, **k: pytest.fail("trained again"))
     assert stage_tokenizer(cfg) == key
+
+
+def test_a_tokenizer_trained_on_the_whole_read_before_is_kept_for_its_inputs(tmp_path, tiny_config, monkeypatch):
+    """Migration: a bucket whose tokenizer for these inputs was trained by the whole-corpus read
+    (its key has no sample part) keeps it, so a run started before the spread read resumes on the
+    same token ids; without it the stage trains on the spread read."""
+    from trainer.data.sources import corpus_fingerprint, resolve_sources
+    from trainer.io.artifacts import bucket
+    from trainer.job.stages import stage_tokenizer, trained_tokenizer_key
+
+    cfg = tiny_config(tmp_path, {"tokenizer.sample_bytes": 10_000})
+    files, store = resolve_sources(cfg), bucket(cfg)
+    spread = stage_tokenizer(cfg)  # stands in for the old tokenizer: copy it under the legacy key
+    legacy = f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files))}"
+    for obj in store.list(spread + "/"):
+        store.write_bytes(f"{legacy}/{obj.key.rsplit('/', 1)[-1]}", store.read_bytes(obj.key))
+    store.delete_prefix(spread + "/")
+    monkeypatch.setattr("trainer.data.tokenizer.train_from_corpus", lambda *a, **k: pytest.fail("trained again"))
+    assert stage_tokenizer(cfg) == legacy == trained_tokenizer_key(cfg, files, store)
+    assert trained_tokenizer_key(cfg, files) == spread  # without the bucket: the spread read's key

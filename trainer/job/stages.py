@@ -56,9 +56,22 @@ def stage_pull(cfg: Config):
 
 # Stage 2: tokenizer ----------------------------------------------------------------------------
 
-def trained_tokenizer_key(cfg: Config, files) -> str:
-    """Bucket key of the tokenizer trained on `files`: the listing, the settings and how the sample is read."""
-    return f"tokenizers/{tokenizer_hash(cfg, corpus_fingerprint(files), sample_key(files, cfg.tokenizer.sample_bytes))}"
+def trained_tokenizer_key(cfg: Config, files, store: Storage | None = None) -> str:
+    """Bucket key of the tokenizer trained on `files`: the listing, the settings and how the sample is read.
+
+    Migration (logged): a corpus larger than the spread read's budget had its tokenizer trained on a
+    whole-corpus read before the spread read existed, under the key without a sample part. When
+    `store` holds that tokenizer and not the new key's, it is the tokenizer of these inputs and is
+    kept, so a run started before the change resumes on the same token ids instead of being refused."""
+    fp = corpus_fingerprint(files)
+    key = f"tokenizers/{tokenizer_hash(cfg, fp, sample_key(files, cfg.tokenizer.sample_bytes))}"
+    legacy = f"tokenizers/{tokenizer_hash(cfg, fp)}"
+    if store is not None and key != legacy and not store.exists(join(key, protocol.MANIFEST)) \
+            and store.exists(join(legacy, protocol.MANIFEST)):
+        log(f"tokenizer: {store.url(legacy)} was trained on a whole-corpus read (before the spread read); "
+            f"kept for these inputs (delete it to train one on the spread read)")
+        return legacy
+    return key
 
 
 def stage_tokenizer(cfg: Config, files=None) -> str:
@@ -68,7 +81,7 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     if cfg.tokenizer.path:
         return import_tokenizer(cfg, store)
     files = files if files is not None else stage_pull(cfg)
-    key = trained_tokenizer_key(cfg, files)
+    key = trained_tokenizer_key(cfg, files, store)
     if store.exists(join(key, protocol.MANIFEST)):
         log(f"tokenizer: reusing {store.url(key)}")
         return key
@@ -192,7 +205,7 @@ def check_tokenizer_kept(cfg: Config, files) -> None:
     if cfg.tokenizer.path or not old or run_state.newest_state(store, cfg.run.id) is None:
         return
     old_key = Artifacts.from_json(old).tokenizer_key
-    new_key = trained_tokenizer_key(cfg, files)
+    new_key = trained_tokenizer_key(cfg, files, store)
     if old_key != new_key:
         check_resume(cfg, cfg.run.id, {"tokenizer": f"a new tokenizer ({new_key}) for the changed corpus or "
                                                     f"tokenizer settings"})
