@@ -103,7 +103,7 @@ class TokenizerConfig:
     min_frequency: int = 2
     """a merge must occur at least this often in the sample"""
     sample_bytes: int = 10_000_000
-    """cap on the tokenizer's training text (bytes); a corpus over 2x this is read in evenly spread windows, not whole"""
+    """cap on the tokenizer's training text (bytes); a corpus over 2x this is read in spread windows, not whole"""
     # docs/tokenizer.md: 10 MB of Chinese is past where chars/token stops improving.
 
 
