@@ -398,3 +398,14 @@ def test_samples_that_fail_never_stand_between_a_run_and_its_checkpoint(template
     assert run_task(cfg, lambda: BrokenSamples(pretrain_task(cfg, arts)))["step"] == 8
     assert protocol.complete_steps(open_storage(cfg.storage.bucket), "rel") == [8, 4]
     assert "samples at step-00000004 failed (cannot reshape tensor of 0 elements); training goes on" in caplog.text
+
+
+def test_log_lines_round_floats_and_metrics_keep_them():
+    """A log line shows 4 significant digits (whole numbers from 1000); metrics.jsonl's rows are the
+    values themselves (issue 25: lr=0.00027421729424061787 in every line)."""
+    from trainer.training.loop import _fields
+
+    row = {"step": 15, "loss": 8.822478, "lr": 0.00027421729424061787, "grad_norm": 0.4451,
+           "tok_per_s": 547521.9, "mfu": 0.4265, "tokens": 491520, "skipped_steps": 0, "val_bpc": 8.68536}
+    assert _fields(row) == ("loss=8.822 lr=0.0002742 grad_norm=0.4451 tok_per_s=547522 mfu=0.4265 "
+                            "tokens=491520 skipped_steps=0 val_bpc=8.685")

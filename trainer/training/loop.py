@@ -363,7 +363,13 @@ def _speed(task: Task, d: Dist, n_steps: int, seconds: float, data_wait_seconds:
 
 
 def _fields(row: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in row.items() if k != "step")
+    """A metrics row for the log line: floats to 4 significant digits (lr=0.0002742, loss=8.437),
+    1000 and above as whole numbers (tok_per_s=553034); metrics.jsonl keeps the full values."""
+    def text(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return str(v)
+    return " ".join(f"{k}={text(v)}" for k, v in row.items() if k != "step")
 
 
 def _hms(seconds: float) -> str:
