@@ -281,7 +281,13 @@ def test_tensorboard_events_are_written_while_training(stage_run, tmp_path):
         store.download_file(key, local / key.rsplit("/", 1)[1])
     events = EventAccumulator(str(local))
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in metrics(store, run_id)]
+    from trainer.evaluation.report import tensorboard_tag
+
+    rows = metrics(store, run_id)
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in rows]
+    # the report's tags (report.tensorboard_tag) for every metric, live as after the run
+    keys = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    assert set(events.Tags()["scalars"]) == {tensorboard_tag(k) for k in keys}
 
 
 # SFT through the CLI: kill -9 and a change of world size, as tests/test_resume.py does for pretraining ----

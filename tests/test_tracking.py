@@ -159,3 +159,28 @@ def test_a_wandb_failure_mid_run_warns_once_and_training_goes_on(tmp_path, monke
     assert len(warnings) == 1 and "logging step 3 failed (ConnectionError" in warnings[0]
     rows = [json.loads(line) for line in (tmp_path / "bucket/runs/flaky/metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+
+
+def test_logs_reach_the_bucket_between_checkpoints(tmp_path, monkeypatch):
+    """metrics.jsonl and the TensorBoard events are uploaded at the first log step UPLOAD_EVERY_S
+    after the last upload, not only at checkpoints (issue 25: TensorBoard in the bucket lagged a
+    whole checkpoint interval)."""
+    from trainer.training import runlog as runlog_module
+
+    local = tmp_path / "work/runs/live"
+    local.mkdir(parents=True)
+    store = open_storage(str(tmp_path / "bucket"))
+    clock = [1000.0]
+    monkeypatch.setattr(runlog_module.time, "monotonic", lambda: clock[0])
+    log = RunLog(store, "live", local, 0, main=True)
+    log.append("metrics.jsonl", [{"step": 1, "loss": 5.0}])
+    assert not store.exists("runs/live/metrics.jsonl")  # 0 s since the start: nothing uploaded yet
+    clock[0] += runlog_module.UPLOAD_EVERY_S
+    log.append("metrics.jsonl", [{"step": 2, "loss": 4.0}])
+    rows = [json.loads(line) for line in store.read_text("runs/live/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [o.key for o in store.list("runs/live/tensorboard/")]  # the event file too
+    clock[0] += 1.0
+    log.append("metrics.jsonl", [{"step": 3, "loss": 3.0}])
+    assert len(store.read_text("runs/live/metrics.jsonl").splitlines()) == 2  # 1 s later: not again
+    log.close()

@@ -1,11 +1,13 @@
 """A run's logs in the bucket: metrics.jsonl (one JSON row per logged step) and samples.jsonl
 (continuations at checkpoints). Kept locally, trimmed on resume to the rows up to the resumed
 step (a killed run's later rows are dropped, so each step appears once), appended by rank 0, and
-uploaded at every checkpoint and at the end.
+uploaded at every checkpoint, at the end, and at the first log step UPLOAD_EVERY_S after the last
+upload, so the bucket (status, TensorBoard on it) is at most about a minute behind.
 
 run.report_to sends the same rows elsewhere while training (rank 0):
   * tensorboard: event files in runs/<id>/tensorboard/, one per attempt (`tensorboard --logdir` on a
-    copy, or on the bucket through TensorBoard's S3 support, shows the run live);
+    copy, or on the bucket through TensorBoard's S3 support, shows the run live), under the tags
+    the report's event files use (train/loss, val/loss, ...: report.tensorboard_tag);
   * wandb: Weights & Biases, one W&B run per run id (resumed, never duplicated: WandbLog). A W&B
     failure warns once and training goes on without it.
 The settings come from the stage's resolved.yaml beside the logs (trainer/job/stages.py writes it before
@@ -25,6 +27,7 @@ from trainer.io.storage import Storage
 from trainer.log import logger
 
 WANDB_DEFAULT_PROJECT = "zh-pretrain"
+UPLOAD_EVERY_S = 60.0  # the logs reach the bucket at least this often while training (rank 0)
 
 
 class RunLog:
@@ -33,6 +36,7 @@ class RunLog:
         self.store, self.run_id, self.main = store, run_id, main
         self.paths = {name: Path(local_root) / name for name in names}
         self.tb, self.wandb = None, None
+        self.uploaded_at = time.monotonic()
         if main:
             resolved = Path(local_root) / "resolved.yaml"
             cfg = load_config(str(resolved), env={}) if resolved.is_file() else None
@@ -59,14 +63,16 @@ class RunLog:
                 for row in rows:
                     for key, value in row.items():
                         if self.tb is not None and key != "step" and _is_number(value):
-                            self.tb.add_scalar(key, value, row["step"])
+                            self.tb.add_scalar(tensorboard_tag(key), value, row["step"])
                     if self.wandb is not None:
                         self.wandb.metrics(row)
+                if time.monotonic() - self.uploaded_at >= UPLOAD_EVERY_S:
+                    self.upload()
             elif name == "samples.jsonl" and rows and self.wandb is not None:
                 self.wandb.samples(rows)
 
-    def flush(self) -> None:
-        """Upload every log that has rows (rank 0); W&B gets the step logged last."""
+    def upload(self) -> None:
+        """Upload every log that has rows and the TensorBoard event files (rank 0)."""
         if self.main:
             for name, path in self.paths.items():
                 if path.stat().st_size or self.store.exists(f"runs/{self.run_id}/{name}"):
@@ -75,6 +81,12 @@ class RunLog:
                 self.tb.flush()
                 for path in self.tb_dir.glob("events.out.tfevents.*"):
                     self.store.upload_file(path, f"runs/{self.run_id}/tensorboard/{path.name}")
+            self.uploaded_at = time.monotonic()
+
+    def flush(self) -> None:
+        """At a checkpoint and the end: upload (rank 0); W&B gets the step logged last."""
+        if self.main:
+            self.upload()
             if self.wandb is not None:
                 self.wandb.commit()
 
