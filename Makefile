@@ -26,10 +26,14 @@ IMAGE_TESTS ?= tests/test_run.py tests/test_resume.py tests/test_reliability_kil
 .PHONY: install demo test test-image-torch image-cpu test-container lint bench-tokenizer clean
 
 $(VENV)/.installed: pyproject.toml
+	@echo "install: a virtual environment in $(VENV) (once; a few minutes on a fresh machine)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@echo "install: $(TORCH_SPEC) (the CPU wheel where one is on disk, else downloaded)"
+	$(PY) -m pip install --progress-bar on "$(TORCH_SPEC)"
+	@echo "install: the project and its test tools (transformers, tokenizers, datasets, boto3, moto, ...)"
 	$(PY) -m pip install -q -e ".[test]"
+	@echo "install: done"
 	touch $@
 
 install: $(VENV)/.installed
