@@ -11,6 +11,8 @@
     python entrypoint.py sft --config configs/sft-demo.yaml ; chat --checkpoint <url-or-path>
     python entrypoint.py submit docker|skypilot|k8s --config ... [--nodes N]
     python entrypoint.py <command> --help          (its flags and the config keys it reads)
+    zh-pretrain <command> ...                      (the same, installed: pip install .; --config demo
+                                                    names a bundled config, configs/demo.yaml)
     python entrypoint.py config --config ...       (the resolved config; config-docs writes docs/config.md)
 
 Exit codes: 0 done, 2 bad config or input, or another live job holds run.id (fix, do not retry),
@@ -53,10 +55,35 @@ def _config(config: str | None, overrides: dict, show: bool = True):
     from trainer.config import load_config, summary
 
     overrides = {key: _ARGV_TEXT.get(key, value) for key, value in overrides.items()}
-    cfg = load_config(config or os.environ.get("CONFIG") or None, overrides)
+    cfg = load_config(config_path(config or os.environ.get("CONFIG") or None), overrides)
     if show and int(os.environ.get("RANK", "0")) == 0:
         print(summary(cfg), flush=True)
     return cfg
+
+
+def bundled_configs() -> list[Path]:
+    """Where the configs that come with the package are: configs/ beside this file in a checkout,
+    else where pip installed them (pyproject.toml's data-files: <prefix>/share/zh-pretrain/configs)."""
+    import sysconfig
+
+    prefixes = [sysconfig.get_path("data"), sysconfig.get_path("data", f"{os.name}_user")]
+    return [Path(__file__).resolve().parent / "configs",
+            *(Path(p) / "share" / "zh-pretrain" / "configs" for p in prefixes if p)]
+
+
+def config_path(config: str | None) -> str | None:
+    """`--config` as given when the file exists there (from where the user stands); else, for a bare
+    name or configs/<name> (`--config demo`, `--config configs/tiny.yaml`), the bundled config of
+    that name, so an installed `zh-pretrain` finds them without a checkout. Anything else passes
+    through: load_config says the file is not there."""
+    if not config or Path(config).is_file() or str(Path(config).parent) not in (".", "configs"):
+        return config
+    name = Path(config).name
+    for folder in bundled_configs():
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return str(candidate)
+    return config
 
 
 def _model_folder(checkpoint, cfg) -> Path:
@@ -269,7 +296,7 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
         raise ConfigError(f"plan --out {out}: the file exists; pass --force to overwrite it")
     if out and not Path(out).parent.is_dir():
         raise ConfigError(f"plan --out {out}: no folder {Path(out).parent}")
-    base = to_dict(load_config(config)) if out else None
+    base = to_dict(load_config(config_path(config))) if out else None
     try:
         # str(): fire reads `--gpu 4090` as the integer 4090
         p = make_plan(compute=compute, gpu_hours=gpu_hours, gpu=str(gpu), mfu=mfu, preset=preset, tokens=tokens,
@@ -330,7 +357,7 @@ def submit(target: str, config: str | None = None, nodes: int = 1, gpus_per_node
 
     cfg = _config(config, overrides, show=False)
     try:
-        print(render(str(target), cfg, config, nodes=int(nodes), gpus_per_node=int(gpus_per_node),
+        print(render(str(target), cfg, config_path(config), nodes=int(nodes), gpus_per_node=int(gpus_per_node),
                      image=str(image), accelerator=str(accelerator)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -367,6 +394,11 @@ COMMANDS = {"run": run, "pull": pull, "tokenizer": tokenizer, "prepare": prepare
 CONFIG_FLAG_DOC = "YAML config file (default: $CONFIG, else the defaults in trainer/config.py)"
 
 
+def prog() -> str:
+    """The name the CLI was started by, for usage lines: the console script or entrypoint.py."""
+    return "zh-pretrain" if Path(sys.argv[0]).name == "zh-pretrain" else "entrypoint.py"
+
+
 def command_help(name: str) -> str:
     """`entrypoint.py <name> --help`: usage, what the command does, its own flags (from the
     function's signature and the Args of its docstring) and the config keys it reads (from the
@@ -383,7 +415,7 @@ def command_help(name: str) -> str:
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     required = [f"--{p.name}={p.name.upper()}" for p in params if p.default is p.empty]
     keys = config_reads(name)
-    usage = " ".join(["usage: entrypoint.py", name, *required, "[flags]" if len(required) < len(params) else "",
+    usage = " ".join([f"usage: {prog()}", name, *required, "[flags]" if len(required) < len(params) else "",
                       "[--section.key=value ...]" if keys else ""])
     lines = [" ".join(usage.split()), "", info.summary or "", *([info.description] if info.description else [])]
     if params:
@@ -404,8 +436,8 @@ def overview() -> str:
 
     width = max(map(len, COMMANDS))
     rows = [f"  {name:<{width}}  {(inspect.getdoc(fn) or '').splitlines()[0]}" for name, fn in COMMANDS.items()]
-    return "\n".join(["usage: entrypoint.py <command> [flags] [--section.key=value ...]", "", "commands:", *rows,
-                      "", "entrypoint.py <command> --help lists its flags and the config keys it reads."])
+    return "\n".join([f"usage: {prog()} <command> [flags] [--section.key=value ...]", "", "commands:", *rows,
+                      "", f"{prog()} <command> --help lists its flags and the config keys it reads."])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -432,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     _ARGV_TEXT.clear()
     _ARGV_TEXT.update(argv_text(own))
     try:
-        fire.Fire(COMMANDS, command=args, name="entrypoint.py")
+        fire.Fire(COMMANDS, command=args, name=prog())
     except (ConfigError, DataError, LeaseHeld) as e:  # another job on this run.id: do not retry either
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)

@@ -1,12 +1,25 @@
 """The commands as people start them: one training process is `python -m trainer.training.worker`
-(torchrun's command line), not an `entrypoint.py` command."""
+(torchrun's command line), not an `entrypoint.py` command; `zh-pretrain` is the installed CLI and
+finds the bundled configs by name without a checkout."""
+
+import importlib.metadata
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
+import yaml
 
 import entrypoint
 from faults import job_main, worker_args
 from trainer.config import to_yaml
 from trainer.io.artifacts import Artifacts
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # python 3.10
+    import tomli as tomllib
 
 
 def test_worker_is_not_an_entrypoint_command(capsys):
@@ -31,3 +44,54 @@ def test_the_tests_start_a_training_process_as_torchrun_does(monkeypatch, tmp_pa
     job_main(args)
     assert (seen["cfg"].run.id, seen["cfg"].train.max_steps) == ("w1", 30)
     assert seen["arts"] == Artifacts("tok/k", "data/k")
+
+
+# The console script ------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_zh_pretrain_is_the_installed_cli(capsys):
+    """pyproject's [project.scripts] zh-pretrain = entrypoint:main, as this (editable) venv installed it
+    (a venv from before the script: pip install -e . again)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"zh-pretrain": "entrypoint:main"}
+    (ep,) = importlib.metadata.entry_points(group="console_scripts", name="zh-pretrain")
+    assert ep.value == "entrypoint:main" and ep.load() is entrypoint.main
+    ep.load()(["--help"])  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and all(f"  {name} " in out for name in entrypoint.COMMANDS)
+    script = Path(sys.executable).parent / "zh-pretrain"
+    r = subprocess.run([str(script), "status", "--help"], capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: zh-pretrain status") and "--storage.bucket=" in r.stdout
+
+
+def test_the_bundled_configs_are_installed_with_the_package():
+    """A non-editable install carries configs/*.yaml to <prefix>/share/zh-pretrain/configs, where
+    entrypoint.bundled_configs looks."""
+    files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert files == {"share/zh-pretrain/configs": ["configs/*.yaml"]}
+    assert {p.name for p in (ROOT / "configs").glob("*.yaml")} >= {"demo.yaml", "tiny.yaml", "sft-demo.yaml"}
+    installed = Path(sysconfig.get_path("data")) / "share" / "zh-pretrain" / "configs"
+    assert installed in entrypoint.bundled_configs()
+
+
+def test_config_names_a_bundled_config_from_anywhere(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CONFIG", raising=False)
+    checkout = ROOT / "configs"
+    assert entrypoint.config_path("demo") == str(checkout / "demo.yaml")
+    assert entrypoint.config_path("configs/tiny.yaml") == str(checkout / "tiny.yaml")
+    for given in (None, "nope", "configs/nope.yaml", str(tmp_path / "elsewhere" / "demo.yaml"), "sub/demo.yaml"):
+        assert entrypoint.config_path(given) == given  # load_config says it is not there
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("run:\n  id: mine\n", encoding="utf-8")
+    assert entrypoint.config_path("configs/demo.yaml") == "configs/demo.yaml"  # the user's own file wins
+    installed = tmp_path / "prefix" / "share" / "zh-pretrain" / "configs"
+    installed.mkdir(parents=True)
+    (installed / "tiny.yaml").write_text("run:\n  id: from-share\n", encoding="utf-8")
+    monkeypatch.setattr(entrypoint, "bundled_configs", lambda: [tmp_path / "no-checkout", installed])
+    assert entrypoint.config_path("tiny") == str(installed / "tiny.yaml")
+    entrypoint.main(["config", "--config=tiny"])
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["id"] == "from-share"
