@@ -107,13 +107,16 @@ RUN python -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3
     && { [ "${FLAVOUR}" = cpu ] || grep -qx "flash-attn==${FLASH_ATTN_VERSION}" /tmp/requirements.txt; } \
     && pip install -c /opt/constraints.txt -r /tmp/requirements.txt
 
-# The project itself (trainer package + entrypoint module), from pyproject.toml with the gpu extra;
+# The project itself (trainer package + entrypoint module + the bundled configs as data files, so the
+# `zh-pretrain` console script finds `--config demo`), from pyproject.toml with the gpu extra;
 # `python -I` so the check imports the installed copy, not the one in this folder.
 COPY entrypoint.py ./
 COPY trainer ./trainer
+COPY configs ./configs
 RUN if [ "${FLAVOUR}" = cpu ]; then extras="wandb" gpu_mods=""; else extras="gpu,wandb" gpu_mods="flash_attn, flash_attn_2_cuda, torchao.float8, "; fi \
     && pip install -c /opt/constraints.txt ".[${extras}]" \
-    && python -I -c "import ${gpu_mods}wandb, trainer.config, entrypoint"
+    && python -I -c "import ${gpu_mods}wandb, trainer.config, entrypoint" \
+    && test -f /opt/venv/share/zh-pretrain/configs/demo.yaml
 
 
 FROM ${RUNTIME_BASE}

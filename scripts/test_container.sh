@@ -59,6 +59,10 @@ IMAGE_CPU=$IMAGE_CPU PYTHON=$PYTHON bash docker/build_cpu.sh > "$work/build.log"
 grep '^\[image-cpu\]' "$work/build.log"
 docker run --rm --label "$LABEL" --network none --entrypoint id "$IMAGE_CPU" -u | grep -qx 1000 \
     || fail "the image does not run as uid 1000"
+# The console script and the configs installed with the package, from a folder with no checkout.
+docker run --rm --label "$LABEL" --network none -w /tmp --entrypoint zh-pretrain "$IMAGE_CPU" \
+    config --config demo > "$work/console.log" 2>&1 && grep -q "id: demo" "$work/console.log" \
+    || { tail -20 "$work/console.log" >&2; fail "zh-pretrain config --config demo failed in /tmp"; }
 
 say "2/4 uninterrupted run (bucket: a mounted host folder)"
 straight=$(bucket_dir straight)
