@@ -45,9 +45,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A moto S3 server in a thread on 127.0.0.1 (a free port), with one bucket. Test credentials
-    are set in the environment for the whole session (boto3 and subprocesses read them there)."""
-    from moto.server import ThreadedMotoServer
+    """A moto S3 server in a thread on 127.0.0.1 (a free port), with one bucket (faults.moto_s3, the
+    one place a server starts). Test credentials are set in the environment for the whole session
+    (boto3 and subprocesses read them there)."""
+    from faults import moto_s3
 
     mp = pytest.MonkeyPatch()
     mp.setenv("AWS_ACCESS_KEY_ID", "test-access-key")
@@ -57,16 +58,8 @@ def s3_endpoint():
         mp.delenv(name, raising=False)
     mp.setenv("AWS_CONFIG_FILE", os.devnull)  # no ~/.aws settings leak into the tests
     mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
-    yield endpoint
-    server.stop()
+    with moto_s3(S3_BUCKET) as endpoint:
+        yield endpoint
     mp.undo()
 
 
