@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from faults import in_process  # noqa: F401  (a fixture: single_process uses it)
 from trainer.config import Config, StorageConfig, load_config
 from trainer.io.storage import Storage, open_storage
 
@@ -276,22 +277,7 @@ def metrics():
 
 
 @pytest.fixture
-def restore_signals():
-    """train() installs SIGTERM/SIGINT handlers in the calling process; put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+def single_process(in_process):
+    """In-process training as one process on CPU with one thread (as the subprocesses run):
+    faults.in_process, the one in-process runner's setup."""
     yield
-    for s, h in saved.items():
-        signal.signal(s, h)
-
-
-@pytest.fixture
-def single_process(monkeypatch, restore_signals):
-    """In-process training as one process on CPU with one thread (as the subprocesses run)."""
-    import torch
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
