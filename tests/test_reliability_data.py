@@ -129,7 +129,12 @@ def test_prepare_through_the_cli_fail_then_skip(template, tmp_path):
     first_bad = sorted(bad)[0]  # files are read in sorted order
     said = re.search(r"error: " + re.escape(str(first_bad)) + BAD[first_bad.name][2], failed.stdout)
     assert said, failed.stdout[-3000:]
-    assert snapshot(store) == before  # nothing already uploaded is lost or changed, nothing half-published
+    after = snapshot(store)
+    assert {k: after.get(k) for k in before} == before  # nothing already uploaded is lost or changed
+    # The tokenizer's sample reads a spread part of the corpus and may miss the bad files: a new
+    # tokenizer may be published whole (with its manifest); no data shard is, not even in part.
+    added = {k.rsplit("/", 1)[0] + "/" for k in set(after) - set(before)}
+    assert all(p.startswith("tokenizers/") and p + "MANIFEST.json" in after for p in added), sorted(added)
 
     skipped = run(cli_args("prepare", f"--config={config}", "--data.on_error=skip"))
     assert skipped.returncode == 0, skipped.stdout[-3000:]

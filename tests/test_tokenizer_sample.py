@@ -307,3 +307,17 @@ def test_a_tokenizer_trained_on_the_whole_read_before_is_kept_for_its_inputs(tmp
     monkeypatch.setattr("trainer.data.tokenizer.train_from_corpus", lambda *a, **k: pytest.fail("trained again"))
     assert stage_tokenizer(cfg) == legacy == trained_tokenizer_key(cfg, files, store)
     assert trained_tokenizer_key(cfg, files) == spread  # without the bucket: the spread read's key
+
+
+def test_a_file_of_one_record_longer_than_every_window_gives_its_record(tmp_path):
+    """Every window of the read lies inside the file's one line: the sample takes the line (it read
+    nothing and refused a corpus of documents before)."""
+    path = tmp_path / "one.jsonl"
+    text = "床前明月光，疑是地上霜。" * 20_000
+    path.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n" + json.dumps({"text": "短"}) + "\n",
+                    encoding="utf-8")
+    (f,) = local_files([path])
+    windows = ((f.size // 4, f.size // 4 + 10), (f.size // 2, f.size // 2 + 10))
+    read = FileRead(f, windows, 20)
+    assert record_ranges(read, blank_line=False) == []  # each window alone holds no whole record
+    assert list(sample.iter_read(DocumentReader(DataConfig()), read)) == [text]

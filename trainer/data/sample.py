@@ -138,6 +138,15 @@ def record_ranges(read: FileRead, blank_line: bool) -> list[tuple[int, int]]:
     return [(a, b) for a, b in ranges if a < b]
 
 
+def first_record(read: FileRead, blank_line: bool) -> list[tuple[int, int]]:
+    """The byte range of the file's first record, for a read whose every window lies inside one
+    record longer than itself (a file of one 50 MB line): the file gives a document, not none."""
+    f = read.file
+    with open(f.local or f.url, "rb", buffering=1 << 12) as fh:
+        end = record_start(fh, 1, f.size, blank_line)
+    return [(0, end)] if end > 0 else []
+
+
 def _head(docs: Iterator[str], limit: int) -> Iterator[str]:
     """`docs` until they add up to `limit` bytes of UTF-8 (the one that reaches it included); the
     rest is never read (the generator, and the file under it, is closed)."""
@@ -176,7 +185,7 @@ def iter_read(reader: DocumentReader, read: FileRead) -> Iterator[str]:
     if read.whole and f.dataset is None:
         yield from reader.iter_file(f)
     elif f.dataset is None and kind in SEEKABLE:
-        for a, b in record_ranges(read, blank_line=kind[0] == "txt"):
+        for a, b in record_ranges(read, blank_line=kind[0] == "txt") or first_record(read, kind[0] == "txt"):
             try:
                 yield from reader.iter_file(f, byte_range=(a, b))
             except DataError:
