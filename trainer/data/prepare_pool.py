@@ -83,7 +83,10 @@ def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Pat
             stats[n] = s
         index = {"format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": backend.get_vocab_size(),
                  "eos_id": eos, "eos_token": eos_token}
+        assembling = time.time()
         index.update(assemble_shards(scratch, stats, out_dir, dtype, cfg.data.shard_tokens, cfg.data.dedup))
+        logger.info(f"prepare: {len(index['train']) + len(index['val'])} shard(s) assembled from {len(units)} units "
+                    f"in {time.time() - assembling:.1f} s (units took {assembling - start:.1f} s)")
     finally:
         restore()
     if not index["filters"].get("documents_read"):
