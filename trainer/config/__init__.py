@@ -28,6 +28,8 @@ from trainer.config.load import (
                                  to_yaml,
 )
 from trainer.config.schema import (
+                                 PRESETS,
+                                 SHAPE_KEYS,
                                  CheckpointConfig,
                                  Config,
                                  DataConfig,
@@ -36,13 +38,18 @@ from trainer.config.schema import (
                                  RunConfig,
                                  SampleConfig,
                                  SftConfig,
+                                 Shape,
                                  StorageConfig,
                                  TokenizerConfig,
                                  TrainConfig,
+                                 model_label,
+                                 model_shape,
+                                 shape_overrides,
 )
 
-__all__ = ["ENV_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "Preset",
-           "RunConfig", "SampleConfig", "SftConfig", "StorageConfig", "TokenizerConfig", "TrainConfig", "Written",
-           "check", "field_docs", "format_value", "get", "help_text", "key_rows", "load_config", "load_config_tree",
-           "markdown", "missing_packages", "read_yaml", "replace", "section_doc", "sections", "summary", "to_dict",
+__all__ = ["ENV_KEYS", "PRESETS", "SHAPE_KEYS", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
+           "ModelConfig", "Preset", "RunConfig", "SampleConfig", "SftConfig", "Shape", "StorageConfig",
+           "TokenizerConfig", "TrainConfig", "Written", "check", "field_docs", "format_value", "get", "help_text",
+           "key_rows", "load_config", "load_config_tree", "markdown", "missing_packages", "model_label",
+           "model_shape", "read_yaml", "replace", "section_doc", "sections", "shape_overrides", "summary", "to_dict",
            "to_yaml", "type_name"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from trainer.config.schema import Config
+from trainer.config.schema import SHAPE_KEYS, Config, model_shape, shape_overrides
 
 Need = Callable[[bool, str, str], None]
 
@@ -20,6 +20,7 @@ def check(cfg: Config) -> list[str]:
             problems.append(f"{key}: {msg} (got {getattr(getattr(cfg, section), name)!r})")
 
     _check_inputs(cfg, need)
+    _check_model(cfg, need, problems)
     _check_train(cfg, need)
     _check_outputs(cfg, need, problems)
     return problems
@@ -48,6 +49,34 @@ def _check_inputs(cfg: Config, need: Need) -> None:
     need(1 <= cfg.tokenizer.max_token_length <= 64, "tokenizer.max_token_length", "must be between 1 and 64")
     need(cfg.tokenizer.min_frequency >= 1, "tokenizer.min_frequency", "must be at least 1")
     need(cfg.tokenizer.sample_bytes >= 1000, "tokenizer.sample_bytes", "must be at least 1000")
+
+
+def _check_model(cfg: Config, need: Need, problems: list[str]) -> None:
+    """model.n_layer ... model.d_ffn, each 0 (the preset's) or positive, and the shape they make with
+    the preset: whole heads, whole key/value groups, an even head size."""
+    for key in SHAPE_KEYS:
+        need(getattr(cfg.model, key) >= 0, f"model.{key}", "must be 0 (the preset's) or a positive number")
+    if any(getattr(cfg.model, key) < 0 for key in SHAPE_KEYS):
+        return
+    shape, overridden = model_shape(cfg.model), shape_overrides(cfg.model)
+
+    def value(key: str) -> str:  # a sibling's value as the shape has it, and where it comes from
+        n = getattr(shape, key)
+        return f"model.{key}={n}" + ("" if key in overridden else f" from preset {cfg.model.preset}")
+
+    def refuse(keys: tuple[str, str], msg: str) -> None:  # named by the key the user set, else the first
+        key = next((k for k in keys if k in overridden), keys[0])
+        problems.append(f"model.{key}: {msg} ({', '.join(value(k) for k in keys)})")
+
+    if shape.d_model % shape.n_head:
+        refuse(("n_head", "d_model"), "heads split the hidden size evenly: model.d_model must be a multiple of "
+                                      "model.n_head")
+    elif (shape.d_model // shape.n_head) % 2:
+        refuse(("d_model", "n_head"), f"the head size model.d_model / model.n_head = {shape.d_model // shape.n_head} "
+                                      "must be even: RoPE rotates pairs of dimensions")
+    if shape.n_head % shape.n_kv_head:
+        refuse(("n_kv_head", "n_head"), "each key/value head serves a whole group of heads: model.n_head must be "
+                                        "a multiple of model.n_kv_head")
 
 
 def _check_train(cfg: Config, need: Need) -> None:

@@ -8,12 +8,45 @@ docs read the choices from the type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
-# The names of trainer/model/llama.py PRESETS, written out because config must not import the model
-# (it imports torch); tests/test_config.py checks the two lists are equal.
+# The names of PRESETS below, written out so type checkers see the choices; tests/test_config.py
+# checks the two lists are equal.
 Preset = Literal["tiny", "6m", "25m", "124m", "350m", "760m", "1b", "3b", "7b"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder's shape (trainer/model/llama.py turns it into a LlamaConfig)."""
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_kv_head: int
+    d_ffn: int  # SwiGLU hidden width
+
+
+# The presets live here, not in trainer/model/, because config/check.py validates a preset with its
+# model.* overrides and config must not import the model layer; trainer/model/llama.py re-exports them.
+# Shapes follow GPT-2/3 widths and depths with LLaMA's SwiGLU (ffn ~ 8/3 d, rounded to 128).
+# 124m and 350m are the shapes of the speed baselines in bench/RESULTS.md (at vocab 32000).
+PRESETS: dict[str, Shape] = {
+    "tiny": Shape(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ffn=192),  # tests: seconds on CPU
+    "6m": Shape(n_layer=4, d_model=256, n_head=4, n_kv_head=4, d_ffn=768),  # make demo on CPU
+    "25m": Shape(n_layer=8, d_model=512, n_head=8, n_kv_head=8, d_ffn=1408),
+    "124m": Shape(n_layer=12, d_model=768, n_head=12, n_kv_head=12, d_ffn=2048),
+    "350m": Shape(n_layer=24, d_model=1024, n_head=16, n_kv_head=16, d_ffn=2816),
+    "760m": Shape(n_layer=24, d_model=1536, n_head=16, n_kv_head=16, d_ffn=4096),
+    "1b": Shape(n_layer=24, d_model=2048, n_head=16, n_kv_head=8, d_ffn=5632),
+    # Published Llama shapes (their vocabularies are not: ours is the tokenizer's). 3b is Llama 3.2 3B
+    # (config.json of meta-llama/Llama-3.2-3B: 28 layers, hidden 3072, 24 heads, 8 kv heads, intermediate
+    # 8192); 7b is Llama 2 7B (Touvron et al. 2023, arXiv 2307.09288, table 1 and config.json of
+    # meta-llama/Llama-2-7b-hf: 32 layers, hidden 4096, 32 heads, no GQA, intermediate 11008).
+    # Both train with train.strategy=fsdp (auto picks it from FSDP_AUTO_PARAMS); `plan` says on
+    # how many GPUs of which memory.
+    "3b": Shape(n_layer=28, d_model=3072, n_head=24, n_kv_head=8, d_ffn=8192),
+    "7b": Shape(n_layer=32, d_model=4096, n_head=32, n_kv_head=32, d_ffn=11008),
+}
 
 
 @dataclass(frozen=True)
@@ -109,10 +142,21 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model's shape and attention implementation."""
+    """The model's shape (a preset, any of its numbers overridden) and attention implementation. Its
+    context (max_position_embeddings) is train.seq_len."""
 
     preset: Preset = "tiny"
-    """named shape from trainer/model/llama.py PRESETS"""
+    """named shape from trainer/config/schema.py PRESETS; model.n_layer ... model.d_ffn override its numbers"""
+    n_layer: int = 0
+    """decoder layers; 0 = the preset's"""
+    d_model: int = 0
+    """hidden size (a multiple of model.n_head; head size d_model / n_head even, for RoPE); 0 = the preset's"""
+    n_head: int = 0
+    """attention heads; 0 = the preset's"""
+    n_kv_head: int = 0
+    """key/value heads (grouped-query attention; must divide model.n_head); 0 = the preset's"""
+    d_ffn: int = 0
+    """SwiGLU hidden width (intermediate_size); 0 = the preset's"""
     attn_implementation: Literal["auto", "sdpa_causal", "sdpa", "eager", "flash_attention_2"] = "auto"
     """training attention: auto (flash_attention_2 if installed, else sdpa_causal), sdpa, eager"""
     tie_embeddings: bool = False
@@ -267,3 +311,30 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+
+
+SHAPE_KEYS = tuple(f.name for f in fields(Shape))  # model.<key> overrides the preset's number
+
+
+def shape_overrides(model: ModelConfig) -> dict[str, int]:
+    """{Shape field: value} of the model.* numbers set (non-zero), in Shape's order."""
+    return {k: getattr(model, k) for k in SHAPE_KEYS if getattr(model, k)}
+
+
+def model_shape(model: ModelConfig) -> Shape:
+    """The run's model: PRESETS[model.preset] with every non-zero model.n_layer ... model.d_ffn in its
+    place. The one place the shape is read; config/check.py checks what it returns."""
+    return replace(PRESETS[model.preset], **shape_overrides(model))
+
+
+def preset_changes(preset: str, shape: Shape) -> dict[str, int]:
+    """{Shape field: value} of shape's numbers that are not PRESETS[preset]'s: the model.* overrides
+    that make it from the preset (model_shape's inverse)."""
+    base = PRESETS[preset]
+    return {k: getattr(shape, k) for k in SHAPE_KEYS if getattr(shape, k) != getattr(base, k)}
+
+
+def model_label(preset: str, overrides: dict[str, int]) -> str:
+    """A run's model for people (report, status, model card, plan): `124m`, or `124m with
+    model.n_layer=16, model.d_ffn=3072` when model.* numbers (shape_overrides) replace the preset's."""
+    return preset + (" with " + ", ".join(f"model.{k}={v}" for k, v in overrides.items()) if overrides else "")

@@ -1,4 +1,5 @@
-"""Model presets: `transformers` LlamaForCausalLM shapes, sized to the tokenizer, and FLOP counts.
+"""The model: `transformers` LlamaForCausalLM of a shape (a preset, model.* overriding its numbers),
+sized to the tokenizer, and its parameter, FLOP and memory counts.
 
 The model stays a stock Hugging Face model so an export loads with `from_pretrained` and serves
 with vLLM or llama.cpp. Speed comes from around it (torch.compile, fused optimizer), not a rewrite.
@@ -6,37 +7,9 @@ with vLLM or llama.cpp. Speed comes from around it (torch.compile, fused optimiz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Shape:
-    n_layer: int
-    d_model: int
-    n_head: int
-    n_kv_head: int
-    d_ffn: int  # SwiGLU hidden width
-
-
-# Shapes follow GPT-2/3 widths and depths with LLaMA's SwiGLU (ffn ~ 8/3 d, rounded to 128).
-# 124m and 350m are the shapes of the speed baselines in bench/RESULTS.md (at vocab 32000).
-PRESETS: dict[str, Shape] = {
-    "tiny": Shape(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ffn=192),  # tests: seconds on CPU
-    "6m": Shape(n_layer=4, d_model=256, n_head=4, n_kv_head=4, d_ffn=768),  # make demo on CPU
-    "25m": Shape(n_layer=8, d_model=512, n_head=8, n_kv_head=8, d_ffn=1408),
-    "124m": Shape(n_layer=12, d_model=768, n_head=12, n_kv_head=12, d_ffn=2048),
-    "350m": Shape(n_layer=24, d_model=1024, n_head=16, n_kv_head=16, d_ffn=2816),
-    "760m": Shape(n_layer=24, d_model=1536, n_head=16, n_kv_head=16, d_ffn=4096),
-    "1b": Shape(n_layer=24, d_model=2048, n_head=16, n_kv_head=8, d_ffn=5632),
-    # Published Llama shapes (their vocabularies are not: ours is the tokenizer's). 3b is Llama 3.2 3B
-    # (config.json of meta-llama/Llama-3.2-3B: 28 layers, hidden 3072, 24 heads, 8 kv heads, intermediate
-    # 8192); 7b is Llama 2 7B (Touvron et al. 2023, arXiv 2307.09288, table 1 and config.json of
-    # meta-llama/Llama-2-7b-hf: 32 layers, hidden 4096, 32 heads, no GQA, intermediate 11008).
-    # Both train with train.strategy=fsdp (auto picks it from FSDP_AUTO_PARAMS); `plan` says on
-    # how many GPUs of which memory.
-    "3b": Shape(n_layer=28, d_model=3072, n_head=24, n_kv_head=8, d_ffn=8192),
-    "7b": Shape(n_layer=32, d_model=4096, n_head=32, n_kv_head=32, d_ffn=11008),
-}
+# The shapes are configuration (config/check.py validates them), so they live in the config layer;
+# this module is where the model side reads them.
+from trainer.config.schema import PRESETS, Shape, model_shape, shape_overrides  # noqa: F401 (re-exported)
 
 
 def padded_vocab(n_tokens: int, multiple: int = 64) -> int:
@@ -44,11 +17,13 @@ def padded_vocab(n_tokens: int, multiple: int = 64) -> int:
     return -(-n_tokens // multiple) * multiple
 
 
-def llama_config(preset: str, vocab_size: int, seq_len: int, tie_embeddings: bool = False,
+def llama_config(shape: Shape | str, vocab_size: int, seq_len: int, tie_embeddings: bool = False,
                  bos_token_id: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """The LlamaConfig of `shape` (a Shape, e.g. model_shape(cfg.model), or a preset's name) with
+    context seq_len (max_position_embeddings) and the tokenizer's vocabulary, padded."""
     from transformers import LlamaConfig
 
-    s = PRESETS[preset]
+    s = PRESETS[shape] if isinstance(shape, str) else shape
     return LlamaConfig(
         vocab_size=padded_vocab(vocab_size), hidden_size=s.d_model, intermediate_size=s.d_ffn,
         num_hidden_layers=s.n_layer, num_attention_heads=s.n_head, num_key_value_heads=s.n_kv_head,

@@ -9,6 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict
 
+from trainer.config.schema import SHAPE_KEYS, preset_changes
 from trainer.model.planner import (
     CHINCHILLA_TOKENS_PER_PARAM,
     MAX_EPOCHS,
@@ -22,13 +23,18 @@ from trainer.model.planner import (
 
 def plan_to_config(plan: Plan, base: dict) -> dict:
     """A copy of the config tree `base` (as config.to_dict gives, or a YAML file's) with the plan's
-    model.preset, train.max_steps, batch_tokens, lr, seq_len and warmup_steps set, and a run.id of
+    model (model.preset, and model.n_layer ... model.d_ffn of a custom shape, 0 where the preset's
+    number holds), train.max_steps, batch_tokens, lr, seq_len and warmup_steps set, and a run.id of
     its own (planned_run_id): a planned model must not resume, or overwrite, base's run. A plan that
     reads its corpus more than once also gets REPEATED_DATA_TRAIN and train.max_epochs=MAX_EPOCHS.
     Memory: train.strategy=fsdp when the plan shards, train.activation_checkpointing=true when it
     needs it, and train.micro_batch_size when memory allows fewer than the loop's default of 16."""
     tree = copy.deepcopy(base)
-    tree.setdefault("model", {})["preset"] = plan.preset
+    model, custom = tree.setdefault("model", {}), preset_changes(plan.preset, plan.shape)
+    model["preset"] = plan.preset
+    for key in SHAPE_KEYS:  # what was planned is what runs: never base's numbers on another preset
+        if key in custom or key in model:
+            model[key] = custom.get(key, 0)
     tree.setdefault("train", {}).update({
         "max_steps": plan.steps, "batch_tokens": plan.batch_tokens, "lr": plan.lr,
         "seq_len": plan.seq_len, "warmup_steps": plan.warmup_steps,
@@ -78,7 +84,8 @@ def plan_json(plan: Plan) -> dict:
         "warmup_steps": plan.warmup_steps,
         "lr": plan.lr,
         "seq_len": plan.seq_len,
-        "model": {"preset": plan.preset, **asdict(plan.shape), "params": plan.params, "vocab_size": plan.vocab_size},
+        "model": {"preset": plan.preset, **asdict(plan.shape), "params": plan.params, "vocab_size": plan.vocab_size,
+                  "overrides": preset_changes(plan.preset, plan.shape), "name": plan.model},
         "deepseek_optimum": {"non_embedding_flops_per_token": plan.m_opt, "tokens": plan.d_opt,
                              "batch_tokens": plan.batch_opt, "lr": plan.lr_opt},
         "chinchilla": asdict(plan.chinchilla),
@@ -124,7 +131,7 @@ def format_table(plan: Plan) -> str:
     rows = [
         ("", "DeepSeek optimum", "plan", "Chinchilla (20 tok/param)"),
         ("compute (FLOPs, M x D)", f"{plan.compute_budget:.3e}", f"{plan.compute:.3e}", f"{plan.compute:.3e}"),
-        ("model", "", f"{plan.preset} ({s.n_layer} layers, d_model {s.d_model}, {s.n_head} heads, "
+        ("model", "", f"{plan.model} ({s.n_layer} layers, d_model {s.d_model}, {s.n_head} heads, "
                       f"{s.n_kv_head} kv heads, ffn {s.d_ffn})", ch.preset),
         ("non-embedding FLOPs/token", f"{plan.m_opt:.3e}", f"{plan.non_embedding_flops_per_token:.3e}", ""),
         ("parameters", "", f"{plan.params / 1e6:.1f}M", f"{ch.params / 1e6:.1f}M"),

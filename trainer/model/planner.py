@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from trainer.config.schema import model_label, preset_changes
 from trainer.model.llama import (
     FSDP_AUTO_PARAMS,
     GPU_MEMORY_GB,
@@ -113,7 +114,8 @@ class Plan:
     lr_opt: float  # optimal peak learning rate
     # chosen model
     preset: str
-    shape: Shape
+    shape: Shape  # the preset's, or a custom one (config.model_shape) in its place
+    model: str  # for people: the preset, with the model.* numbers of a custom shape (config.model_label)
     non_embedding_flops_per_token: float  # M of the chosen preset at seq_len
     train_flops_per_token: float  # what the GPUs execute per token (trainer.model.llama.flops_per_token, with lm_head)
     params: int  # total parameters at vocab_size
@@ -223,13 +225,13 @@ def min_gpus_fsdp(shape: Shape, vocab_size: int, seq_len: int, gpu_gb: float, ch
     return None
 
 
-def memory_plan(preset: str, vocab_size: int, seq_len: int, gpu: str, gpus: int, batch_tokens: int) -> dict:
-    """The Plan's memory fields for `preset` on `gpus` x `gpu`. Several GPUs: FSDP when DDP does not
+def memory_plan(shape: Shape, vocab_size: int, seq_len: int, gpu: str, gpus: int, batch_tokens: int) -> dict:
+    """The Plan's memory fields for a model of `shape` on `gpus` x `gpu`. Several GPUs: FSDP when DDP does not
     fit one GPU without activation checkpointing or the model has FSDP_AUTO_PARAMS parameters or
     more (as train.strategy=auto decides). One GPU: DDP whenever it fits (with checkpointing if it
     must), since FSDP over one rank shards nothing (sharding.resolve_strategy); FSDP otherwise,
     which the warning turns into a GPU count."""
-    shape, gpu_gb = PRESETS[preset], GPU_MEMORY_GB[gpu]
+    gpu_gb = GPU_MEMORY_GB[gpu]
     per_rank = max(1, batch_tokens // seq_len // gpus)
     ddp = fit_memory(shape, vocab_size, seq_len, gpu_gb, "ddp", 1, per_rank)
     fsdp = fit_memory(shape, vocab_size, seq_len, gpu_gb, "fsdp", gpus, per_rank)
@@ -288,7 +290,7 @@ def _positive(name: str, value, integer: bool = False):
 
 
 def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=None, seq_len=1024,
-         corpus_tokens=None, gpus=1, price_per_gpu_hour=None, vocab_size=DEFAULT_VOCAB) -> Plan:
+         corpus_tokens=None, gpus=1, price_per_gpu_hour=None, vocab_size=DEFAULT_VOCAB, shape=None) -> Plan:
     """Plan a run from a budget and/or a fixed model or token count.
 
     Give one of: `compute` (FLOPs, DeepSeek's M x D measure) or `gpu_hours` (total over all GPUs,
@@ -299,11 +301,16 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
     With a budget and neither fixed, the preset is the one nearest (log distance in M) to M_opt of
     the compute it would get, and tokens fill the budget. `gpu_hours` budgets count the FLOPs the
     GPUs really execute (with the lm_head), so the plan's wall time matches the hours asked for.
+    `shape` (with `preset`: a config's custom shape, config.model_shape) is planned in the preset's
+    place: its FLOPs, parameters and memory are counted; the preset's name labels it (model_name).
     """
     compute, gpu_hours, gpu, mfu, tokens, seq_len, corpus_tokens, gpus, vocab_size = _validated_inputs(
         compute, gpu_hours, gpu, mfu, preset, tokens, seq_len, corpus_tokens, gpus, price_per_gpu_hour, vocab_size)
-    m = {k: non_embedding_flops_per_token(s, seq_len) for k, s in PRESETS.items()}
-    f = {k: flops_per_token(s, vocab_size, seq_len) for k, s in PRESETS.items()}
+    if shape is not None and preset is None:
+        raise ValueError("shape: a custom shape is planned in the place of a preset; give preset too")
+    shapes = PRESETS if shape is None else {**PRESETS, preset: shape}
+    m = {k: non_embedding_flops_per_token(s, seq_len) for k, s in shapes.items()}
+    f = {k: flops_per_token(s, vocab_size, seq_len) for k, s in shapes.items()}
     peak = PEAK_FLOPS[gpu]
     hw_flops = None if gpu_hours is None else gpu_hours * 3600.0 * peak * mfu
     tokens_of = _tokens_per_preset(m, f, compute, hw_flops, tokens)
@@ -311,7 +318,7 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
     target_tokens, c, basis = _target(m[chosen], tokens_of, compute, hw_flops, preset, chosen)
 
     opt = deepseek_optimum(c)
-    batch, steps, warmup = _schedule(opt["batch_tokens"], target_tokens, chosen, vocab_size, seq_len, gpu, gpus)
+    batch, steps, warmup = _schedule(opt["batch_tokens"], target_tokens, shapes[chosen], vocab_size, seq_len, gpu, gpus)
     planned_tokens = steps * batch
     actual_c = m[chosen] * planned_tokens
 
@@ -319,7 +326,7 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
     wall_hours = wall_seconds / 3600.0
     used_gpu_hours = wall_hours * gpus
     cost = None if price_per_gpu_hour is None else used_gpu_hours * float(price_per_gpu_hour)
-    params = n_params(PRESETS[chosen], vocab_size)["total"]
+    params = n_params(shapes[chosen], vocab_size)["total"]
 
     ch_params, ch_tokens = chinchilla_optimum(actual_c)
     chinchilla = Chinchilla(
@@ -333,11 +340,11 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
         seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu, price_per_gpu_hour=price_per_gpu_hour,
         vocab_size=vocab_size, corpus_tokens=corpus_tokens, basis=basis, compute_budget=c,
         m_opt=opt["m"], d_opt=opt["tokens"], batch_opt=opt["batch_tokens"], lr_opt=opt["lr"],
-        preset=chosen, shape=PRESETS[chosen], non_embedding_flops_per_token=m[chosen],
-        train_flops_per_token=f[chosen], params=params, batch_tokens=batch, steps=steps,
-        warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
+        preset=chosen, shape=shapes[chosen], model=model_label(chosen, preset_changes(chosen, shapes[chosen])),
+        non_embedding_flops_per_token=m[chosen], train_flops_per_token=f[chosen], params=params, batch_tokens=batch,
+        steps=steps, warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
         epochs=epochs, wall_hours=wall_hours, gpu_hours=used_gpu_hours, cost=cost,
-        chinchilla=chinchilla, warnings=(), **memory_plan(chosen, vocab_size, seq_len, gpu, gpus, batch),
+        chinchilla=chinchilla, warnings=(), **memory_plan(shapes[chosen], vocab_size, seq_len, gpu, gpus, batch),
     )
     return replace(p, warnings=plan_warnings(p, target_tokens))
 
@@ -433,14 +440,14 @@ def _target(m_chosen: float, tokens_of: dict[str, float] | None, compute: float 
     return target_tokens, m_chosen * target_tokens, basis
 
 
-def _schedule(batch_opt: float, target_tokens: float, chosen: str, vocab_size: int, seq_len: int, gpu: str,
+def _schedule(batch_opt: float, target_tokens: float, shape: Shape, vocab_size: int, seq_len: int, gpu: str,
               gpus: int) -> tuple[int, int, int]:
     """(batch_tokens, steps, warmup_steps): DeepSeek's batch_opt (tokens) rounded to whole sequences
     per GPU that split into the micro-batch memory allows (whole_micro_batches), as many whole steps
     as come nearest target_tokens (at least one), and warmup capped at WARMUP_STEPS and
     WARMUP_MAX_FRACTION of the steps (DeepSeek LLM section 2.3)."""
     batch = round_batch(batch_opt, seq_len, gpus)
-    micro = memory_plan(chosen, vocab_size, seq_len, gpu, gpus, batch)["micro_batch_size"]
+    micro = memory_plan(shape, vocab_size, seq_len, gpu, gpus, batch)["micro_batch_size"]
     batch = whole_micro_batches(batch_opt, seq_len, gpus, micro)
     steps = max(1, round(target_tokens / batch))
     warmup = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * steps))
@@ -462,7 +469,7 @@ def plan_warnings(p: Plan, target_tokens: float) -> tuple[str, ...]:
                         "were made on; batch and lr are extrapolated")
     ratio = p.non_embedding_flops_per_token / p.m_opt
     if not 1 / 3 <= ratio <= 3:
-        warnings.append(f"preset {p.preset} has {ratio:.2g}x the optimal non-embedding FLOPs per token "
+        warnings.append(f"{p.model} has {ratio:.2g}x the optimal non-embedding FLOPs per token "
                         f"({p.m_opt:.3g}); no preset is close")
     if p.batch_tokens > 1.5 * p.batch_opt:
         warnings.append(f"batch rounded up from {p.batch_opt:.0f} to {p.batch_tokens} tokens "
@@ -485,9 +492,9 @@ def memory_warning(p: Plan) -> str:
     """Why plan `p` does not fit its GPUs, and how many it would need."""
     gpus = f"{p.gpus} x {p.gpu} ({p.gpu_memory_gb:g} GB each)"
     if p.min_gpus_fsdp_ac is None:
-        return (f"{p.preset} does not fit on any number of {p.gpu} at seq_len {p.seq_len}: one sequence's "
+        return (f"{p.model} does not fit on any number of {p.gpu} at seq_len {p.seq_len}: one sequence's "
                 f"activations and logits alone exceed {p.gpu_memory_gb:g} GB; use a shorter seq_len or a larger GPU")
     without = (f"{p.min_gpus_fsdp} without it" if p.min_gpus_fsdp is not None else "no number without it")
-    return (f"{p.preset} does not fit on {gpus}: {p.memory_gb_per_gpu:.0f} GB per GPU predicted with "
+    return (f"{p.model} does not fit on {gpus}: {p.memory_gb_per_gpu:.0f} GB per GPU predicted with "
             f"{p.strategy}, micro-batch 1 and activation checkpointing; it needs at least {p.min_gpus_fsdp_ac} x "
             f"{p.gpu} with FSDP and activation checkpointing ({without})")

@@ -25,7 +25,15 @@ from trainer.data.tokenizer import load_tokenizer
 from trainer.evaluation.evaluate import continuation, degeneration_report, val_chars_per_token
 from trainer.evaluation.generate import sample
 from trainer.model.hf_files import export_generation_config
-from trainer.model.llama import CAUSAL_SDPA, PRESETS, build_model, flops_per_token, llama_config, pick_attention
+from trainer.model.llama import (
+    CAUSAL_SDPA,
+    build_model,
+    flops_per_token,
+    llama_config,
+    model_shape,
+    pick_attention,
+    shape_overrides,
+)
 from trainer.parallel.distributed import Dist
 from trainer.parallel.fsdp import is_sharded
 
@@ -70,9 +78,11 @@ class PackedLoss(torch.nn.Module):
 def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: int) -> dict:
     """What pretrained weights depend on, saved in every checkpoint (LoopState.inputs): the
     tokenizer's content, the packed data (data/<name>: corpus, tokenizer and settings), the model
-    shape and the sequence length. stages.check_resume compares it before a resume."""
+    shape and the sequence length. stages.check_resume compares it before a resume. A preset's
+    shape is its name, as before model.* overrides existed, so older checkpoints keep resuming."""
+    overrides = "".join(f" {k}={v}" for k, v in shape_overrides(cfg.model).items())
     return {"tokenizer": tokenizer_fp, "data": data_name, "seq_len": cfg.train.seq_len,
-            "model": f"{cfg.model.preset}, vocab {vocab_size}, tied embeddings {cfg.model.tie_embeddings}"}
+            "model": f"{cfg.model.preset}{overrides}, vocab {vocab_size}, tied embeddings {cfg.model.tie_embeddings}"}
 
 
 class PretrainTask:
@@ -90,10 +100,11 @@ class PretrainTask:
                              f"per shard")
         self.sequences_per_epoch = len(self.train_samples)
         self.chars_per_token = val_chars_per_token(index)
-        self.model_config = llama_config(cfg.model.preset, index["vocab_size"], self.hp.seq_len,
-                                         cfg.model.tie_embeddings, eos_token_id=index["eos_id"])
-        self.flops_per_token = flops_per_token(PRESETS[cfg.model.preset], self.model_config.vocab_size,
-                                               self.hp.seq_len, cfg.model.tie_embeddings)
+        shape = model_shape(cfg.model)
+        self.model_config = llama_config(shape, index["vocab_size"], self.hp.seq_len, cfg.model.tie_embeddings,
+                                         eos_token_id=index["eos_id"])
+        self.flops_per_token = flops_per_token(shape, self.model_config.vocab_size, self.hp.seq_len,
+                                               cfg.model.tie_embeddings)
         self.inputs = pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(data_dir).name, index["vocab_size"])
 
     def build_model(self, device: torch.device, empty: bool = False):
