@@ -250,7 +250,8 @@ def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **o
     print(json.dumps(result, ensure_ascii=False, indent=1))
 
 
-@reads("run", "storage", "data", "model.preset", "train", "sample")
+@reads("run", "storage", "data", "model.preset", "model.n_layer", "model.d_model", "model.n_head", "model.n_kv_head",
+       "model.d_ffn", "train", "sample")
 def report(config: str | None = None, **overrides) -> None:
     """(Re)write runs/<run.id>/report/: report.md, PNG plots, TensorBoard events, samples."""
     from trainer.job.stages import bucket, stage_report
@@ -259,20 +260,24 @@ def report(config: str | None = None, **overrides) -> None:
     print(bucket(cfg).url(stage_report(cfg)))
 
 
-@reads()
+@reads("model.preset", "model.n_layer", "model.d_model", "model.n_head", "model.n_kv_head", "model.d_ffn")
 def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str = "h100", mfu: float = 0.4,
          preset: str | None = None, tokens: float | None = None, seq_len: int = 1024,
          corpus_tokens: float | None = None, gpus: int = 1, price_per_gpu_hour: float | None = None,
          json: bool = False, out: str | None = None, force: bool = False,  # noqa: A002
-         config: str | None = None) -> None:
+         config: str | None = None, **overrides) -> None:
     """Compute-optimal model, tokens, batch and lr (DeepSeek LLM fits, Chinchilla beside them).
+
+    A custom shape (model.n_layer, model.d_model, model.n_head, model.n_kv_head, model.d_ffn, as
+    flags or in --config) is the model planned: its parameters, FLOPs, memory and micro-batch are
+    counted on its model.preset (--preset, else --config's), and --out writes it.
 
     Args:
         compute: budget in training FLOPs (M x D, DeepSeek LLM's non-embedding FLOPs per token x tokens)
         gpu_hours: budget in GPU-hours instead (with --gpu, --mfu and --gpus)
         gpu: GPU model for a GPU-hour budget and wall time (h100, h200, a100, 4090, ...)
         mfu: model FLOPs utilisation assumed for a GPU-hour budget and wall time
-        preset: plan for this model preset (trainer/model/llama.py PRESETS) instead of the optimal one
+        preset: plan for this model preset (trainer/config/schema.py PRESETS) instead of the optimal one
         tokens: plan for this many training tokens
         seq_len: tokens per training sequence
         corpus_tokens: tokens in your corpus: warns when the plan repeats it too often
@@ -282,13 +287,14 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
         out: write a config that `run` accepts: --config's (or the defaults) with the plan applied and a
             fresh run.id (<preset>-<tokens>-<hash>)
         force: let --out overwrite an existing file
-        config: YAML config the --out file starts from
+        config: YAML config the --out file starts from; its custom shape, if any, is planned
     """
     import json as json_lib
 
     import yaml
 
     from trainer.config import ConfigError, load_config, load_config_tree, to_dict
+    from trainer.config.schema import PRESETS, SHAPE_KEYS, model_shape, shape_overrides
     from trainer.model.plan_output import format_table, plan_json, plan_to_config
     from trainer.model.planner import plan as make_plan
 
@@ -296,11 +302,21 @@ def plan(compute: float | None = None, gpu_hours: float | None = None, gpu: str 
         raise ConfigError(f"plan --out {out}: the file exists; pass --force to overwrite it")
     if out and not Path(out).parent.is_dir():
         raise ConfigError(f"plan --out {out}: no folder {Path(out).parent}")
-    base = to_dict(load_config(config_path(config))) if out else None
+    other = sorted(set(overrides) - {f"model.{k}" for k in SHAPE_KEYS})
+    if other:  # model.preset is read from --config only: on the command line, --preset is the plan's
+        raise ConfigError(f"plan --{other[0]}: plan takes a model's shape as flags (--preset and --model.n_layer "
+                          f"... --model.d_ffn); set the other keys in --config")
+    # --preset under the shape's numbers, so the config check judges them together; a preset that
+    # is none is left to the planner to name
+    fixed = {"model.preset": preset} if isinstance(preset, str) and preset in PRESETS else {}
+    cfg = load_config(config_path(config), {**overrides, **fixed}) if config or overrides or out else None
+    shape = model_shape(cfg.model) if cfg is not None and shape_overrides(cfg.model) else None
+    base = to_dict(cfg) if out else None
     try:
         # str(): fire reads `--gpu 4090` as the integer 4090
-        p = make_plan(compute=compute, gpu_hours=gpu_hours, gpu=str(gpu), mfu=mfu, preset=preset, tokens=tokens,
-                      seq_len=seq_len, corpus_tokens=corpus_tokens, gpus=gpus, price_per_gpu_hour=price_per_gpu_hour)
+        p = make_plan(compute=compute, gpu_hours=gpu_hours, gpu=str(gpu), mfu=mfu, tokens=tokens, seq_len=seq_len,
+                      preset=cfg.model.preset if shape and preset is None else preset, shape=shape,
+                      corpus_tokens=corpus_tokens, gpus=gpus, price_per_gpu_hour=price_per_gpu_hour)
     except ValueError as e:
         raise ConfigError(f"plan: {e}") from None
     print(json_lib.dumps(plan_json(p), indent=1) if json else format_table(p))

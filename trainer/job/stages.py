@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from trainer.config import Config, ConfigError, to_yaml
+from trainer.config import Config, ConfigError, model_label, shape_overrides, to_yaml
 from trainer.data import prepare_pool
 from trainer.data import shards as prepare
 from trainer.data import tokenizer as tokenizers
@@ -306,9 +306,10 @@ def stage_report(cfg: Config, files=None) -> str:
     steps = run_state.run_steps(cfg.train.max_steps, cfg.train.budget_minutes,
                                 run_state.newest_state(store, cfg.run.id)) or cfg.train.max_steps
     trained = dataclasses.replace(cfg.train, max_steps=steps)
-    summary = {"run": cfg.run.id, "model": cfg.model.preset, "optimizer": cfg.train.optimizer,
-               "weight decay": cfg.train.weight_decay, "schedule": cfg.train.schedule, "lr": cfg.train.lr,
-               "steps": steps, "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
+    summary = {"run": cfg.run.id, "model": model_label(cfg.model.preset, shape_overrides(cfg.model)),
+               "optimizer": cfg.train.optimizer, "weight decay": cfg.train.weight_decay,
+               "schedule": cfg.train.schedule, "lr": cfg.train.lr, "steps": steps,
+               "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
     arts = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
     index = store.read_text_or_none(join(Artifacts.from_json(arts).data_key, "index.json")) if arts else None
     if index:  # what the corpus filters removed and which bad records data.on_error=skip skipped

@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from trainer.config import Config
+from trainer.config import SHAPE_KEYS, Config, model_label
 from trainer.io.lease import lease_key
 from trainer.io.storage import join, open_storage
 from trainer.state import protocol
@@ -40,11 +40,13 @@ def is_sft(saved: dict, run_id: str) -> bool:
 
 def base_model(store, saved: dict, run_id: str) -> str:
     """What the run trains: `sft of <model>` (sft.init, or the export of run.id, as stage_sft starts
-    from) or `pretrain of model.preset <preset>`."""
+    from) or `pretrain of model.preset <preset>` (with the model.* numbers of a custom shape)."""
     if is_sft(saved, run_id):
         init = (saved.get("sft") or {}).get("init") or store.url(f"runs/{(saved.get('run') or {}).get('id')}/final")
         return f"sft of {init}"
-    return f"pretrain of model.preset {(saved.get('model') or {}).get('preset', '?')}"
+    model = saved.get("model") or {}
+    custom = {k: model[k] for k in SHAPE_KEYS if model.get(k)}
+    return f"pretrain of model.preset {model_label(model.get('preset', '?'), custom)}"
 
 
 def run_status(store, run_id: str) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from trainer.config.schema import SHAPE_KEYS, model_label
+
 
 def _num(value, digits: int = 3) -> str:
     if isinstance(value, bool) or value is None:
@@ -68,7 +70,8 @@ def model_card(run_id: str, config: dict, state: dict, hf_config: dict, data_ind
     if stage == "sft":
         what += f", fine-tuned on conversations from `{sft.get('init') or 'the pretrained export'}`."
     else:
-        what += f", pretrained from scratch (preset `{model.get('preset')}`)."
+        custom = {k: model[k] for k in SHAPE_KEYS if model.get(k)}  # a custom shape: the preset's numbers replaced
+        what += f", pretrained from scratch (preset `{model_label(str(model.get('preset')), custom)}`)."
     md = [f"# {run_id}", "", what + " Trained by zh-pretrain; the weights are fp32, the files a stock "
           "Hugging Face folder.", "", "## Training", "", "| | |", "|---|---|"]
     rows = _training_rows(config, state, data_index, stage)
