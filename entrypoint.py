@@ -6,6 +6,7 @@
     python entrypoint.py generate --checkpoint <url-or-path> --prompt 床前明月光
     python entrypoint.py status --config ...
     python entrypoint.py eval --checkpoint <url-or-path> [--text file.txt]    (bits/char, degeneration)
+    python entrypoint.py eval --checkpoint <url-or-path> --tasks xcopa_zh,... (lm-evaluation-harness)
     python entrypoint.py report --config ...                                  (report.md + plots in the bucket)
     python entrypoint.py plan --gpu_hours 8 --gpu h100 [--json] [--out configs/planned.yaml]
     python entrypoint.py sft --config configs/sft-demo.yaml ; chat --checkpoint <url-or-path>
@@ -227,22 +228,47 @@ def generate(checkpoint: str, prompt: str = "床前明月光", seed: int = 0, co
 
 
 @reads("storage", "data", "train.device", "sample")
-def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), **overrides) -> None:  # noqa: A001
+def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), tasks: str | tuple | None = None,  # noqa: A001
+         limit: float | None = None, num_fewshot: int | None = None, batch_size: int | str = 8,
+         out: str | None = None, **overrides) -> None:
     """Bits per character on the held-out split (and on --text files), plus samples from
-    sample.prompts with degeneration metrics; prints JSON.
+    sample.prompts with degeneration metrics; prints JSON. With --tasks, benchmark tasks of
+    lm-evaluation-harness instead: prints their table, writes their JSON (docs/running.md).
 
     Args:
         checkpoint: export or checkpoint folder, local or s3:// (runs/<id>/final, runs/<id>/checkpoints/step-N)
         config: YAML config file (data.* finds the held-out split; sample.* sets the samples)
         text: a text file (any corpus format data.* reads) to score as well; repeat for more
+        tasks: lm-evaluation-harness tasks, comma-separated: its task names (xcopa_zh,xstorycloze_zh), task
+            YAML files or folders of them; needs pip install 'zh-pretrain[eval]'
+        limit: with --tasks: documents per task (a fraction below 1: that share of each task)
+        num_fewshot: with --tasks: examples in each prompt (default: each task's own)
+        batch_size: with --tasks: requests per forward pass, or auto
+        out: with --tasks: where the JSON goes (a path or s3:// URL); default: <root>/runs/<id>/report/lm_eval.json
+            for a run's export or checkpoint, beside eval.json
     """
     import contextlib
     import json
 
-    from trainer.evaluation.evaluate import evaluate_checkpoint
+    from trainer.config import ConfigError
 
     texts = [text] if isinstance(text, str) else list(text)
     cfg = _config(config, overrides, show=False)
+    if tasks is not None:
+        from trainer.evaluation.harness import evaluate_tasks, results_table
+
+        if texts:
+            raise ConfigError("eval: --text is scored by bits per character, --tasks by lm-evaluation-harness; "
+                              "pass one of them")
+        with contextlib.redirect_stdout(sys.stderr):  # the harness's progress lines: stdout holds the table
+            result, url = evaluate_tasks(str(checkpoint), lambda c: _model_folder(c, cfg), cfg, tasks, limit,
+                                         num_fewshot, batch_size, out)
+        print(results_table(result))
+        print(f"eval: results in {url}" if url else "eval: not a run's export or checkpoint: pass --out to keep "
+              "the JSON", file=sys.stderr)
+        return
+    from trainer.evaluation.evaluate import evaluate_checkpoint
+
     with contextlib.redirect_stdout(sys.stderr):  # progress lines (pull, conversion) would break the JSON
         folder = _model_folder(checkpoint, cfg)
         result = evaluate_checkpoint(str(folder), cfg, [str(t) for t in texts])

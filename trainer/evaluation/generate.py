@@ -19,6 +19,13 @@ from trainer.log import logger
 from trainer.state.checkpoint import model_dir
 
 
+def inference_device(cfg: Config) -> tuple[str, torch.dtype]:
+    """(device, dtype) that generate, eval (eval --tasks too) and chat run a model on: cuda in
+    bfloat16 when there is a GPU and train.device allows it, else cpu in float32."""
+    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    return device, torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def load_for_generation(url: str, cfg: Config):
     """(model in eval mode, tokenizer) from an export or checkpoint folder, local or s3://, found by
     checkpoint.model_dir (the one resolver of generate, eval and chat); FileNotFoundError when
@@ -28,8 +35,7 @@ def load_for_generation(url: str, cfg: Config):
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar in generate/eval/chat output says nothing
     path = model_dir(url, cfg.storage, Path(cfg.storage.local_dir))
-    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = inference_device(cfg)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(str(path))
 

@@ -296,7 +296,8 @@ def stage_report(cfg: Config, files=None) -> str:
     """runs/<id>/report/: report.md with plots of the logged metrics, an evaluation of the export
     (held-out bits per character, samples, degeneration metrics beside the human text's), the
     samples taken at checkpoints, and TensorBoard event files. Rewritten on every call; the
-    evaluation is reused while the export it judged is still the newest."""
+    evaluation is reused while the export it judged is still the newest, and the benchmark scores
+    `eval --tasks` wrote there (lm_eval.json) are kept."""
     store = bucket(cfg)
     key = f"runs/{cfg.run.id}/report"
     out = Path(cfg.storage.local_dir) / key
@@ -333,6 +334,9 @@ def stage_report(cfg: Config, files=None) -> str:
             docs = heldout_documents(cfg, files, s.eval_chars, s.heldout_prompts)
             ev = {"export_step": export_step, **evaluate_model(model, tok, cfg, docs)}
         (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
+    tasks = store.read_text_or_none(join(key, "lm_eval.json"))  # `eval --tasks` wrote it: kept
+    if tasks:
+        (out / "lm_eval.json").write_text(tasks, encoding="utf-8")
     write_run_report(out, store.read_text_or_none(f"runs/{cfg.run.id}/metrics.jsonl") or "", summary, ev,
                      store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or "", train_cfg=trained)
     store.delete_prefix(key + "/")
