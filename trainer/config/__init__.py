@@ -44,6 +44,7 @@ from trainer.config.schema import (
                                  TrainConfig,
                                  model_label,
                                  model_shape,
+                                 preset_changes,
                                  shape_overrides,
 )
 
@@ -51,5 +52,5 @@ __all__ = ["ENV_KEYS", "PRESETS", "SHAPE_KEYS", "CheckpointConfig", "Config", "C
            "ModelConfig", "Preset", "RunConfig", "SampleConfig", "SftConfig", "Shape", "StorageConfig",
            "TokenizerConfig", "TrainConfig", "Written", "check", "field_docs", "format_value", "get", "help_text",
            "key_rows", "load_config", "load_config_tree", "markdown", "missing_packages", "model_label",
-           "model_shape", "read_yaml", "replace", "section_doc", "sections", "shape_overrides", "summary", "to_dict",
-           "to_yaml", "type_name"]
+           "model_shape", "preset_changes", "read_yaml", "replace", "section_doc", "sections", "shape_overrides",
+           "summary", "to_dict", "to_yaml", "type_name"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.config import Config
+from trainer.config import Config, preset_changes
 from trainer.data.conversations import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
 from trainer.data.loader import BatchLoader, TokenSamples, validation_batches
 from trainer.data.shards import tokenizer_fingerprint
@@ -32,7 +32,6 @@ from trainer.model.llama import (
     llama_config,
     model_shape,
     pick_attention,
-    shape_overrides,
 )
 from trainer.parallel.distributed import Dist
 from trainer.parallel.fsdp import is_sharded
@@ -79,8 +78,11 @@ def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: 
     """What pretrained weights depend on, saved in every checkpoint (LoopState.inputs): the
     tokenizer's content, the packed data (data/<name>: corpus, tokenizer and settings), the model
     shape and the sequence length. stages.check_resume compares it before a resume. A preset's
-    shape is its name, as before model.* overrides existed, so older checkpoints keep resuming."""
-    overrides = "".join(f" {k}={v}" for k, v in shape_overrides(cfg.model).items())
+    shape is its name, as before model.* overrides existed, so older checkpoints keep resuming; a
+    custom shape adds the numbers that differ from the preset's (model.n_layer=2 on tiny, whose
+    n_layer is 2, is plain tiny: the same weights)."""
+    changed = preset_changes(cfg.model.preset, model_shape(cfg.model))
+    overrides = "".join(f" {k}={v}" for k, v in changed.items())
     return {"tokenizer": tokenizer_fp, "data": data_name, "seq_len": cfg.train.seq_len,
             "model": f"{cfg.model.preset}{overrides}, vocab {vocab_size}, tied embeddings {cfg.model.tie_embeddings}"}
 
