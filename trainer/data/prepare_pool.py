@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import queue
 import signal
-import threading
 import time
-import traceback
 from pathlib import Path
 
 from trainer.config import Config
 from trainer.data.assemble import assemble_shards
+from trainer.data.child_process import picklable
 from trainer.data.readers import no_documents
 from trainer.data.shards import FORMAT_VERSION, check_trainable, document_separator, encoding_backend, token_dtype
 from trainer.data.sources import CorpusFile
 from trainer.data.units import encode_unit, plan_fingerprint, plan_units, read_done
-from trainer.errors import Preempted
+from trainer.errors import stop_on_signals
 from trainer.log import logger
 
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines
@@ -77,7 +75,9 @@ def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Pat
     spec = {"data": cfg.data, "files": files, "units": units, "eos": eos, "dtype": dtype, "scratch": scratch,
             "tokenizer": backend.to_str() if hasattr(backend, "to_str") else backend}
     progress = _Progress(units, todo)
-    restore = _stop_on_signals(progress)  # from here to the shards: a signal raises Preempted (exit 75)
+    # From here to the shards a signal raises Preempted (exit 75); the pool's finally kills the workers.
+    restore = stop_on_signals(lambda signum: f"prepare: received signal {signum}: stopping; {progress.done}/"
+                              f"{progress.total} units are done and kept, the rerun continues from them (exit 75)")
     try:
         for n, s in _run_pool(spec, todo, n_workers, progress) if todo else ():
             stats[n] = s
@@ -188,21 +188,6 @@ def _run_pool(spec: dict, todo: list[int], n_workers: int, progress: _Progress):
             q.close()
 
 
-def _stop_on_signals(progress: _Progress):
-    """SIGTERM and SIGINT raise Preempted in the main thread (the pool's finally kills the workers);
-    returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def stop(signum, frame):
-        logger.warning(f"prepare: received signal {signum}: stopping; {progress.done}/{progress.total} units are "
-                       f"done and kept, the rerun continues from them (exit 75)")
-        raise Preempted()
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    return lambda: [signal.signal(s, h) for s, h in old.items()]
-
-
 def _worker(spec: dict, tasks, results) -> None:
     """A worker process: units from `tasks` until None, or until its parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: it kills us on a signal
@@ -225,14 +210,6 @@ def _worker(spec: dict, tasks, results) -> None:
             u = units[n]
             stats = encode_unit(spec["data"], files[u.file], u, n, backend, spec["eos"], spec["dtype"], spec["scratch"])
         except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it
-            results.put(("error", n, _picklable(e)))
+            results.put(("error", n, picklable(e, "prepare worker")))
             return
         results.put(("done", n, stats))
-
-
-def _picklable(e: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"prepare worker: {type(e).__name__}: {e}\n{''.join(traceback.format_exception(e))}")

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from trainer.config import Config
+from trainer.data.child_process import call_in_child
 from trainer.data.sources import DataError
+from trainer.errors import stop_on_signals
 from trainer.log import logger
 
 EOS = "<|endoftext|>"
@@ -254,6 +256,24 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, mi
     return tok
 
 
+def train_in_child(texts: list[str], vocab_size: int, max_token_length: int, min_frequency: int,
+                   pre_tokenizer: str):
+    """train_tokenizer in a child process (trainer/data/child_process.py: a signal to this process
+    kills it at once, where the Rust merges would not return to a handler here until done); returns
+    (the `tokenizers.Tokenizer`, the child's peak RSS in bytes). The same tokenizer as in-process:
+    it comes back as its tokenizer.json string (tests/test_tokenizer_signal.py compares the bytes)."""
+    from tokenizers import Tokenizer
+
+    json_text, rss = call_in_child(_trained_json, (texts, vocab_size, max_token_length, min_frequency,
+                                                   pre_tokenizer), name="tokenizer training")
+    return Tokenizer.from_str(json_text), rss
+
+
+def _trained_json(texts, vocab_size, max_token_length, min_frequency, pre_tokenizer) -> tuple[str, int]:
+    tok = train_tokenizer(texts, vocab_size, max_token_length, min_frequency, pre_tokenizer=pre_tokenizer)
+    return tok.to_str(), peak_rss_bytes()
+
+
 def wrap_fast(tok):
     """A transformers tokenizer around a `tokenizers.Tokenizer`, with our special tokens and template."""
     from transformers import PreTrainedTokenizerFast
@@ -408,8 +428,10 @@ def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldou
 
     `docs` is read once, as a stream; documents for which `is_heldout(text)` is true never reach
     training, and the first HELDOUT_BYTES of them measure compression in the report. A document over
-    sample_bytes / SAMPLE_PIECES is sampled in pieces (sample_pieces). Raises DataError (exit 2),
-    with the counts, when no text is left to train on."""
+    sample_bytes / SAMPLE_PIECES is sampled in pieces (sample_pieces). The merges run in a child
+    process (train_in_child): until they are done, SIGTERM or SIGINT raises Preempted (exit 75)
+    within a second and nothing is saved; after that the caller's handlers apply. Raises DataError
+    (exit 2), with the counts, when no text is left to train on."""
     start = time.time()
     heldout: list[str] = []
     heldout_bytes = 0
@@ -430,22 +452,30 @@ def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldou
             yield from pieces
 
     piece_bytes = max(4, cfg.tokenizer.sample_bytes // SAMPLE_PIECES)
-    sample = sample_documents(train_docs(), cfg.tokenizer.sample_bytes, seen)
-    if not sample:
-        raise DataError(f"no text to train the tokenizer on: {seen['train_documents']} training document(s) read, "
-                        f"{seen['heldout_documents']} held out for validation (data.val_permille="
-                        f"{cfg.data.val_permille}); the data.* filters or data.on_error=skip removed the rest")
-    sampled = time.time()
-    logger.info(f"tokenizer: sampled {len(sample)} texts, {sum(len(x.encode()) for x in sample) / 1e6:.1f} MB, "
-                f"from {seen['bytes'] / 1e6:.1f} MB read in {sampled - start:.1f} s; training")
-    tok = train_tokenizer(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.max_token_length,
-                          cfg.tokenizer.min_frequency, pre_tokenizer=cfg.tokenizer.pre_tokenizer)
+    # Until the merges are done a signal stops at once (the training child is killed; exit 75);
+    # once they are, the caller decides (stage_tokenizer holds it until the tokenizer is published).
+    restore = stop_on_signals(lambda signum: f"tokenizer: received signal {signum} before the tokenizer was "
+                              f"trained: stopping, nothing is published; the rerun trains it (exit 75)")
+    try:
+        sample = sample_documents(train_docs(), cfg.tokenizer.sample_bytes, seen)
+        if not sample:
+            raise DataError(f"no text to train the tokenizer on: {seen['train_documents']} training document(s) "
+                            f"read, {seen['heldout_documents']} held out for validation (data.val_permille="
+                            f"{cfg.data.val_permille}); the data.* filters or data.on_error=skip removed the rest")
+        sampled = time.time()
+        logger.info(f"tokenizer: sampled {len(sample)} texts, {sum(len(x.encode()) for x in sample) / 1e6:.1f} MB, "
+                    f"from {seen['bytes'] / 1e6:.1f} MB read in {sampled - start:.1f} s; training")
+        tok, child_rss = train_in_child(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.max_token_length,
+                                        cfg.tokenizer.min_frequency, cfg.tokenizer.pre_tokenizer)
+    finally:
+        restore()
     trained = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, out_dir)
     extra = {"corpus_documents": seen["train_documents"] + seen["heldout_documents"],
              "corpus_train_bytes": seen["bytes"], "documents_sampled_in_pieces": seen["documents_cut"],
-             "seconds_sampling": round(sampled - start, 2), "seconds_training": round(trained - sampled, 2)}
+             "seconds_sampling": round(sampled - start, 2), "seconds_training": round(trained - sampled, 2),
+             "peak_rss_bytes": max(peak_rss_bytes(), child_rss)}  # the merges' memory is the child's
     report = build_report(tok, sample, heldout or sample[:100], time.time() - start, cfg, extra)
     if not heldout:
         report["heldout_note"] = "no held-out documents (data.val_permille): compression measured on training text"

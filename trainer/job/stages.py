@@ -22,7 +22,7 @@ from trainer.data.sample import describe_read, read_sample, sample_key
 from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.data.sources import corpus_fingerprint, pull, resolve_sources
 from trainer.data.tokenizer import load_tokenizer, tokenizer_hash
-from trainer.errors import EXIT_PREEMPTED
+from trainer.errors import EXIT_PREEMPTED, signals_held
 from trainer.evaluation.evaluate import evaluate_model, heldout_documents
 from trainer.evaluation.generate import load_for_generation
 from trainer.evaluation.report import write_run_report
@@ -99,12 +99,16 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.1f} MB "
         f"drawn from {read['files_read']} of {len(files)} file(s)" +
         (f", about {read['planned_bytes'] / 1e6:.1f} MB read" if read["mode"] == "spread" else ", read whole"))
-    report = tokenizers.train_from_corpus(cfg, docs, out, lambda t: is_validation(t, cfg.data.val_permille))
-    report["sample_read"] = read
-    report["skipped_records"] = dict(reader.skipped)
-    report["filters"] = dict(norm.counts)
-    (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    protocol.publish_folder(store, out, key)
+    # A signal while it reads and trains stops at once (train_from_corpus: exit 75, nothing published);
+    # one after the merges waits for the publish (a few MB), so the rerun reuses the tokenizer.
+    with signals_held(lambda signum: f"tokenizer: received signal {signum} after training: "
+                      f"{store.url(key)} is published, the rerun reuses it (exit 75)"):
+        report = tokenizers.train_from_corpus(cfg, docs, out, lambda t: is_validation(t, cfg.data.val_permille))
+        report["sample_read"] = read
+        report["skipped_records"] = dict(reader.skipped)
+        report["filters"] = dict(norm.counts)
+        (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+        protocol.publish_folder(store, out, key)
     log(f"tokenizer: vocab {report['vocab_size']}, {report['chars_per_token_heldout']} chars/token held out, "
         f"{report['seconds']}s -> {store.url(key)}")
     return key
