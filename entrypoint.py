@@ -239,8 +239,9 @@ def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), tas
         checkpoint: export or checkpoint folder, local or s3:// (runs/<id>/final, runs/<id>/checkpoints/step-N)
         config: YAML config file (data.* finds the held-out split; sample.* sets the samples)
         text: a text file (any corpus format data.* reads) to score as well; repeat for more
-        tasks: lm-evaluation-harness tasks, comma-separated: its task names (xcopa_zh,xstorycloze_zh), task
-            YAML files or folders of them; needs pip install 'zh-pretrain[eval]'
+        tasks: lm-evaluation-harness tasks, comma-separated: its task names (xcopa_zh,xstorycloze_zh), the
+            cloze C-Eval, CMMLU and C3 shipped here (ceval_cloze,cmmlu_cloze,c3_cloze), task YAML files or
+            folders of them; needs pip install 'zh-pretrain[eval]'
         limit: with --tasks: documents per task (a fraction below 1: that share of each task)
         num_fewshot: with --tasks: examples in each prompt (default: each task's own)
         batch_size: with --tasks: requests per forward pass, or auto

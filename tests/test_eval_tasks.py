@@ -202,3 +202,46 @@ def test_report_keeps_the_task_scores(tmp_path):
     key = stage_report(cfg)
     assert store.read_text(f"{key}/{harness.RESULTS_FILE}") == scores
     assert not store.exists(f"{key}/stale.txt")  # the rest was rewritten
+
+
+# The task files shipped in trainer/evaluation/lm_eval_tasks, on stand-in datasets ----------------
+
+SHIPPED = {  # dataset path: (its splits, one row in its fields)
+    "ceval/ceval-exam": (("val", "dev"), {"id": 0, "question": "一加一等於幾？", "A": "二", "B": "三", "C": "四",
+                                         "D": "五", "answer": "A", "explanation": ""}),
+    "haonan-li/cmmlu": (("test", "dev"), {"Question": "一加一等於幾？", "A": "二", "B": "三", "C": "四", "D": "五",
+                                         "Answer": "B"}),
+    "clue/clue": (("train", "validation"), {"id": 0, "context": ["男：你好。", "女：你好啊。"],
+                                            "question": "他們在做什麼？", "choice": ["打招呼", "吃飯", "睡覺"],
+                                            "answer": "打招呼"}),
+}
+
+
+def test_the_shipped_cloze_tasks_run_by_name(bucket, tmp_path, offline, monkeypatch, capsys):
+    """ceval_cloze and cmmlu_cloze are the harness's own C-Eval and CMMLU tasks with the cloze
+    fields laid over them (a group's overrides); c3_cloze is a task of its own. Their datasets are
+    stood in for by one row each, in the fields the Hub's have."""
+    import datasets
+
+    loaded = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        loaded.append((path, name))
+        splits, row = SHIPPED[path]
+        return datasets.DatasetDict({s: datasets.Dataset.from_list([row]) for s in splits})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = tmp_path / "shipped.json"
+    eval_tasks(f"--checkpoint={bucket / 'runs' / 'tiny' / 'final'}", "--tasks=ceval_cloze,cmmlu_cloze,c3_cloze",
+               "--limit=1", f"--out={out}")
+    r = json.loads(out.read_text(encoding="utf-8"))
+    assert {"ceval_cloze", "cmmlu_cloze"} <= set(r["groups"]) and "c3_cloze" in r["results"]
+    accountant = r["configs"]["ceval-valid_accountant"]
+    assert accountant["doc_to_choice"] == "{{[A, B, C, D]}}" and accountant["target_delimiter"] == ""  # cloze
+    assert r["configs"]["cmmlu_agronomy"]["doc_to_text"] == "{{Question.strip()}}\n答案："
+    assert ("ceval/ceval-exam", "accountant") in loaded and ("clue/clue", "c3") in loaded
+    assert len([p for p, _ in loaded if p == "haonan-li/cmmlu"]) > 60  # every CMMLU subject
+    for name in ("ceval_cloze", "cmmlu_cloze"):
+        assert 0.0 <= r["groups"][name]["acc,none"] <= 1.0
+    assert r["results"]["c3_cloze"]["acc,none"] in (0.0, 1.0)  # one document
+    assert "ceval_cloze" in capsys.readouterr().out

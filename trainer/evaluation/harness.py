@@ -4,7 +4,8 @@ github.com/EleutherAI/lm-evaluation-harness) on an export or checkpoint, through
 report for any other model.
 
 Tasks are the harness's names (xcopa_zh, xstorycloze_zh, ...; docs/running.md lists the Chinese
-ones) or local task files: a task YAML, or a folder of them, in the harness's own format. Every name
+ones), the names of the task files shipped in lm_eval_tasks/ (ceval_cloze, cmmlu_cloze, c3_cloze), or
+local task files: a task YAML, or a folder of them, in the harness's own format. Every name
 and file is checked before a model is loaded: an unknown name is refused naming the closest ones, a
 file that is no YAML names itself and the line (the harness itself skips such files silently, and
 would then call the task unknown). lm_eval is an optional dependency (the `eval` extra) and is
@@ -24,6 +25,9 @@ from trainer.config import ConfigError
 INSTALL_HINT = "eval --tasks needs lm-evaluation-harness: pip install 'zh-pretrain[eval]'"
 HARNESS_MODULES = ("lm_eval", "accelerate")  # its "hf" model imports accelerate at the top
 RESULTS_FILE = "lm_eval.json"  # beside eval.json in runs/<id>/report/
+# Task files that come with the package, known by name like the harness's own: C-Eval and CMMLU in
+# cloze form (ceval_cloze, cmmlu_cloze: the harness has only their letter form) and C3 (c3_cloze).
+SHIPPED_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 # What the JSON keeps of simple_evaluate's answer: the scores and what makes them reproducible (the
 # tasks' configs: prompts, splits, metrics); not pretty_env_info (this machine's pip list) or samples.
 KEPT_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
@@ -124,10 +128,10 @@ def resolve_tasks(tasks) -> tuple[list[str], list[Path], bool]:
 
 def task_manager(folders: list[Path], builtin: bool):
     """The harness's TaskManager over its own tasks (only when a name needs them: indexing its
-    thousands of task files takes seconds) and the local folders."""
+    thousands of task files takes seconds), SHIPPED_TASKS and the local folders."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(f) for f in folders] or None, include_defaults=builtin)
+    return TaskManager(include_path=[str(f) for f in [SHIPPED_TASKS, *folders]], include_defaults=builtin)
 
 
 def check_known(names: list[str], known: list[str]) -> None:
