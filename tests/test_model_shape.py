@@ -7,6 +7,9 @@ checkpoints resume; `plan` counts the custom shape's parameters, FLOPs and memor
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +19,7 @@ from trainer.config import PRESETS, ConfigError, Shape, load_config, model_shape
 from trainer.model.llama import GPU_MEMORY_GB, n_params
 from trainer.state import protocol
 
+ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ENV = ("CONFIG", "RUN_ID", "BUCKET", "LOCAL_DIR", "AWS_ENDPOINT_URL", "AWS_REGION")
 
 
@@ -202,3 +206,28 @@ def test_plan_refuses_a_bad_shape_naming_the_key(capsys, tmp_path, flags, named)
     assert e.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == "" and named in captured.err and not out.exists()
+
+
+def test_plan_to_config_writes_the_planned_shape_over_the_bases():
+    """The base's numbers never run on a preset the plan chose without them (0: the preset's)."""
+    from trainer.config import to_dict
+    from trainer.model.plan_output import plan_to_config
+    from trainer.model.planner import plan
+
+    base = to_dict(load_config(None, {"model.preset": "124m", "model.n_layer": 16}, env={}))
+    tree = plan_to_config(plan(preset="350m"), base)
+    assert tree["model"]["preset"] == "350m" and tree["model"]["n_layer"] == 0
+    custom = Shape(n_layer=16, d_model=768, n_head=12, n_kv_head=12, d_ffn=2048)
+    tree = plan_to_config(plan(preset="124m", shape=custom), base)
+    assert model_shape(load_config(None, {f"model.{k}": v for k, v in tree["model"].items()}, env={}).model) == custom
+
+
+def test_plan_of_a_custom_shape_imports_no_torch(tmp_path):
+    """As tests/test_cli_help.py checks for plain plans: the config and the planner need no torch."""
+    p = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "entrypoint.py"), "plan", "--preset=tiny",
+                        "--model.n_layer=3"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert "trainer.config.load" in imported
+    assert sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers", "numpy")) == []
