@@ -142,8 +142,8 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model's shape (a preset, any of its numbers overridden) and attention implementation. Its
-    context (max_position_embeddings) is train.seq_len."""
+    """The model's shape (a preset, any of its numbers overridden: docs/running.md, Custom shapes) and
+    attention implementation. Its context (max_position_embeddings) is train.seq_len."""
 
     preset: Preset = "tiny"
     """named shape from trainer/config/schema.py PRESETS; model.n_layer ... model.d_ffn override its numbers"""
