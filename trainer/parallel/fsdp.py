@@ -10,7 +10,8 @@ gradient reductions (Zhao et al. 2023, "PyTorch FSDP", sec. 4.4).
 Checkpoints of a sharded model hold, instead of model.safetensors + optimizer.pt, DCP files: every
 rank writes `__<rank>_0.distcp` with its shards (model and optimizer, keyed by parameter name), rank
 0 writes `.metadata`. DCP reshards on load, so a checkpoint resumes on any number of ranks, sharded
-or not; a sharded model also loads a Hugging Face checkpoint (model.safetensors + optimizer.pt).
+or not; a sharded model also loads a Hugging Face checkpoint (model.safetensors + optimizer.pt, whose
+optimizer state is keyed by parameter name too: named_optimizer_state).
 `consolidate` turns DCP weights back into a Hugging Face folder (export, chat, eval).
 """
 
@@ -172,27 +173,51 @@ def load_dcp(folder: Path, model, optimizer) -> None:
         set_optimizer_state_dict(model, opt, state[key])
 
 
-def load_full_into_sharded(model, optimizer, weights: dict, saved_optimizer: dict) -> None:
-    """A Hugging Face checkpoint (full weights by name; torch optimizer state dicts keyed by
-    parameter index, as optimizer.pt holds them) into a sharded model and its optimizer. The indices
-    follow the optimizer's parameter order, which optim.build_optimizer derives from the parameter
-    names, so index i of a group list is the same parameter sharded or not."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+OPTIMIZER_FORMAT = "by-name-v1"  # optimizer.pt: {"format": this, <optimizer key>: its state keyed by parameter name}
 
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=full)
+
+def named_optimizer_state(model, optimizer) -> dict:
+    """What optimizer.pt holds for an unsharded model: each torch optimizer's state dict keyed by
+    parameter name (torch.distributed.checkpoint.state_dict.get_optimizer_state_dict), as DCP keys
+    it, so it loads into a model sharded in any way without a map of parameter positions."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return {"format": OPTIMIZER_FORMAT,
+            **{key: get_optimizer_state_dict(model, opt) for key, opt in _optimizers(optimizer).items()}}
+
+
+def migrate_index_keyed(model, optimizer, saved: dict) -> dict:
+    """An optimizer.pt of checkpoints saved before 2026-12-03 (torch's optimizer.state_dict(): state
+    and param_groups by parameter index) in the by-name form. Indices follow the optimizer's
+    parameter order, which optim.build_optimizer derives from parameter names, so index i is the same
+    parameter in this model whatever its sharding. Raises ValueError when the counts disagree."""
     names = {id(p): n for n, p in model.named_parameters()}
     opts = _optimizers(optimizer)
+    out = {"format": OPTIMIZER_FORMAT}
     for key, opt in opts.items():
-        saved = saved_optimizer if len(opts) == 1 else saved_optimizer[key]
+        old = saved if len(opts) == 1 else saved[key]
         order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
-        groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]
-        by_name = {"state": {order[int(i)]: s for i, s in saved["state"].items()}, "param_groups": groups}
-        set_optimizer_state_dict(model, opt, by_name, options=full)
+        if sum(len(g["params"]) for g in old["param_groups"]) != len(order):
+            raise ValueError(f"optimizer.pt ({key}): {sum(len(g['params']) for g in old['param_groups'])} "
+                             f"parameters saved, {len(order)} in this model")
+        groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in old["param_groups"]]
+        out[key] = {"state": {order[int(i)]: s for i, s in old["state"].items()}, "param_groups": groups}
+    return out
+
+
+def load_named_optimizer_state(model, optimizer, saved: dict) -> bool:
+    """optimizer.pt's contents into the optimizer of `model` (sharded or not: a sharded model takes
+    its shards of the full tensors). Returns True when `saved` was index-keyed and migrated
+    (migrate_index_keyed), for the caller to log."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    migrated = saved.get("format") != OPTIMIZER_FORMAT
+    if migrated:
+        saved = migrate_index_keyed(model, optimizer, saved)
+    options = StateDictOptions(full_state_dict=True) if is_sharded(model) else None
+    for key, opt in _optimizers(optimizer).items():
+        set_optimizer_state_dict(model, opt, saved[key], options=options)
+    return migrated
 
 
 def consolidated_weights(ckpt_dir: Path, out_dir: Path) -> Path:

@@ -3,8 +3,8 @@ every stage (pretraining and SFT):
 
   config.json, generation_config.json, model.safetensors, tokenizer files   a Hugging Face model
       folder: every checkpoint loads with from_pretrained (chat with it, evaluate it, export it);
-  optimizer.pt, rng.pt (every rank's RNG streams), trainer_state.json (the loop's state),
-  config.yaml (the resolved config), MANIFEST.json (each file's size and sha256, written last).
+  optimizer.pt (the optimizer state keyed by parameter name), rng.pt (every rank's RNG streams),
+  trainer_state.json (the loop's state), config.yaml (the resolved config), MANIFEST.json (each file's size and sha256, written last).
 
 Publishing, verifying and pruning them in the bucket: trainer/state/protocol.py (no torch).
 """
@@ -22,6 +22,7 @@ import torch
 
 from trainer.data.tokenizer import save_tokenizer
 from trainer.io.storage import Storage, StorageError, is_s3, join, open_storage, split_url
+from trainer.log import logger
 from trainer.model.hf_files import write_portable_config
 from trainer.parallel import fsdp as sharding
 from trainer.parallel.distributed import Dist, rng_state, set_rng_state
@@ -60,7 +61,7 @@ def save(local_dir: Path, model, tokenizer, optimizer, state: dict, config_yaml:
     shutil.rmtree(local_dir, ignore_errors=True)
     local_dir.mkdir(parents=True)
     model.save_pretrained(str(local_dir), max_shard_size="1000GB")  # one model.safetensors, whatever the size
-    torch.save(optimizer.state_dict(), local_dir / "optimizer.pt")
+    torch.save(sharding.named_optimizer_state(model, optimizer), local_dir / "optimizer.pt")
     _write_hf_side(local_dir, model, tokenizer, state, config_yaml, rng_states)
     write_manifest(local_dir, state["step"])
 
@@ -71,21 +72,11 @@ def load(ckpt_dir: Path, model, optimizer, d: Dist, seed: int) -> dict:
     DCP shards (sharding.load_dcp reshards) or model.safetensors + optimizer.pt. Checkpoints saved by
     another number of processes reseed the RNG (seed + 1000 x step + rank): the data order does not
     depend on it, dropout-free models neither. Reads older checkpoints too (model.safetensors
-    written by safetensors.save_model)."""
-    from safetensors.torch import load_file, load_model
-
+    written by safetensors.save_model, optimizer.pt keyed by parameter index)."""
     if (ckpt_dir / sharding.DCP_METADATA).is_file():
         sharding.load_dcp(ckpt_dir, model, optimizer)
-    elif sharding.is_sharded(model):
-        weights = load_file(str(ckpt_dir / "model.safetensors"))
-        if getattr(model.config, "tie_word_embeddings", False):
-            weights.setdefault("lm_head.weight", weights.get("model.embed_tokens.weight"))
-            weights.setdefault("model.embed_tokens.weight", weights.get("lm_head.weight"))
-        sharding.load_full_into_sharded(model, optimizer, weights,
-                                        torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=False))
     else:
-        load_model(model, str(ckpt_dir / "model.safetensors"))  # tied embeddings: either file layout
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=d.device, weights_only=False))
+        _load_hf_side(ckpt_dir, model, optimizer, d)
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     rngs = torch.load(ckpt_dir / "rng.pt", weights_only=False)
     if len(rngs) == d.world:
@@ -93,6 +84,27 @@ def load(ckpt_dir: Path, model, optimizer, d: Dist, seed: int) -> dict:
     else:
         torch.manual_seed(seed + 1000 * state["step"] + d.rank)
     return state
+
+
+def _load_hf_side(ckpt_dir: Path, model, optimizer, d: Dist) -> None:
+    """model.safetensors and optimizer.pt into the model (sharded or not) and its optimizer. An
+    optimizer.pt keyed by parameter index (saved before 2026-12-03) is migrated to names, logged."""
+    from safetensors.torch import load_file, load_model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if sharding.is_sharded(model):
+        weights = load_file(str(ckpt_dir / "model.safetensors"))
+        if getattr(model.config, "tie_word_embeddings", False):
+            weights.setdefault("lm_head.weight", weights.get("model.embed_tokens.weight"))
+            weights.setdefault("model.embed_tokens.weight", weights.get("lm_head.weight"))
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    else:
+        load_model(model, str(ckpt_dir / "model.safetensors"))  # tied embeddings: either file layout
+    saved = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu" if sharding.is_sharded(model) else d.device,
+                       weights_only=False)
+    if sharding.load_named_optimizer_state(model, optimizer, saved) and d.main:
+        logger.info(f"checkpoint: {ckpt_dir.name}'s optimizer.pt is keyed by parameter index (saved before "
+                    "2026-12-03); migrated to parameter names")
 
 
 class RunCheckpoints:
