@@ -4,7 +4,8 @@ every stage (pretraining and SFT):
   config.json, generation_config.json, model.safetensors, tokenizer files   a Hugging Face model
       folder: every checkpoint loads with from_pretrained (chat with it, evaluate it, export it);
   optimizer.pt (the optimizer state keyed by parameter name), rng.pt (every rank's RNG streams),
-  trainer_state.json (the loop's state), config.yaml (the resolved config), MANIFEST.json (each file's size and sha256, written last).
+  trainer_state.json (the loop's state), config.yaml (the resolved config), MANIFEST.json (each
+  file's size and sha256, written last).
 
 Publishing, verifying and pruning them in the bucket: trainer/state/protocol.py (no torch).
 """
