@@ -231,3 +231,11 @@ def test_plan_of_a_custom_shape_imports_no_torch(tmp_path):
     imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
     assert "trainer.config.load" in imported
     assert sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers", "numpy")) == []
+
+
+def test_status_names_a_custom_shape():
+    from trainer.job.status import base_model
+
+    saved = {"run": {"id": "r"}, "model": {"preset": "tiny", "n_layer": 3, "d_model": 0, "n_kv_head": 2}}
+    assert base_model(None, saved, "r") == "pretrain of model.preset tiny with model.n_layer=3, model.n_kv_head=2"
+    assert base_model(None, {"run": {"id": "r"}, "model": {"preset": "tiny"}}, "r") == "pretrain of model.preset tiny"
