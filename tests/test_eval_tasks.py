@@ -187,7 +187,8 @@ def test_eval_without_tasks_imports_no_harness():
 
 
 def test_report_keeps_the_task_scores(tmp_path):
-    """`report` rewrites runs/<id>/report/ whole; the lm_eval.json `eval --tasks` wrote there stays."""
+    """`report` rewrites runs/<id>/report/ whole; the lm_eval.json `eval --tasks` wrote there stays,
+    and report.md shows its scores."""
     from trainer.config import load_config
     from trainer.io.storage import open_storage
     from trainer.job.stages import stage_report
@@ -196,12 +197,21 @@ def test_report_keeps_the_task_scores(tmp_path):
                              "storage.local_dir": str(tmp_path / "work")}, env={})
     store = open_storage(cfg.storage.bucket)
     store.write_text("runs/r/metrics.jsonl", '{"step": 1, "loss": 5.0}\n')
-    scores = json.dumps({"results": {"xcopa_zh": {"acc,none": 0.55}}})
+    scores = json.dumps({"model": "bucket/runs/r/final", "tasks": ["xcopa_zh", "ceval_cloze"], "limit": 100,
+                         "lm_eval_version": "0.4.13", "n-shot": {"xcopa_zh": 0, "ceval_cloze": 5},
+                         "n-samples": {"xcopa_zh": {"original": 500, "effective": 100}},
+                         "results": {"xcopa_zh": {"acc,none": 0.55, "acc_stderr,none": 0.05}},
+                         "groups": {"ceval_cloze": {"acc,none": 0.3, "acc_stderr,none": 0.01, "acc_norm,none": 0.31,
+                                                    "acc_norm_stderr,none": 0.012}}})
     store.write_text(f"runs/r/report/{harness.RESULTS_FILE}", scores)
     store.write_text("runs/r/report/stale.txt", "from an older report")
     key = stage_report(cfg)
     assert store.read_text(f"{key}/{harness.RESULTS_FILE}") == scores
     assert not store.exists(f"{key}/stale.txt")  # the rest was rewritten
+    md = store.read_text(f"{key}/report.md")
+    assert "| xcopa_zh | 0 | 100 | 0.550 ± 0.050 |  |" in md
+    assert "| ceval_cloze | 5 |  | 0.300 ± 0.010 | 0.310 ± 0.012 |" in md
+    assert "--limit 100: a subset" in md
 
 
 # The task files shipped in trainer/evaluation/lm_eval_tasks, on stand-in datasets ----------------

@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from trainer.evaluation.harness import RESULTS_FILE
+
 # (file, title, y label, [(metric key, legend label)], log y axis)
 PLOTS = [
     ("loss.png", "Loss", "loss (nats/token)", [("loss", "train"), ("val_loss", "validation")], False),
@@ -263,6 +265,35 @@ def degeneration_section(evaluation: dict) -> list[str]:
     return md
 
 
+BENCHMARK_METRICS = ("acc", "acc_norm")  # what multiple-choice tasks report (harness.py: eval --tasks)
+
+
+def benchmarks_section(scores: dict) -> list[str]:
+    """Markdown: the tasks `eval --tasks` ran (the JSON harness.py writes, lm_eval.json), one row per
+    task or group asked for, acc and acc_norm with their standard errors."""
+    rows = []
+    for name in scores.get("tasks", []):
+        r = scores.get("groups", {}).get(name) or scores.get("results", {}).get(name)
+        if not r:
+            continue
+        cells = []
+        for metric in BENCHMARK_METRICS:
+            value, err = r.get(f"{metric},none"), r.get(f"{metric}_stderr,none")
+            cells.append("" if not isinstance(value, (int, float)) else
+                         f"{value:.3f}" + (f" ± {err:.3f}" if isinstance(err, (int, float)) else ""))
+        documents = scores.get("n-samples", {}).get(name, {}).get("effective", "")
+        rows.append(f"| {_cell(name)} | {_cell(scores.get('n-shot', {}).get(name, ''))} | {documents} | "
+                    + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    limit = scores.get("limit")
+    return ["## Benchmarks (lm-evaluation-harness)", "",
+            f"`eval --tasks` on {_cell(scores.get('model', '?'))}, lm_eval {scores.get('lm_eval_version', '?')}"
+            + (f", --limit {limit}: a subset, not comparable with published scores" if limit else "")
+            + " (lm_eval.json has every subtask and the prompts).", "",
+            "| task | n-shot | documents | acc | acc_norm |", "|---|---|---|---|---|", *rows, ""]
+
+
 def report_samples(evaluation: dict | None, checkpoint_rows: list[dict]) -> list[dict]:
     """The samples report.md shows, each text once: the export's continuations of sample.prompts
     (sample.* settings, then its default generation and greedy decoding; a text that two
@@ -295,8 +326,9 @@ def write_run_report(out_dir: Path, metrics_jsonl_text: str, summary: dict, eval
     """The run report of `entrypoint.py run` / `report`: write_report plus TensorBoard events, with
     the export's evaluation (evaluate.evaluate_model's dict: held-out bits/char, samples, model vs
     human continuations, degeneration by decoding) and the samples taken at checkpoints (loop.py's
-    samples.jsonl) folded in. train_cfg: the TrainConfig the run trained with (max_steps as run),
-    whose whole lr schedule, warm-up included, is drawn in lr.png."""
+    samples.jsonl) folded in, and the benchmark scores of `eval --tasks` when out_dir holds them
+    (lm_eval.json). train_cfg: the TrainConfig the run trained with (max_steps as run), whose whole
+    lr schedule, warm-up included, is drawn in lr.png."""
     summary, sections = dict(summary), []
     if evaluation:
         if "heldout" in evaluation:
@@ -318,6 +350,9 @@ def write_run_report(out_dir: Path, metrics_jsonl_text: str, summary: dict, eval
         summary["checkpoint samples distinct-2 by step"] = ", ".join(
             f"{s}: {r['distinct_2']:.2f}" for s, r in sorted(by_step.items()))
     samples = report_samples(evaluation, rows)
+    scores = Path(out_dir) / RESULTS_FILE  # stage_report keeps it from the last report
+    if scores.is_file():
+        sections += benchmarks_section(json.loads(scores.read_text(encoding="utf-8")))
     schedule = lr_schedule_series(train_cfg) if train_cfg is not None else None
     written = write_report(metrics_jsonl_text, out_dir, samples, summary, schedule, sections)
     return written + write_tensorboard(parse_metrics(metrics_jsonl_text)[0], Path(out_dir) / "tensorboard")

@@ -338,9 +338,11 @@ def stage_report(cfg: Config, files=None) -> str:
             docs = heldout_documents(cfg, files, s.eval_chars, s.heldout_prompts)
             ev = {"export_step": export_step, **evaluate_model(model, tok, cfg, docs)}
         (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
-    tasks = store.read_text_or_none(join(key, "lm_eval.json"))  # `eval --tasks` wrote it: kept
+    from trainer.evaluation.harness import RESULTS_FILE
+
+    tasks = store.read_text_or_none(join(key, RESULTS_FILE))  # `eval --tasks` wrote it: kept, shown in report.md
     if tasks:
-        (out / "lm_eval.json").write_text(tasks, encoding="utf-8")
+        (out / RESULTS_FILE).write_text(tasks, encoding="utf-8")
     write_run_report(out, store.read_text_or_none(f"runs/{cfg.run.id}/metrics.jsonl") or "", summary, ev,
                      store.read_text_or_none(f"runs/{cfg.run.id}/samples.jsonl") or "", train_cfg=trained)
     store.delete_prefix(key + "/")
