@@ -176,6 +176,8 @@ def test_task_items():
     assert harness.task_items(("xcopa_zh", "c3.yaml")) == ["xcopa_zh", "c3.yaml"]  # fire's tuple for a,b
     with pytest.raises(ValueError, match="at least one task"):
         harness.task_items(" , ")
+    with pytest.raises(ValueError, match="comma-separated"):
+        harness.task_items(True)  # `--tasks` with no value
 
 
 def test_eval_without_tasks_imports_no_harness():

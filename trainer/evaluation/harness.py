@@ -42,7 +42,9 @@ def harness_installed() -> bool:
 
 def task_items(tasks) -> list[str]:
     """--tasks as a list: a comma-separated string, or the tuple fire makes of `--tasks=a,b`."""
-    parts = tasks.split(",") if isinstance(tasks, str) else [str(t) for t in (tasks or ())]
+    if not isinstance(tasks, (str, list, tuple)):  # `--tasks` with no value: fire passes True
+        raise ConfigError(f"eval --tasks: expected task names or paths, comma-separated (got {tasks!r})")
+    parts = tasks.split(",") if isinstance(tasks, str) else [str(t) for t in tasks]
     items = [p.strip() for p in parts if p.strip()]
     if not items:
         raise ConfigError("eval --tasks: name at least one task (xcopa_zh,xstorycloze_zh) or a task YAML or folder")
