@@ -22,7 +22,7 @@ from trainer.data.sample import describe_read, read_sample, sample_key
 from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.data.sources import corpus_fingerprint, pull, resolve_sources
 from trainer.data.tokenizer import load_tokenizer, tokenizer_hash
-from trainer.errors import EXIT_PREEMPTED, signals_held
+from trainer.errors import EXIT_PREEMPTED, signals_held, stop_on_signals
 from trainer.evaluation.evaluate import evaluate_model, heldout_documents
 from trainer.evaluation.generate import load_for_generation
 from trainer.evaluation.report import write_run_report
@@ -215,6 +215,15 @@ def check_tokenizer_kept(cfg: Config, files) -> None:
                                                     f"tokenizer settings"})
 
 
+def stopped_before_training(what: str):
+    """The line a signal logs before the training processes start (the lease's wait, pulling the model,
+    prepare, packing: downloads and encodes). From there launch passes signals to the workers, which
+    checkpoint; before, `pretrain` and `sft` alone exit 75 at once and release the lease, as `run` does
+    between stages (the lease would otherwise hold the run for run.lease_seconds)."""
+    return lambda signum: (f"{what}: received signal {signum} before training: exiting with {EXIT_PREEMPTED} "
+                           f"(rerun to continue; finished stages are reused)")
+
+
 def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> int:
     """Train to train.max_steps (resuming from the newest complete checkpoint of run.id); returns 0,
     75 (preempted: rerun to resume) or the failure code. Holds the run's lease on node 0 unless the
@@ -228,11 +237,15 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
         return 0
     if lease is None and node_rank() == 0:  # `pretrain` alone: check and hold the lease here
         check_before_start(cfg)
-        lease = hold_lease(cfg)
+        restore = stop_on_signals(stopped_before_training("pretrain"))
         try:
-            return stage_pretrain(cfg, arts, lease)
+            lease = hold_lease(cfg)
+            try:
+                return stage_pretrain(cfg, arts, lease)
+            finally:
+                lease.release()
         finally:
-            lease.release()
+            restore()
     if arts is None:
         files = stage_pull(cfg)
         check_tokenizer_kept(cfg, files)
@@ -376,12 +389,16 @@ def stage_sft(cfg: Config) -> int:
         log(f"sft: {protocol.step_name(done.step)} of {run_id} is published (sft.max_steps={cfg.sft.max_steps}); "
             f"nothing to train")
     else:
-        lease = hold_lease(cfg, run_id)
+        restore = stop_on_signals(stopped_before_training("sft"))
         try:
-            code = _train_sft(cfg, store, run_id, nproc, nnodes, lease)
+            lease = hold_lease(cfg, run_id)
+            try:
+                code = _train_sft(cfg, store, run_id, nproc, nnodes, lease)
+            finally:
+                if lease is not None:
+                    lease.release()
         finally:
-            if lease is not None:
-                lease.release()
+            restore()
         if code:
             log(f"sft exited with {code}"
                 + (" (preempted: rerun the same command to resume)" if code == EXIT_PREEMPTED else ""))
