@@ -483,6 +483,20 @@ def overview() -> str:
                       "", f"{prog()} <command> --help lists its flags and the config keys it reads."])
 
 
+# Single stages: alone, a signal exits 75 as `run` does between stages (not SIGTERM's default -15, the
+# process killed mid-upload); run, pretrain and sft stop by themselves, chat keeps Ctrl-C for itself.
+STAGE_COMMANDS = ("pull", "tokenizer", "prepare", "export", "report")
+
+
+def _stop_on_signals(command: str):
+    if command not in STAGE_COMMANDS:
+        return lambda: None
+    from trainer.errors import stop_on_signals
+    from trainer.job.run import between_stages
+
+    return stop_on_signals(between_stages)
+
+
 def main(argv: list[str] | None = None) -> None:
     import fire
 
@@ -506,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     _ARGV_TEXT.clear()
     _ARGV_TEXT.update(argv_text(own))
+    restore = _stop_on_signals(args[0])
     try:
         fire.Fire(COMMANDS, command=args, name=prog())
     except (ConfigError, DataError, LeaseHeld) as e:  # another job on this run.id: do not retry either
@@ -514,6 +529,8 @@ def main(argv: list[str] | None = None) -> None:
     except StorageError as e:  # after all retries; the message names the URL (credentials redacted)
         print(f"error: storage: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_FAILED)
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

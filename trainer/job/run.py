@@ -6,10 +6,8 @@ stages are reused by the rerun); during training the loop turns it into a publis
 
 from __future__ import annotations
 
-import signal
-
 from trainer.config import Config
-from trainer.errors import EXIT_PREEMPTED, Preempted
+from trainer.errors import EXIT_PREEMPTED, Preempted, stop_on_signals
 from trainer.io.storage import join
 from trainer.job.stages import (
     bucket,
@@ -31,7 +29,7 @@ from trainer.parallel.distributed import node_rank
 def run(cfg: Config) -> int:
     """The whole job. Returns the process exit code (0 done, 75 preempted: rerun to resume)."""
     check_before_start(cfg)
-    old = {s: signal.signal(s, _preempted_between_stages) for s in (signal.SIGTERM, signal.SIGINT)}
+    restore = stop_on_signals(between_stages)
     try:
         lease = hold_lease(cfg)
         try:
@@ -42,8 +40,7 @@ def run(cfg: Config) -> int:
     except Preempted:
         return EXIT_PREEMPTED
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        restore()
 
 
 def run_stages(cfg: Config, lease=None) -> int:
@@ -69,7 +66,7 @@ def run_stages(cfg: Config, lease=None) -> int:
     return 0
 
 
-def _preempted_between_stages(signum, frame):
-    logger.warning(f"received signal {signum} between stages: exiting with {EXIT_PREEMPTED} (rerun to continue; "
-                   f"finished stages are reused)")
-    raise Preempted()
+def between_stages(signum: int) -> str:
+    """The line a signal logs between stages (errors.stop_on_signals raises Preempted after it)."""
+    return (f"received signal {signum} between stages: exiting with {EXIT_PREEMPTED} (rerun to continue; "
+            f"finished stages are reused)")
