@@ -8,7 +8,8 @@ distinct, so memory grows with the corpus (5.4 GB for 26 M characters of poetry)
     (bottom-k by document hash: deterministic, memory bounded by the sample) over the documents of
     a bounded, evenly spread read of the corpus (trainer/data/sample.py: twice the sample, so its
     cost does not grow with the corpus). The trainer's memory is about 100 bytes per sampled byte
-    of Chinese, whatever the corpus size and whatever the split;
+    of Chinese, whatever the corpus size and whatever the split. The merges run in a child process
+    (train_in_child), so a signal stops the job at once and their memory goes when they end;
   * the split (`tokenizer.pre_tokenizer`) is by default Qwen2's: Han runs whole (one leading
     punctuation mark joins them), Latin words, single digits, punctuation runs with the newlines
     after them. llama.cpp implements it (and `deepseek-llm`, `gpt-2`) under the same name, so an
