@@ -235,9 +235,27 @@ def hf_folder(ckpt_dir: Path, out: Path) -> Path:
 CHECKPOINT_URL = re.compile(r"^(?:(?P<root>.*)/)?runs/(?P<run>[^/]+)/checkpoints/step-(?P<step>\d+)/?$")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name on the Hugging Face Hub
+
+
+def hub_snapshot(repo_id: str, dest: Path) -> Path:
+    """The config, tokenizer and safetensors files of Hub model `repo_id` (huggingface_hub, which
+    reads HF_TOKEN and HF_ENDPOINT), in dest. FileNotFoundError (one line) when the Hub cannot be
+    reached or has no such model."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_dir=str(dest), allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as e:  # offline, gated, missing: huggingface_hub raises several kinds
+        raise FileNotFoundError(f"{repo_id}: not a local folder, and the Hugging Face Hub gave no model "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def model_dir(url: str, storage_cfg, cache_root: Path) -> Path:
     """A local Hugging Face model folder for `url`: an export (runs/<id>/final) or a checkpoint
-    (runs/<id>/checkpoints/step-N: downloaded and checked against its manifest), local or s3://.
+    (runs/<id>/checkpoints/step-N: downloaded and checked against its manifest), local or s3://,
+    or a Hugging Face Hub id (owner/name, when no such local path exists).
     Raises FileNotFoundError (one line, naming the URL) when there is no model there."""
     cache = Path(cache_root) / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
     m = CHECKPOINT_URL.match(url.rstrip("/"))
@@ -255,6 +273,8 @@ def model_dir(url: str, storage_cfg, cache_root: Path) -> Path:
                                     f"or <bucket>/runs/<id>/checkpoints/step-N")
         store.download_dir(key, cache / "download")
         src = cache / "download"
+    elif HUB_ID.match(url) and not Path(url).expanduser().exists():
+        src = hub_snapshot(url, cache / "hub")
     else:
         src = Path(url).expanduser()
     if not (src / "config.json").is_file():
