@@ -143,6 +143,12 @@ def config_reads(name: str) -> list[str]:
     return out
 
 
+# With model.init the tokenizer and prepare stages take the init's tokenizer and check its config.json
+# against these first (trainer/model/hf_init.py), before any corpus work.
+INIT_CHECKED = ("model.init", "model.preset", "model.n_layer", "model.d_model", "model.n_head", "model.n_kv_head",
+                "model.d_ffn", "model.tie_embeddings", "train.seq_len")
+
+
 @reads(EVERY_SECTION)
 def run(config: str | None = None, **overrides) -> None:
     """The whole job: pull, tokenizer, prepare, pretrain (torchrun), export, samples."""
@@ -162,16 +168,16 @@ def pull(config: str | None = None, **overrides) -> None:
         print(f"{f.url}\t{f.size}\t{f.local}")
 
 
-@reads("run", "storage", "data", "tokenizer")
+@reads("run", "storage", "data", "tokenizer", *INIT_CHECKED)
 def tokenizer(config: str | None = None, **overrides) -> None:
-    """Train (or load, with tokenizer.path) the tokenizer and store it in the bucket."""
+    """Train (or load, with tokenizer.path or model.init) the tokenizer and store it in the bucket."""
     from trainer.job.stages import bucket, stage_tokenizer
 
     cfg = _config(config, overrides)
     print(bucket(cfg).url(stage_tokenizer(cfg)))
 
 
-@reads("run", "storage", "data", "tokenizer")
+@reads("run", "storage", "data", "tokenizer", *INIT_CHECKED)
 def prepare(config: str | None = None, **overrides) -> None:
     """Tokenize the corpus into packed shards in the bucket."""
     from trainer.job.stages import bucket, stage_prepare
@@ -277,8 +283,8 @@ def eval(checkpoint: str, config: str | None = None, text: str | tuple = (), tas
     print(json.dumps(result, ensure_ascii=False, indent=1))
 
 
-@reads("run", "storage", "data", "model.preset", "model.n_layer", "model.d_model", "model.n_head", "model.n_kv_head",
-       "model.d_ffn", "train", "sample")
+@reads("run", "storage", "data", "model.init", "model.preset", "model.n_layer", "model.d_model", "model.n_head",
+       "model.n_kv_head", "model.d_ffn", "train", "sample")
 def report(config: str | None = None, **overrides) -> None:
     """(Re)write runs/<run.id>/report/: report.md, PNG plots, TensorBoard events, samples."""
     from trainer.job.stages import bucket, stage_report

@@ -46,6 +46,8 @@ def _check_inputs(cfg: Config, need: Need) -> None:
     need(bool(cfg.data.text_field), "data.text_field", "must be set")
     need(cfg.tokenizer.path != "" or 256 + 8 <= cfg.tokenizer.vocab_size <= 1_000_000, "tokenizer.vocab_size",
          "must be between 264 and 1000000")
+    need(not (cfg.model.init and cfg.tokenizer.path), "tokenizer.path",
+         "must be empty with model.init: continued pretraining uses the init model's own tokenizer")
     need(1 <= cfg.tokenizer.max_token_length <= 64, "tokenizer.max_token_length", "must be between 1 and 64")
     need(cfg.tokenizer.min_frequency >= 1, "tokenizer.min_frequency", "must be at least 1")
     need(cfg.tokenizer.sample_bytes >= 1000, "tokenizer.sample_bytes", "must be at least 1000")

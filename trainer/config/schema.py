@@ -143,8 +143,11 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The model's shape (a preset, any of its numbers overridden: docs/running.md, Custom shapes) and
-    attention implementation. Its context (max_position_embeddings) is train.seq_len."""
+    attention implementation. Its context (max_position_embeddings) is train.seq_len. With model.init
+    the shape, context and tokenizer are the init model's (docs/running.md, Continued pretraining)."""
 
+    init: str = ""
+    """continue pretraining this Llama: HF folder, s3://, a run's export or a Hub id; "" = from scratch"""
     preset: Preset = "tiny"
     """named shape from trainer/config/schema.py PRESETS; model.n_layer ... model.d_ffn override its numbers"""
     n_layer: int = 0

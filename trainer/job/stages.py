@@ -31,6 +31,7 @@ from trainer.io.lease import Lease
 from trainer.io.scratch import check_scratch_apart, claim_scratch
 from trainer.io.storage import Storage, is_s3, join, split_url
 from trainer.log import logger
+from trainer.model import hf_init
 from trainer.parallel.distributed import default_nproc, node_rank, num_nodes
 from trainer.state import checkpoint as ckpt
 from trainer.state import protocol
@@ -54,6 +55,36 @@ def stage_pull(cfg: Config):
     return pull(cfg, files)
 
 
+# model.init: continued pretraining ---------------------------------------------------------------
+
+def init_model_dir(cfg: Config) -> tuple[Path, dict]:
+    """(model.init's folder on this machine, its config.json), fetched (a local folder as it is; a
+    bucket folder, a run's export or checkpoint, or a Hub id into storage.local_dir/models/) and
+    checked: a LlamaForCausalLM whose config.json agrees with the model.* numbers and train.seq_len
+    set (hf_init.conflicts; ConfigError, exit 2, naming them). model.preset is not used: the shape
+    is the init's, and the log says so."""
+    try:
+        folder = ckpt.model_dir(cfg.model.init, cfg.storage, Path(cfg.storage.local_dir))
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.init: {e}") from None
+    hf = hf_init.read_config(folder, cfg.model.init)
+    hf_init.refuse(hf_init.conflicts(cfg, hf))
+    log(f"model.init: continuing {cfg.model.init} ({hf_init.description(hf)}; its config.json gives the shape, "
+        f"model.preset={cfg.model.preset} is not used)")
+    return folder, hf
+
+
+def init_model(cfg: Config, n_tokens: int) -> dict | None:
+    """What the training processes start from with model.init (None without): its folder, its
+    config.json and its weights' fingerprint (recorded in the checkpoints' inputs), after checking
+    that the embedding covers the tokenizer's n_tokens."""
+    if not cfg.model.init:
+        return None
+    folder, hf = init_model_dir(cfg)
+    hf_init.refuse(hf_init.conflicts(cfg, hf, n_tokens))
+    return {"url": cfg.model.init, "dir": str(folder), "config": hf, "fingerprint": hf_init.fingerprint(folder)}
+
+
 # Stage 2: tokenizer ----------------------------------------------------------------------------
 
 def trained_tokenizer_key(cfg: Config, files, store: Storage | None = None) -> str:
@@ -75,11 +106,13 @@ def trained_tokenizer_key(cfg: Config, files, store: Storage | None = None) -> s
 
 
 def stage_tokenizer(cfg: Config, files=None) -> str:
-    """Bucket key of the tokenizer folder: loaded from tokenizer.path, reused by hash, or trained on
-    a bounded, evenly spread read of the corpus (trainer/data/sample.py)."""
+    """Bucket key of the tokenizer folder: model.init's own tokenizer, loaded from tokenizer.path,
+    reused by hash, or trained on a bounded, evenly spread read of the corpus (trainer/data/sample.py)."""
     store = bucket(cfg)
+    if cfg.model.init:  # continued pretraining: the model's own tokenizer, nothing trained
+        return import_tokenizer(cfg, store, str(init_model_dir(cfg)[0]), TOKENIZER_FILES)
     if cfg.tokenizer.path:
-        return import_tokenizer(cfg, store)
+        return import_tokenizer(cfg, store, cfg.tokenizer.path)
     files = files if files is not None else stage_pull(cfg)
     key = trained_tokenizer_key(cfg, files, store)
     if store.exists(join(key, protocol.MANIFEST)):
@@ -114,9 +147,15 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     return key
 
 
-def import_tokenizer(cfg: Config, store: Storage) -> str:
-    """Copy an existing Hugging Face tokenizer (local folder or s3://) into the bucket by content hash."""
-    src = cfg.tokenizer.path
+# The files of a Hugging Face tokenizer, as transformers' tokenizers save and read them: what
+# model.init's folder gives the tokenizer stage (its weights stay out of the tokenizer's folder).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def import_tokenizer(cfg: Config, store: Storage, src: str, only: tuple[str, ...] = ()) -> str:
+    """Copy an existing Hugging Face tokenizer (local folder or s3://) into the bucket by content
+    hash: the whole folder (tokenizer.path), or its files named in `only` (model.init's folder)."""
     local = Path(cfg.storage.local_dir) / "tokenizer-import"
     shutil.rmtree(local, ignore_errors=True)
     if is_s3(src):
@@ -124,8 +163,15 @@ def import_tokenizer(cfg: Config, store: Storage) -> str:
         s.download_dir(k, local)
     else:
         if not (Path(src) / "tokenizer.json").is_file() and not (Path(src) / "tokenizer_config.json").is_file():
-            raise FileNotFoundError(f"tokenizer.path: {src} is not a Hugging Face tokenizer folder")
-        shutil.copytree(src, local)
+            error = ConfigError if only else FileNotFoundError
+            raise error(f"{'model.init' if only else 'tokenizer.path'}: {src} is not a Hugging Face tokenizer folder")
+        if only:
+            local.mkdir(parents=True)
+            for name in only:
+                if (Path(src) / name).is_file():
+                    shutil.copy2(Path(src) / name, local / name)
+        else:
+            shutil.copytree(src, local)
     tok = load_tokenizer(local)
     prepare.document_separator(tok)  # ConfigError naming tokenizer.path when it has no end-of-text token
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(local.rglob("*")) if p.is_file())).hexdigest()
@@ -206,7 +252,7 @@ def check_tokenizer_kept(cfg: Config, files) -> None:
     refuse now (check_resume's error) instead of after minutes of tokenizer training."""
     store = bucket(cfg)
     old = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
-    if cfg.tokenizer.path or not old or run_state.newest_state(store, cfg.run.id) is None:
+    if cfg.tokenizer.path or cfg.model.init or not old or run_state.newest_state(store, cfg.run.id) is None:
         return
     old_key = Artifacts.from_json(old).tokenizer_key
     new_key = trained_tokenizer_key(cfg, files, store)
@@ -255,20 +301,24 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
     # A corpus too small for one sequence is exit 2 here, with its counts, not a crash in the workers.
     prepare.check_trainable(index, cfg.train.seq_len)
     tok_dir = fetch_folder(store, arts.tokenizer_key, Path(cfg.storage.local_dir))
+    init = init_model(cfg, index["vocab_size"])
     check_resume(cfg, cfg.run.id, pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(arts.data_key).name,
-                                                  index["vocab_size"]))
+                                                  index["vocab_size"], init))
     run_local = Path(cfg.storage.local_dir) / "runs" / cfg.run.id
     run_local.mkdir(parents=True, exist_ok=True)
-    cfg_path, arts_path = run_local / "resolved.yaml", run_local / "artifacts.json"
+    cfg_path, arts_path, init_path = run_local / "resolved.yaml", run_local / "artifacts.json", run_local / "init.json"
     cfg_path.write_text(to_yaml(cfg), encoding="utf-8")
     arts_path.write_text(arts.to_json())
+    if init:
+        init_path.write_text(json.dumps(init))
     if node_rank() == 0:
         store.write_text(f"runs/{cfg.run.id}/config.yaml", to_yaml(cfg))
         store.write_text(f"runs/{cfg.run.id}/artifacts.json", arts.to_json())  # for the report
     nproc, nnodes = nproc_nnodes(cfg)
     return launch("pretrain", store, cfg.run.id, run_local, nproc, nnodes,
-                  ["--stage=pretrain", f"--config={cfg_path}", f"--artifacts={arts_path}"],
-                  lambda: pretrain_worker(cfg, arts, lease), lease, cfg.train.grace_seconds)
+                  ["--stage=pretrain", f"--config={cfg_path}", f"--artifacts={arts_path}"]
+                  + ([f"--init={init_path}"] if init else []),
+                  lambda: pretrain_worker(cfg, arts, lease, init), lease, cfg.train.grace_seconds)
 
 
 # Stage 5: export -------------------------------------------------------------------------------
@@ -324,7 +374,8 @@ def stage_report(cfg: Config, files=None) -> str:
     steps = run_state.run_steps(cfg.train.max_steps, cfg.train.budget_minutes,
                                 run_state.newest_state(store, cfg.run.id)) or cfg.train.max_steps
     trained = dataclasses.replace(cfg.train, max_steps=steps)
-    summary = {"run": cfg.run.id, "model": model_label(cfg.model.preset, shape_overrides(cfg.model)),
+    summary = {"run": cfg.run.id, "model": f"continued from {cfg.model.init}" if cfg.model.init else
+               model_label(cfg.model.preset, shape_overrides(cfg.model)),
                "optimizer": cfg.train.optimizer, "weight decay": cfg.train.weight_decay,
                "schedule": cfg.train.schedule, "lr": cfg.train.lr, "steps": steps,
                "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}

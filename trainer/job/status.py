@@ -40,11 +40,14 @@ def is_sft(saved: dict, run_id: str) -> bool:
 
 def base_model(store, saved: dict, run_id: str) -> str:
     """What the run trains: `sft of <model>` (sft.init, or the export of run.id, as stage_sft starts
-    from) or `pretrain of model.preset <preset>` (with the model.* numbers of a custom shape)."""
+    from), `pretrain continued from <model.init>` or `pretrain of model.preset <preset>` (with the
+    model.* numbers of a custom shape)."""
     if is_sft(saved, run_id):
         init = (saved.get("sft") or {}).get("init") or store.url(f"runs/{(saved.get('run') or {}).get('id')}/final")
         return f"sft of {init}"
     model = saved.get("model") or {}
+    if model.get("init"):
+        return f"pretrain continued from {model['init']}"
     custom = {k: model[k] for k in SHAPE_KEYS if model.get(k)}
     return f"pretrain of model.preset {model_label(model.get('preset', '?'), custom)}"
 

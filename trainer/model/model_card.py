@@ -57,9 +57,12 @@ def model_card(run_id: str, config: dict, state: dict, hf_config: dict, data_ind
     """README.md text for an export. `config`: the resolved config as a dict (config.yaml),
     `state`: trainer_state.json, `hf_config`: config.json, `data_index`: the shards' index.json
     (pretraining) or None, `metrics_rows`: metrics.jsonl rows (for the last validation scores),
-    `stage`: "pretrain" or "sft". Missing pieces are left out of the card, never guessed."""
+    `stage`: "pretrain" or "sft". Missing pieces are left out of the card, never guessed. A run
+    with model.init says what it continued from."""
     model, tok, sft = config.get("model", {}), config.get("tokenizer", {}), config.get("sft", {})
-    tags = ["llama", "zh-pretrain", "pretrained-from-scratch" if stage == "pretrain" else "sft"]
+    init = model.get("init") if stage == "pretrain" else ""
+    tags = ["llama", "zh-pretrain", "sft" if stage == "sft" else "continued-pretraining" if init else
+            "pretrained-from-scratch"]
     meta = ["---", "language:", "- zh", "library_name: transformers", "pipeline_tag: text-generation",
             "tags:", *[f"- {t}" for t in tags], "---", ""]
     params = parameter_count(hf_config)
@@ -69,6 +72,8 @@ def model_card(run_id: str, config: dict, state: dict, hf_config: dict, data_ind
             f"context {hf_config.get('max_position_embeddings')} tokens, vocabulary {hf_config['vocab_size']:,})")
     if stage == "sft":
         what += f", fine-tuned on conversations from `{sft.get('init') or 'the pretrained export'}`."
+    elif init:  # model.init: its shape and tokenizer, its weights trained further
+        what += f", continued from `{init}` (its weights, shape and tokenizer), pretrained further on the data below."
     else:
         custom = {k: model[k] for k in SHAPE_KEYS if model.get(k)}  # a custom shape: the preset's numbers replaced
         what += f", pretrained from scratch (preset `{model_label(str(model.get('preset')), custom)}`)."

@@ -1,7 +1,8 @@
 """What each stage trains: the seam between the one training loop (trainer/training/loop.py) and a stage.
 
-PretrainTask: a fresh LlamaForCausalLM on packed token shards; mean next-token loss; validation
-bits per character on a fixed set of held-out sequences; samples of sample.prompts at checkpoints.
+PretrainTask: a fresh LlamaForCausalLM (or model.init's weights) on packed token shards; mean
+next-token loss; validation bits per character on a fixed set of held-out sequences; samples of
+sample.prompts at checkpoints.
 SftTask: a pretrained model on packed conversations; the loss over reply tokens only, each reply
 token weighing the same however rows are split over micro-batches and ranks.
 
@@ -25,6 +26,7 @@ from trainer.data.tokenizer import load_tokenizer
 from trainer.evaluation.evaluate import continuation, degeneration_report, val_chars_per_token
 from trainer.evaluation.generate import sample
 from trainer.model.hf_files import export_generation_config
+from trainer.model.hf_init import description, shape_of
 from trainer.model.llama import (
     CAUSAL_SDPA,
     build_model,
@@ -32,6 +34,7 @@ from trainer.model.llama import (
     llama_config,
     model_shape,
     pick_attention,
+    register_causal_sdpa,
 )
 from trainer.parallel.distributed import Dist
 from trainer.parallel.fsdp import is_sharded
@@ -74,13 +77,33 @@ class PackedLoss(torch.nn.Module):
                                ignore_index=IGNORE, reduction="sum")
 
 
-def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: int) -> dict:
+def load_model(folder: Path, attn: str, empty: bool = False):
+    """A Hugging Face model folder's LlamaForCausalLM in float32 on the CPU (the caller moves it),
+    for SFT's sft.init and continued pretraining's model.init. empty: its shape on the meta device
+    only; FSDP's rank 0 loads the weights and broadcasts them (parallelize.prepare)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if attn == CAUSAL_SDPA:
+        register_causal_sdpa()
+    if empty:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=torch.float32,
+                                                    attn_implementation=attn)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation=attn)
+
+
+def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: int, init: dict | None = None) -> dict:
     """What pretrained weights depend on, saved in every checkpoint (LoopState.inputs): the
     tokenizer's content, the packed data (data/<name>: corpus, tokenizer and settings), the model
     shape and the sequence length. stages.check_resume compares it before a resume. A preset's
     shape is its name, as before model.* overrides existed, so older checkpoints keep resuming; a
     custom shape adds the numbers that differ from the preset's (model.n_layer=2 on tiny, whose
-    n_layer is 2, is plain tiny: the same weights)."""
+    n_layer is 2, is plain tiny: the same weights). With model.init (`init`: stages.init_model's
+    {"config": config.json, "fingerprint": ...}) the model is the init's shape and "init" its
+    weights' fingerprint, so a resume with other starting weights is refused."""
+    if init:
+        return {"tokenizer": tokenizer_fp, "data": data_name, "seq_len": cfg.train.seq_len,
+                "model": f"model.init ({description(init['config'])})", "init": f"sha256:{init['fingerprint']}"}
     changed = preset_changes(cfg.model.preset, model_shape(cfg.model))
     overrides = "".join(f" {k}={v}" for k, v in changed.items())
     return {"tokenizer": tokenizer_fp, "data": data_name, "seq_len": cfg.train.seq_len,
@@ -90,9 +113,11 @@ def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: 
 class PretrainTask:
     name = "pretrain"
 
-    def __init__(self, cfg: Config, data_dir: Path, index: dict, tok_dir: Path):
+    def __init__(self, cfg: Config, data_dir: Path, index: dict, tok_dir: Path, init: dict | None = None):
+        """init: with model.init, stages.init_model's {"dir", "config", "fingerprint"}: the model
+        starts from that folder's weights and has its shape and context."""
         self.cfg, self.hp, self.run_id = cfg, cfg.train, cfg.run.id
-        self.tok_dir = tok_dir
+        self.tok_dir, self.init = tok_dir, init
         self.samples_per_step = self.hp.batch_tokens // self.hp.seq_len
         self.tokens_per_step = self.samples_per_step * self.hp.seq_len
         self.train_samples = TokenSamples(data_dir, index, "train", self.hp.seq_len)
@@ -102,20 +127,29 @@ class PretrainTask:
                              f"per shard")
         self.sequences_per_epoch = len(self.train_samples)
         self.chars_per_token = val_chars_per_token(index)
-        shape = model_shape(cfg.model)
-        self.model_config = llama_config(shape, index["vocab_size"], self.hp.seq_len, cfg.model.tie_embeddings,
-                                         eos_token_id=index["eos_id"])
-        self.flops_per_token = flops_per_token(shape, self.model_config.vocab_size, self.hp.seq_len,
-                                               cfg.model.tie_embeddings)
-        self.inputs = pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(data_dir).name, index["vocab_size"])
+        if init:
+            shape, tied = shape_of(init["config"]), bool(init["config"].get("tie_word_embeddings"))
+            vocab = init["config"]["vocab_size"]
+        else:
+            shape, tied = model_shape(cfg.model), cfg.model.tie_embeddings
+            self.model_config = llama_config(shape, index["vocab_size"], self.hp.seq_len, tied,
+                                             eos_token_id=index["eos_id"])
+            vocab = self.model_config.vocab_size
+        self.flops_per_token = flops_per_token(shape, vocab, self.hp.seq_len, tied)
+        self.inputs = pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(data_dir).name, index["vocab_size"],
+                                      init)
 
     def build_model(self, device: torch.device, empty: bool = False):
         tok = load_tokenizer(self.tok_dir)
-        self.model_config.pad_token_id = tok.pad_token_id
-        # Initialised where it trains: seconds for billions of weights on a GPU, not minutes on CPU
-        # (FSDP: the meta model here, the weights from rank 0's CPU build, see parallelize.prepare).
-        with torch.device("meta") if empty else device:
-            model = build_model(self.model_config, pick_attention(self.cfg.model.attn_implementation, device.type))
+        attn = pick_attention(self.cfg.model.attn_implementation, device.type)
+        if self.init:  # its weights (FSDP: its shape here, the weights from rank 0's load, parallelize.prepare)
+            model = load_model(Path(self.init["dir"]), attn, empty)
+        else:
+            self.model_config.pad_token_id = tok.pad_token_id
+            # Initialised where it trains: seconds for billions of weights on a GPU, not minutes on CPU
+            # (FSDP: the meta model here, the weights from rank 0's CPU build, see parallelize.prepare).
+            with torch.device("meta") if empty else device:
+                model = build_model(self.model_config, attn)
         # Sampling defaults in every checkpoint and export: plain model.generate() does not parrot.
         model.generation_config = export_generation_config(self.cfg.sample, tok.eos_token_id, tok.pad_token_id)
         return (model if empty else model.to(device)), tok
@@ -209,17 +243,8 @@ class SftTask:
         self.inputs = sft_inputs(self.rows.seq_len, Path(data_dir).name)
 
     def build_model(self, device: torch.device, empty: bool = False):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         tok = load_chat_tokenizer(self.init_dir)
-        attn = sft_attention(self.cfg.model.attn_implementation, device.type)
-        if empty:  # the shape only; the weights reach the shards from rank 0 (sharding.materialize)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(self.init_dir)),
-                                                         dtype=torch.float32, attn_implementation=attn)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(self.init_dir), dtype=torch.float32,
-                                                         attn_implementation=attn)
+        model = load_model(self.init_dir, sft_attention(self.cfg.model.attn_implementation, device.type), empty)
         if self.rows.seq_len > model.config.max_position_embeddings:  # stage_sft warned; RoPE itself has no limit
             model.config.max_position_embeddings = self.rows.seq_len
         model.generation_config = export_generation_config(self.cfg.sample, stop_token_ids(tok), tok.pad_token_id)

@@ -1,6 +1,7 @@
 """One training process: a torchrun worker, or the only process of a one-process job.
 
     python -m trainer.training.worker --stage pretrain --config resolved.yaml --artifacts artifacts.json
+        (and --init init.json with model.init: its folder, config.json and fingerprint)
     python -m trainer.training.worker --stage sft --config resolved.yaml --data <packed rows> --init <model folder>
 """
 
@@ -32,16 +33,17 @@ def run_task(cfg: Config, make_task: Callable[[], Task], lease=None) -> dict:
         shutdown_distributed()
 
 
-def pretrain_task(cfg: Config, arts: Artifacts) -> PretrainTask:
-    """The pretraining task, with the shards and the tokenizer fetched to this machine."""
+def pretrain_task(cfg: Config, arts: Artifacts, init: dict | None = None) -> PretrainTask:
+    """The pretraining task, with the shards and the tokenizer fetched to this machine; init: the
+    model.init folder on this machine, its config.json and fingerprint (stages.init_model)."""
     store, local_root = bucket(cfg), Path(cfg.storage.local_dir)
     data_dir = fetch_folder(store, arts.data_key, local_root)
     index = json.loads((data_dir / "index.json").read_text())
-    return PretrainTask(cfg, data_dir, index, fetch_folder(store, arts.tokenizer_key, local_root))
+    return PretrainTask(cfg, data_dir, index, fetch_folder(store, arts.tokenizer_key, local_root), init)
 
 
-def pretrain_worker(cfg: Config, arts: Artifacts, lease=None) -> dict:
-    return run_task(cfg, lambda: pretrain_task(cfg, arts), lease)
+def pretrain_worker(cfg: Config, arts: Artifacts, lease=None, init: dict | None = None) -> dict:
+    return run_task(cfg, lambda: pretrain_task(cfg, arts, init), lease)
 
 
 def sft_worker(cfg: Config, data_dir: Path, init_dir: Path, lease=None) -> dict:
@@ -54,11 +56,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--artifacts")
     parser.add_argument("--data")
-    parser.add_argument("--init")
+    parser.add_argument("--init")  # sft: the model folder; pretrain: init.json (model.init)
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     if args.stage == "pretrain":
-        pretrain_worker(cfg, Artifacts.from_json(Path(args.artifacts).read_text()))
+        init = json.loads(Path(args.init).read_text()) if args.init else None
+        pretrain_worker(cfg, Artifacts.from_json(Path(args.artifacts).read_text()), init=init)
     else:
         sft_worker(cfg, Path(args.data), Path(args.init))
 
