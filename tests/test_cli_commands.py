@@ -36,14 +36,15 @@ def test_the_tests_start_a_training_process_as_torchrun_does(monkeypatch, tmp_pa
     from trainer.training import worker
 
     seen = {}
-    monkeypatch.setattr(worker, "pretrain_worker", lambda cfg, arts: seen.update(cfg=cfg, arts=arts))
+    monkeypatch.setattr(worker, "pretrain_worker",
+                        lambda cfg, arts, init=None: seen.update(cfg=cfg, arts=arts, init=init))
     config = tmp_path / "c.yaml"
     config.write_text(to_yaml(load_config(None, {"run.id": "w1", "train.max_steps": 30}, env={})), encoding="utf-8")
     args = worker_args(config, {"tokenizer_key": "tok/k", "data_key": "data/k"}, tmp_path)
     assert args[:3] == ["-m", "trainer.training.worker", "--stage=pretrain"]
     job_main(args)
     assert (seen["cfg"].run.id, seen["cfg"].train.max_steps) == ("w1", 30)
-    assert seen["arts"] == Artifacts("tok/k", "data/k")
+    assert seen["arts"] == Artifacts("tok/k", "data/k") and seen["init"] is None  # no model.init: no --init
 
 
 # The console script ------------------------------------------------------------------------------
