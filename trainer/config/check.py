@@ -42,6 +42,8 @@ def _check_inputs(cfg: Config, need: Need) -> None:
     need(cfg.data.shard_tokens >= 1024, "data.shard_tokens", "must be at least 1024")
     need(cfg.data.min_chars >= 0, "data.min_chars", "must be >= 0")
     need(cfg.data.prepare_workers >= 0, "data.prepare_workers", "must be >= 0 (0 = every core)")
+    need(cfg.data.prepare_threads >= 0, "data.prepare_threads", "must be >= 0 (0 = automatic)")
+    need(cfg.data.prepare_wait_seconds > 0, "data.prepare_wait_seconds", "must be > 0")
     need(cfg.data.max_chars >= 0, "data.max_chars", "must be >= 0 (0 = no limit)")
     need(bool(cfg.data.text_field), "data.text_field", "must be set")
     need(cfg.tokenizer.path != "" or 256 + 8 <= cfg.tokenizer.vocab_size <= 1_000_000, "tokenizer.vocab_size",

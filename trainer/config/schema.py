@@ -115,6 +115,10 @@ class DataConfig:
     """drop exact duplicate documents (by text hash)"""
     prepare_workers: int = 0
     """processes that read and tokenize the corpus in prepare; 0 = every core this process may use"""
+    prepare_threads: int = 0
+    """Rust encoder threads per prepare worker (workers = cores // threads); 0 = chosen automatically"""
+    prepare_wait_seconds: int = 21600
+    """node 0 waits this long without a new unit from the other nodes before prepare fails, naming the missing units"""
 
 
 @dataclass(frozen=True)
