@@ -4,9 +4,9 @@ the loop only calls the Checkpointer, which decides the rest.
   * cadence: every train.checkpoint_every_steps, at the run's last step, and once more when a
     signal stops the run between checkpoints (then exit 75, the marker left for the launcher);
   * a checkpoint: the lease checked, the files saved (trainer/state/checkpoint.py), samples taken
-    (they never stand between a run and its checkpoint), the logs uploaded, then the checkpoint
-    published, in the background unless it is the last (checkpoint.upload_async), and the bucket
-    pruned to checkpoint.keep_last (trainer/state/protocol.py);
+    (eager, compiling nothing; they never stand between a run and its checkpoint), the logs
+    uploaded, then the checkpoint published, in the background unless it is the last
+    (checkpoint.upload_async), and the bucket pruned to checkpoint.keep_last (trainer/state/protocol.py);
   * going back: the resume from the newest complete checkpoint, and train.on_nonfinite=rollback's
     return to the last one (at most MAX_ROLLBACKS_IN_A_ROW without a new checkpoint).
 """
@@ -139,7 +139,8 @@ class Checkpointer:
 
     def _save(self, state: LoopState, background: bool, samples: bool = True) -> None:
         """Save the checkpoint of state.step (every rank), take samples (rank 0, or every rank of a
-        sharded model; a failure is logged), upload the logs, then publish the checkpoint."""
+        sharded model; eager under torch.compiler.set_stance; a failure is logged), upload the logs,
+        then publish the checkpoint."""
         if self.lease is not None:
             self.lease.check()
         state.wall_seconds = self.wall_seconds()
@@ -147,7 +148,13 @@ class Checkpointer:
         sharded = is_sharded(self.model)  # every rank takes part in a sharded model's forward passes
         if samples and (self.d.main or sharded):
             try:
-                rows = self.task.at_checkpoint(self.model, self.tokenizer, state.step, self.autocast, synced=sharded)
+                # Eager, never compiled: generate's KV cache puts per-layer state in the guards of the
+                # blocks FSDP compiled one by one (parallelize.prepare), so each layer recompiled
+                # (`past_key_values.layers[7].is_initialized`) until dynamo's limit, ~60 s a checkpoint
+                # at 1b on an H200 (issue 24). The stance leaves training's compiled graphs as they are.
+                with torch.compiler.set_stance("force_eager"):
+                    rows = self.task.at_checkpoint(self.model, self.tokenizer, state.step, self.autocast,
+                                                   synced=sharded)
                 if self.d.main:
                     self.runlog.append("samples.jsonl", rows)
             except Exception as e:  # noqa: BLE001

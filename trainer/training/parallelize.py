@@ -17,6 +17,10 @@ from trainer.parallel.fsdp import (
     shard_root,
 )
 
+# torch.compile's backend for train.compile. Tests set "eager": the same dynamo tracing, guards and
+# recompiles, without inductor's code generation (tens of seconds a graph on a CPU).
+COMPILE_BACKEND = "inductor"
+
 
 def build(task, hp: TrainConfig, d: Dist, bf16: bool) -> tuple[torch.nn.Module, object, str]:
     """(model ready for the optimizer, tokenizer, strategy): train.strategy resolved from the model's
@@ -44,7 +48,7 @@ def prepare(model, task, hp: TrainConfig, d: Dist, bf16: bool, strategy: str) ->
         ensure_process_group(d.device)
         if compiles(hp.compile, d):
             for layer in decoder_layers(model):  # per block, before sharding, as torchtitan does
-                layer.compile()
+                layer.compile(backend=COMPILE_BACKEND)
         shard(model, bf16)
         materialize(model, lambda: _starting_weights(task, hp.seed), d.device)
 
@@ -106,5 +110,6 @@ def wrap(loss_module: torch.nn.Module, d: Dist, compile_setting: str, strategy: 
         train_model = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
     if compiles(compile_setting, d):
-        train_model, eval_model = torch.compile(train_model), torch.compile(loss_module)
+        train_model, eval_model = (torch.compile(train_model, backend=COMPILE_BACKEND),
+                                    torch.compile(loss_module, backend=COMPILE_BACKEND))
     return train_model, eval_model
