@@ -175,3 +175,122 @@ def test_two_fsdp_processes_equal_two_ddp_processes(ddp, tmp_path):
         for a, b, c in zip(f0[key], f1[key], ddp[0][key]):
             assert torch.equal(a, b)
             torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+
+
+# Options beyond torch.optim.Muon: Polar Express, NorMuon, cautious weight decay ------------------
+
+def test_polar_express_is_the_per_step_polynomial_and_orthogonalises():
+    from trainer.training.muon import POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY
+
+    torch.manual_seed(0)
+    g = torch.randn(3, 24, 48)
+    ours = newton_schulz(g, POLAR_EXPRESS_COEFFICIENTS, 5, 1e-7, POLAR_EXPRESS_SAFETY)
+    for i in range(3):  # the polynomial written out, one matrix at a time, in float64
+        x = g[i].double()
+        x = x / (x.norm() * POLAR_EXPRESS_SAFETY)
+        for a, b, c in POLAR_EXPRESS_COEFFICIENTS:
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        assert (ours[i].double() - x).norm() / x.norm() < 0.06  # bf16 (measured 0.03; steps reversed: 100)
+    singular = torch.linalg.svdvals(ours.float())
+    quintic = torch.linalg.svdvals(newton_schulz(g).float())
+    assert (singular - 1).abs().max() < 0.3  # orthogonal up to Polar Express's bf16 error
+    assert (singular - 1).abs().mean() < (quintic - 1).abs().mean()  # closer to the polar factor than torch's
+
+
+def test_normuon_gives_every_row_the_same_rms_and_keeps_the_norm():
+    from trainer.training.muon import normuon_scale
+
+    torch.manual_seed(0)
+    ortho = torch.randn(2, 16, 8) * torch.linspace(0.1, 3, 16)[None, :, None]  # rows of unequal RMS
+    second = torch.zeros(2, 16, 1)
+    out = normuon_scale(ortho, second, 0.95, None)
+    rms = out.square().mean(-1)
+    torch.testing.assert_close(rms, rms[:, :1].expand_as(rms), rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.norm(dim=(-2, -1)), ortho.norm(dim=(-2, -1)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(second, 0.05 * ortho.square().mean(-1, keepdim=True))
+    wide = normuon_scale(torch.randn(1, 4, 12), torch.zeros(1, 1, 12), 0.95, None)  # wide: per column
+    cols = wide.square().mean(-2)
+    torch.testing.assert_close(cols, cols[:, :1].expand_as(cols), rtol=1e-4, atol=0)
+
+
+def test_cautious_weight_decay_decays_only_where_the_update_agrees_in_sign():
+    model_a, a = hidden()
+    model_b, b = hidden()
+    kw = {**KW, "lr": 0.05}
+    plain, cautious = BatchedMuon(a, **kw), BatchedMuon(b, **kw, cautious_weight_decay=True)
+    before = [p.detach().clone() for p in a]
+    for m, opt in ((model_a, plain), (model_b, cautious)):
+        backward(m, 0)
+        opt.step()
+    decay = kw["lr"] * kw["weight_decay"]
+    for w, p, q in zip(before, a, b):
+        diff = q - p  # cautious minus plain: + lr wd w where the entry was spared, else 0
+        spared = ~torch.isclose(diff, torch.zeros_like(diff), atol=1e-7)
+        assert spared.any() and (~spared).any()
+        torch.testing.assert_close(diff[spared], decay * w[spared], rtol=1e-3, atol=1e-7)
+        step = w * (1 - decay) - p  # plain's orthogonalised step: cautious spares entries where it opposes w
+        assert (step[spared] * w[spared] <= 1e-7).all()
+
+
+def test_a_skipped_step_is_exact_with_every_option_on():
+    model, params = hidden()
+    opt = BatchedMuon(params, **KW, ns_coefficients=newton_schulz.__defaults__[0], normuon_beta2=0.95,
+                      cautious_weight_decay=True)
+    backward(model, 0)
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    state = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone(), opt.state[p]["normuon_second"].clone())
+             for p in params]
+    backward(model, 1, float("nan"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    for (w, buf, second), p in zip(state, params):
+        assert torch.equal(w, p)
+        assert torch.equal(buf, opt.state[p]["momentum_buffer"])
+        assert torch.equal(second, opt.state[p]["normuon_second"])
+
+
+def test_momentum_buffers_stay_views_of_one_stack_and_survive_a_reload(tmp_path):
+    model, params = hidden()
+    opt = BatchedMuon(params, **KW)
+    for step in range(2):
+        backward(model, step)
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    by_shape = {}
+    for p in params:
+        by_shape.setdefault(tuple(p.shape), []).append(opt.state[p]["momentum_buffer"])
+    for bufs in by_shape.values():  # one storage per shape: the step stacks no momentum
+        assert len({b.untyped_storage().data_ptr() for b in bufs}) == 1
+    torch.save(opt.state_dict(), tmp_path / "o.pt")
+    model_b, params_b = hidden()
+    with torch.no_grad():
+        for p, q in zip(params, params_b):
+            q.copy_(p)
+    again = BatchedMuon(params_b, **KW)
+    again.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=False))
+    for m, o in ((model, opt), (model_b, again)):
+        backward(m, 5)
+        o.step()
+    for p, q in zip(params, params_b):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], again.state[q]["momentum_buffer"], atol=0, rtol=0)
+
+
+def test_muon_options_follow_the_config_and_survive_loading_a_checkpoint():
+    from trainer.config import TrainConfig
+    from trainer.training.muon import POLAR_EXPRESS_COEFFICIENTS
+    from trainer.training.optim import build_optimizer
+
+    model, _ = hidden()
+    hp = TrainConfig(optimizer="muon", muon_ns="polar-express", normuon=True, cautious_weight_decay=True,
+                     compile="off")
+    opt = build_optimizer(model, hp)
+    group = opt.muon.param_groups[0]
+    assert group["ns_coefficients"] == POLAR_EXPRESS_COEFFICIENTS and group["normuon_beta2"] == 0.95
+    plain = build_optimizer(model, TrainConfig(optimizer="muon", compile="off"))
+    opt.load_state_dict(plain.state_dict())  # a checkpoint saved without the options
+    group = opt.muon.param_groups[0]
+    assert group["ns_coefficients"] == POLAR_EXPRESS_COEFFICIENTS and group["cautious_weight_decay"]

@@ -200,6 +200,12 @@ class TrainConfig:
     """adamw, or muon: Muon on the decoder's hidden matrices and AdamW on the rest (torch >= 2.9)"""
     muon_lr: float = 0.0
     """muon: peak learning rate of the hidden matrices; 0 = 2 x train.lr (best of those measured, 124m)"""
+    muon_ns: Literal["newton-schulz", "polar-express"] = "newton-schulz"
+    """muon: orthogonaliser: newton-schulz (torch.optim.Muon's) or polar-express (Amsel et al. 2025)"""
+    normuon: bool = False
+    """muon: NorMuon: each row of the update divided by its running RMS (Li et al. 2025); not with FSDP"""
+    cautious_weight_decay: bool = False
+    """muon: decay a hidden matrix's entry only where its update has the same sign (Chen et al. 2025)"""
     weight_decay: float = 0.1
     """weight decay on matrices (not on norms or biases); ~0.8 pays when the corpus repeats (epochs > 1)"""
     beta1: float = 0.9

@@ -21,7 +21,13 @@ from __future__ import annotations
 import torch
 
 from trainer.config import TrainConfig
-from trainer.training.muon import BatchedMuon
+from trainer.training.muon import (
+    NORMUON_BETA2,
+    NS_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    POLAR_EXPRESS_SAFETY,
+    BatchedMuon,
+)
 
 ADAM_EPS = 1e-8  # Kingma & Ba 2015 default
 MUON_MOMENTUM = 0.95  # Jordan et al. 2024; torch.optim.Muon's default, with Nesterov and 5 Newton-Schulz steps
@@ -60,6 +66,24 @@ def muon_available() -> None:
                          f"use train.optimizer=adamw here")
 
 
+def muon_options(hp: TrainConfig, hidden: list[torch.nn.Parameter]) -> dict:
+    """BatchedMuon's options beyond torch.optim.Muon's from train.* (muon_ns, normuon,
+    cautious_weight_decay), and compile: its Newton-Schulz compiled on CUDA when train.compile is not off.
+    Raises ValueError naming train.normuon for matrices sharded over several ranks (FSDP): its row
+    statistics would be per shard."""
+    from torch.distributed.tensor import DTensor
+
+    if hp.normuon and any(isinstance(p, DTensor) and p.device_mesh.size() > 1 for p in hidden):
+        raise ValueError("train.normuon: not supported on FSDP-sharded matrices (train.strategy=fsdp); "
+                         "use train.strategy=ddp or train.normuon=false")
+    polar = hp.muon_ns == "polar-express"
+    return {"ns_coefficients": POLAR_EXPRESS_COEFFICIENTS if polar else NS_COEFFICIENTS,
+            "ns_safety": POLAR_EXPRESS_SAFETY if polar else 1.0,
+            "normuon_beta2": NORMUON_BETA2 if hp.normuon else None,
+            "cautious_weight_decay": hp.cautious_weight_decay,
+            "compile": hp.compile != "off" and bool(hidden) and hidden[0].is_cuda}
+
+
 class MuonAdamW:
     """Muon (BatchedMuon, or torch.optim.Muon when MUON_IMPL == "torch"; the same state dict) on the
     hidden matrices, fused AdamW on the rest, stepped as one optimizer: param_groups (both), step(),
@@ -70,10 +94,13 @@ class MuonAdamW:
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
         rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
         muon_lr = hp.muon_lr or MUON_LR_FACTOR * hp.lr
-        muon_class = torch.optim.Muon if MUON_IMPL == "torch" else BatchedMuon
-        self.muon = muon_class([{"params": hidden, "lr_scale": muon_lr / hp.lr}], lr=muon_lr,
-                                     weight_decay=hp.weight_decay, momentum=MUON_MOMENTUM, nesterov=True,
-                                     adjust_lr_fn="match_rms_adamw")
+        kwargs = {"lr": muon_lr, "weight_decay": hp.weight_decay, "momentum": MUON_MOMENTUM, "nesterov": True,
+                  "adjust_lr_fn": "match_rms_adamw"}
+        if MUON_IMPL == "torch":
+            self.muon = torch.optim.Muon([{"params": hidden, "lr_scale": muon_lr / hp.lr}], **kwargs)
+        else:
+            self.options = muon_options(hp, hidden)
+            self.muon = BatchedMuon([{"params": hidden, "lr_scale": muon_lr / hp.lr}], **kwargs, **self.options)
         self.adamw = torch.optim.AdamW([{**g, "lr_scale": 1.0} for g in param_groups(rest, hp.weight_decay)],
                                        lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=ADAM_EPS, fused=True)
         self.found_inf: torch.Tensor | None = None
@@ -112,8 +139,12 @@ class MuonAdamW:
         return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Moments and momentum from `state`; the Muon options stay this run's (train.muon_ns, ...),
+        whatever the checkpoint's param groups say (torch's load_state_dict takes theirs)."""
         self.adamw.load_state_dict(state["adamw"])
         self.muon.load_state_dict(state["muon"])
+        for group in self.muon.param_groups:
+            group.update({k: v for k, v in getattr(self, "options", {}).items() if k != "compile"})
 
 
 def step_skipping_nonfinite(optimizer, found_inf: torch.Tensor) -> None:
