@@ -8,6 +8,7 @@ same model shapes, same packed token shards, same card, one process, one run.
     python scripts/bench_pretrain.py --scaling 1,2,4,8 --strategy fsdp --models 1b:16
     python scripts/bench_pretrain.py --models 7b:4 --variants compile --measure_only --tag 7b-ddp   # does it fit?
     python scripts/bench_pretrain.py --models 124m:32 --variants hf,compile,muon,muon-torch   # Muon vs AdamW
+    python scripts/bench_pretrain.py --models 1b:8 --accum 16 --variants compile,muon --measure_only  # 131k-token steps
 
 Prints a table (tok/s, MFU, peak memory, data-wait fraction, ratio to the baseline) and writes
 JSON under bench/results/. Ours runs through trainer.training.loop.train() (via
@@ -93,12 +94,12 @@ def bench_hf_trainer(preset: str, batch: int, args, data_dir: Path, index: dict)
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=args.warmup + args.steps,
         bf16=gpu, optim="adamw_torch_fused" if gpu else "adamw_torch", learning_rate=3e-4, weight_decay=0.1,
-        warmup_steps=10,
+        warmup_steps=10, gradient_accumulation_steps=args.accum,
         lr_scheduler_type="cosine", logging_steps=10_000, save_strategy="no", report_to=[],
         dataloader_num_workers=2, dataloader_pin_memory=True, disable_tqdm=True, max_grad_norm=1.0)
     Trainer(model=model, args=targs, train_dataset=Packed(), callbacks=[Clock()]).train()
     steps = [b - a for a, b in zip(times[args.warmup:], times[args.warmup + 1:])]
-    tok_s = batch * args.seq_len / statistics.median(steps)
+    tok_s = batch * args.accum * args.seq_len / statistics.median(steps)
     out = {"setup": "transformers.Trainer", "batch": batch, "tok_per_s": tok_s,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if gpu else 0.0,
            "data_wait": None, "mfu": mfu_of(tok_s, preset, index["vocab_size"], args.seq_len)}
@@ -124,7 +125,7 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
     log_every = 5
     cfg = replace(base_cfg, **{
         "run.id": run_id, "model.preset": preset, "train.seq_len": args.seq_len,
-        "train.batch_tokens": batch * args.seq_len * nproc, "train.micro_batch_size": batch,
+        "train.batch_tokens": batch * args.seq_len * nproc * args.accum, "train.micro_batch_size": batch,
         "train.max_steps": args.warmup + args.steps, "train.warmup_steps": 10, "train.lr": 3e-4,
         "train.log_every_steps": log_every, "train.eval_every_steps": 0, "train.eval_sequences": 16,
         "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode, "train.strategy": args.strategy,
@@ -184,6 +185,9 @@ def main():
     p.add_argument("--variants", default="hf,eager,compile",
                    help="hf, eager, compile, fp8 (compile + train.float8), ac (compile + activation checkpointing), "
                         "muon (compile + train.optimizer=muon, BatchedMuon), muon-torch (the same on torch.optim.Muon)")
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step in ours (gradient accumulation): the global batch is "
+                        "batch x seq_len x GPUs x accum; tok/s counts every micro-batch")
     p.add_argument("--scaling", default="", help="GPU counts for scaling of ours, e.g. 1,2,4,8")
     p.add_argument("--strategy", default="auto", help="train.strategy of ours: auto, ddp, fsdp (1 GPU: unsharded)")
     p.add_argument("--measure_only", action="store_true",
@@ -232,13 +236,14 @@ def main():
         base = rows[0]["tok_per_s"]
         for r in rows:
             r.setdefault("batch", batch)
-            r.update(model=preset, seq_len=args.seq_len, vocab=index["vocab_size"], ratio=r["tok_per_s"] / base)
+            r.update(model=preset, seq_len=args.seq_len, accum=args.accum, vocab=index["vocab_size"],
+                     ratio=r["tok_per_s"] / base)
             if args.scaling:
                 r["scaling_efficiency"] = r["tok_per_s"] / (base * r["gpus"])
         results += rows
 
     print(f"\n{card}, torch {torch.__version__}, seq {args.seq_len}, vocab {index['vocab_size']}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"{args.accum} micro-batch(es) per step, median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'model':6} {'batch':>5} {'setup':26} {'gpus':>4} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} "
           f"{'data wait':>9} {'ratio':>6}")
     for r in results:
