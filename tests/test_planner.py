@@ -167,27 +167,74 @@ def test_a_budget_that_would_repeat_the_corpus_past_max_epochs_buys_a_bigger_mod
     limited = plan(gpu_hours=0.092, gpu="h200", seq_len=512, mfu=0.27, corpus_tokens=19.6e6)
     assert free.tokens / 19.6e6 > MAX_EPOCHS  # the unconstrained plan would read it far more often
     assert limited.params > free.params and limited.epochs <= MAX_EPOCHS
+    # The reference run's own choice, measured best on that corpus (docs/reference-run/README.md:
+    # 124m, 98.1M tokens = 5 passes, 4.92 held-out bits/char; 350m and a 271M shape lost): the
+    # budget would take 124m past 5 passes, so it stops there.
+    assert limited.preset == "124m" and limited.epochs == pytest.approx(MAX_EPOCHS, rel=0.01)
+    assert "124m is the preset the budget reads nearest 5 times" in limited.why
 
 
-def test_data_constrained_preset_by_hand():
-    from trainer.model.planner import data_constrained_preset
+def test_data_limited_preset_by_hand():
+    from trainer.model.data_limit import data_limited_preset
 
-    m = {"a": 1.0, "b": 2.0, "c": 4.0}
-    tokens = {"a": 100.0, "b": 50.0, "c": 25.0}
-    params = {"a": 10.0, "b": 20.0, "c": 500.0}  # tokens per parameter: 10, 2.5, 0.05
-    assert data_constrained_preset(m, tokens, 12.0, params, "a") == "b"  # 50 / 12 = 4.2 epochs <= 5
-    assert data_constrained_preset(m, tokens, 30.0, params, "a") == "a"
-    # c reads 4 tokens 25/4 = 6.25 times and b 12.5 times: none within, the optimal preset stays
-    assert data_constrained_preset(m, tokens, 4.0, params, "a") == "a"
-    # c would read 6 tokens only 4.2 times, but at 0.05 tokens per parameter: not grown to
-    assert data_constrained_preset(m, tokens, 6.0, params, "a") == "a"
+    tokens = {"a": 100.0, "b": 50.0, "c": 25.0}  # what the budget buys each
+    params = {"a": 10.0, "b": 20.0, "c": 500.0}
+    # 12 tokens, 5 passes: 60. b is read nearest 5 times (|ln 50/60| = 0.18) and trains on 2.5 tokens
+    # per parameter: b, on all of its budget.
+    pick, why, cap = data_limited_preset(tokens, 12.0, params, "a")
+    assert (pick, cap) == ("b", 60.0) and "stops" not in why and "a (compute-optimal) would read" in why
+    # 4 tokens: 20. c is read nearest 5 times (|ln 25/20| = 0.22) but gets 20/500 = 0.04 tokens per
+    # parameter; b (20/20 = 1) is the nearest that trains, and stops at 20 of its 50 tokens: 40%.
+    pick, why, cap = data_limited_preset(tokens, 4.0, params, "a")
+    assert (pick, cap) == ("b", 20.0) and "c is the preset" in why and "using 40% of the budget" in why
+    # 1 token: 5 passes give a 5/10 = 0.5 tokens per parameter, just enough, b 0.25: a, 5% of its budget.
+    pick, why, cap = data_limited_preset(tokens, 1.0, params, "a")
+    assert (pick, cap) == ("a", 5.0) and "using 5% of the budget" in why
+    # 0.5 tokens: even a gets 0.25 tokens per parameter: the smallest preset, saying so.
+    pick, why, cap = data_limited_preset(tokens, 0.5, params, "a")
+    assert (pick, cap) == ("a", 2.5) and "even the smallest preset, a, only 0.25 tokens per parameter" in why
 
 
 def test_a_small_budget_on_a_small_corpus_gets_a_small_plan():
-    """0.05 GPU-hours on 1e6 tokens once picked 3b at 0.0 tokens per parameter (issue 24)."""
+    """0.05 GPU-hours on 1e6 tokens once picked 3b, then 760m, at 0.0 tokens per parameter, then 25m
+    reading the corpus 235 times (issue 24): now the largest preset 5 passes still train (tiny: 5e6
+    tokens for 4.2M parameters), a sliver of the budget spent, and the plan says why."""
+    from trainer.model.plan_output import format_table, plan_json
+    from trainer.model.planner import MAX_EPOCHS
+
     p = plan(gpu_hours=0.05, corpus_tokens=1e6)
-    assert p.params < 100e6 and p.tokens / p.params >= 1  # 25m at 4 tokens per parameter
+    assert p.preset == "tiny" and p.tokens / p.params >= 1
+    assert p.epochs <= MAX_EPOCHS and p.epochs == pytest.approx(MAX_EPOCHS, rel=0.01)
+    assert p.gpu_hours < 0.01 * 0.05  # the rest of the budget has no text to train on
     assert not any("no preset is close" in w for w in p.warnings)
+    assert "the corpus limits this plan" in p.why and "using 0.1% of the budget" in p.why
+    assert f"model chosen: {p.why}" in format_table(p) and plan_json(p)["why"] == p.why
+
+
+BUDGETS = (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000)  # GPU-hours
+CORPORA = (1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11)  # tokens
+
+
+@pytest.mark.parametrize("corpus_tokens", CORPORA)
+def test_budgets_by_corpora_give_sane_plans(corpus_tokens):
+    """Every budget on every corpus: never more passes than MAX_EPOCHS, never more GPU-hours than the
+    budget, never fewer than MIN_TOKENS_PER_PARAM tokens per parameter unless 5 passes give even the
+    smallest preset fewer (then that one, saying so), and a bigger budget never a smaller model."""
+    from trainer.model.llama import PRESETS, n_params
+    from trainer.model.planner import MAX_EPOCHS, MIN_TOKENS_PER_PARAM
+
+    smallest = min(PRESETS, key=lambda k: n_params(PRESETS[k], 32000)["total"])
+    sizes = []
+    for hours in BUDGETS:
+        p = plan(gpu_hours=hours, corpus_tokens=corpus_tokens)
+        where = f"{hours} GPU-hours on {corpus_tokens:.0e} tokens: {p.preset}, {p.tokens:.3g} tokens"
+        assert p.epochs <= MAX_EPOCHS, where
+        assert p.gpu_hours <= hours * 1.01, where  # whole steps may round up a little
+        if p.tokens / p.params < MIN_TOKENS_PER_PARAM:
+            assert p.preset == smallest and "even the smallest preset" in p.why, where
+            assert MAX_EPOCHS * corpus_tokens < MIN_TOKENS_PER_PARAM * p.params, where
+        sizes.append(p.params)
+    assert sizes == sorted(sizes), [f"{h}: {n / 1e6:.0f}M" for h, n in zip(BUDGETS, sizes)]
 
 
 def test_a_plan_that_repeats_data_writes_the_repeated_data_settings():

@@ -10,15 +10,8 @@ import json
 from dataclasses import asdict
 
 from trainer.config.schema import SHAPE_KEYS, preset_changes
-from trainer.model.planner import (
-    CHINCHILLA_TOKENS_PER_PARAM,
-    MAX_EPOCHS,
-    MAX_GPUS,
-    MICRO_BATCHES,
-    REPEATED_DATA_TRAIN,
-    MemoryFit,
-    Plan,
-)
+from trainer.model.data_limit import MAX_EPOCHS, REPEATED_DATA_TRAIN
+from trainer.model.planner import CHINCHILLA_TOKENS_PER_PARAM, MAX_GPUS, MICRO_BATCHES, MemoryFit, Plan
 
 
 def plan_to_config(plan: Plan, base: dict) -> dict:
@@ -74,6 +67,7 @@ def plan_json(plan: Plan) -> dict:
     """Plain JSON-ready dict for tools."""
     return {
         "basis": plan.basis,
+        "why": plan.why,
         "compute": plan.compute,
         "compute_budget": plan.compute_budget,
         "non_embedding_flops_per_token": plan.non_embedding_flops_per_token,
@@ -112,7 +106,9 @@ def plan_json(plan: Plan) -> dict:
 
 
 def _duration(hours: float) -> str:
-    return f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+    if hours >= 1:
+        return f"{hours:.2f} h"
+    return f"{hours * 60:.1f} min" if hours >= 1 / 60 else f"{hours * 3600:.2g} s"
 
 
 def _fit_cell(fit: MemoryFit) -> str:
@@ -126,7 +122,8 @@ def _gpus_cell(n: int | None) -> str:
 
 
 def format_table(plan: Plan) -> str:
-    """A table for people: the DeepSeek optimum, the plan, and Chinchilla's choice side by side."""
+    """A table for people: the DeepSeek optimum, the plan, and Chinchilla's choice side by side; then
+    why the plan's model, and the warnings."""
     s, ch = plan.shape, plan.chinchilla
     rows = [
         ("", "DeepSeek optimum", "plan", "Chinchilla (20 tok/param)"),
@@ -163,5 +160,6 @@ def format_table(plan: Plan) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.append(f"model chosen: {plan.why}")
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

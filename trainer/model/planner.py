@@ -19,6 +19,10 @@ strategy (FSDP when DDP does not fit or the model is past FSDP_AUTO_PARAMS), the
 micro-batch that fits, activation checkpointing only when nothing fits without it, and says how many
 GPUs FSDP needs at least.
 
+A budget that would read --corpus_tokens more than MAX_EPOCHS times is planned by
+trainer.model.data_limit (the preset the budget reads nearest MAX_EPOCHS times that still trains,
+its tokens capped there); Plan.why says which criterion chose the model.
+
 `plan` is a pure function of its arguments; trainer.model.plan_output turns a plan into the config
 keys `run` reads (`plan_to_config`) and presents it (`format_table`, `plan_json`).
 """
@@ -29,6 +33,13 @@ import math
 from dataclasses import dataclass, replace
 
 from trainer.config.schema import model_label, preset_changes
+from trainer.model.data_limit import (  # noqa: F401  (MAX_EPOCHS, REPEATED_DATA_TRAIN: plan_output's and tests')
+    MAX_EPOCHS,
+    MAX_GOOD_EPOCHS,
+    MIN_TOKENS_PER_PARAM,
+    REPEATED_DATA_TRAIN,
+    data_limited_preset,
+)
 from trainer.model.llama import (
     FSDP_AUTO_PARAMS,
     GPU_MEMORY_GB,
@@ -54,17 +65,6 @@ WARMUP_STEPS = 2000
 WARMUP_MAX_FRACTION = 0.05
 # Hoffmann et al. 2022 (Chinchilla), arXiv 2203.15556, table 3: ~20 tokens per parameter.
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
-# Muennighoff et al. 2023, "Scaling Data-Constrained Language Models" (arXiv 2305.16264): up to
-# about 4 epochs of repeated data are nearly as good as fresh data; beyond that returns fall fast.
-MAX_GOOD_EPOCHS = 4.0
-# What repeated data trains best with, measured on the poetry reference run (one H200, 2026-11-30,
-# docs/reference-run/README.md: ~5 epochs, 4.92 held-out bits/char against 5.16 for AdamW with
-# weight decay 0.1): Muon with weight decay 1.6, and no more than MAX_EPOCHS passes.
-REPEATED_DATA_TRAIN = {"optimizer": "muon", "weight_decay": 1.6}
-MAX_EPOCHS = 5.0
-# The fewest training tokens per parameter a data-constrained plan grows a model to (Chinchilla's
-# optimum is 20; the reference budget on 19.6M tokens grows to 350m at 0.11; 3b at 0.001 is no plan).
-MIN_TOKENS_PER_PARAM = 0.1
 DEFAULT_VOCAB = 32000  # TokenizerConfig.vocab_size default; only parameter counts and lm_head FLOPs use it
 # Micro-batches (sequences per GPU per forward) tried, largest first; 16 is what the loop takes when
 # train.micro_batch_size is 0 (trainer/training/loop.py batch_geometry), so a plan that fits it writes none.
@@ -115,6 +115,7 @@ class Plan:
     # chosen model
     preset: str
     shape: Shape  # the preset's, or a custom one (config.model_shape) in its place
+    why: str  # why this preset: the criterion that picked it (with a corpus that limits the plan, how)
     model: str  # for people: the preset, with the model.* numbers of a custom shape (config.model_label)
     non_embedding_flops_per_token: float  # M of the chosen preset at seq_len
     train_flops_per_token: float  # what the GPUs execute per token (trainer.model.llama.flops_per_token, with lm_head)
@@ -257,26 +258,6 @@ def _nearest(values: dict[str, float], target: float | dict[str, float]) -> str:
     return min(values, key=dist)
 
 
-def data_constrained_preset(m: dict[str, float], tokens_of: dict[str, float], corpus_tokens: float,
-                            params: dict[str, float], chosen: str) -> str:
-    """When the budget would read the corpus more than MAX_EPOCHS times, the compute goes into the
-    model instead: the preset nearest the DeepSeek optimum among those that read it at most
-    MAX_EPOCHS times (the smallest such model when all the near ones read it more), or the largest
-    preset when every one does. Muennighoff et al. 2023 find ~4 epochs nearly as good as fresh data
-    and little gain past ~16; MAX_EPOCHS is where the reference run stopped gaining. Their full
-    L(N', D') fit (eq. 5-6 with Chinchilla's constants) picks the 6m preset at 59 epochs for the
-    reference budget, which our measurement contradicts at this scale, so the limit is used instead.
-    A model is grown only while it still trains on MIN_TOKENS_PER_PARAM tokens per parameter: past
-    that the budget buys a model the corpus cannot train (a 0.05 GPU-hour budget on 1e6 tokens once
-    picked 3b at 0.0 tokens per parameter), so the compute-optimal preset `chosen` stays and the
-    epochs warning says the corpus repeats."""
-    within = [k for k in m if tokens_of[k] <= MAX_EPOCHS * corpus_tokens
-              and tokens_of[k] >= MIN_TOKENS_PER_PARAM * params[k]]
-    if not within:
-        return chosen
-    return min(within, key=m.get)
-
-
 def _positive(name: str, value, integer: bool = False):
     if value is None:
         return None
@@ -314,11 +295,13 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
     peak = PEAK_FLOPS[gpu]
     hw_flops = None if gpu_hours is None else gpu_hours * 3600.0 * peak * mfu
     tokens_of = _tokens_per_preset(m, f, compute, hw_flops, tokens)
-    chosen = _choose_preset(m, f, tokens_of, compute, hw_flops, preset, tokens, corpus_tokens, vocab_size)
-    target_tokens, c, basis = _target(m[chosen], tokens_of, compute, hw_flops, preset, chosen)
+    chosen, why, max_tokens = _choose_preset(m, f, tokens_of, compute, hw_flops, preset, tokens, corpus_tokens,
+                                             {k: n_params(s, vocab_size)["total"] for k, s in shapes.items()})
+    target_tokens, c, basis = _target(m[chosen], tokens_of, compute, hw_flops, preset, chosen, max_tokens)
 
     opt = deepseek_optimum(c)
-    batch, steps, warmup = _schedule(opt["batch_tokens"], target_tokens, shapes[chosen], vocab_size, seq_len, gpu, gpus)
+    batch, steps, warmup = _schedule(opt["batch_tokens"], target_tokens, shapes[chosen], vocab_size, seq_len, gpu, gpus,
+                                     max_tokens)
     planned_tokens = steps * batch
     actual_c = m[chosen] * planned_tokens
 
@@ -340,13 +323,13 @@ def plan(compute=None, gpu_hours=None, gpu="h100", mfu=0.4, preset=None, tokens=
         seq_len=seq_len, gpus=gpus, gpu=gpu, mfu=mfu, price_per_gpu_hour=price_per_gpu_hour,
         vocab_size=vocab_size, corpus_tokens=corpus_tokens, basis=basis, compute_budget=c,
         m_opt=opt["m"], d_opt=opt["tokens"], batch_opt=opt["batch_tokens"], lr_opt=opt["lr"],
-        preset=chosen, shape=shapes[chosen], model=model_label(chosen, preset_changes(chosen, shapes[chosen])),
+        preset=chosen, shape=shapes[chosen], why=why, model=model_label(chosen, preset_changes(chosen, shapes[chosen])),
         non_embedding_flops_per_token=m[chosen], train_flops_per_token=f[chosen], params=params, batch_tokens=batch,
         steps=steps, warmup_steps=warmup, tokens=planned_tokens, lr=float(f"{opt['lr']:.3g}"), compute=actual_c,
         epochs=epochs, wall_hours=wall_hours, gpu_hours=used_gpu_hours, cost=cost,
         chinchilla=chinchilla, warnings=(), **memory_plan(shapes[chosen], vocab_size, seq_len, gpu, gpus, batch),
     )
-    return replace(p, warnings=plan_warnings(p, target_tokens))
+    return replace(p, warnings=plan_warnings(p, target_tokens, data_limited=max_tokens is not None))
 
 
 def _validated_inputs(compute, gpu_hours, gpu, mfu, preset, tokens, seq_len, corpus_tokens, gpus,
@@ -405,70 +388,76 @@ def _tokens_per_preset(m: dict[str, float], f: dict[str, float], compute: float 
 
 def _choose_preset(m: dict[str, float], f: dict[str, float], tokens_of: dict[str, float] | None,
                    compute: float | None, hw_flops: float | None, preset: str | None, tokens: int | None,
-                   corpus_tokens: int | None, vocab_size: int) -> str:
-    """The plan's preset: `preset` when fixed; for tokens alone, the one nearest M_opt of the compute
-    for which D_opt(C) = tokens; for a budget and tokens, the model that spends the budget on those
-    tokens; for a budget alone, the one nearest M_opt of the compute it would get, made
-    data-constrained (data_constrained_preset) when that would read corpus_tokens more than
-    MAX_EPOCHS times. m and f: FLOPs per token per preset, as in _tokens_per_preset."""
+                   corpus_tokens: int | None, params: dict[str, float]) -> tuple[str, str, float | None]:
+    """(the plan's preset, why, the most tokens it may train on or None): `preset` when fixed; for
+    tokens alone, the one nearest M_opt of the compute for which D_opt(C) = tokens; for a budget and
+    tokens, the model that spends the budget on those tokens; for a budget alone, the one nearest
+    M_opt of the compute it would get, made data-limited (data_limit.data_limited_preset, its tokens
+    capped at MAX_EPOCHS passes) when that would read corpus_tokens more than MAX_EPOCHS times.
+    m and f: FLOPs per token per preset, as in _tokens_per_preset; params: parameters per preset."""
     if preset is not None:
-        return preset
+        return preset, "the preset asked for", None
     if compute is None and hw_flops is None:  # tokens alone: the compute for which D_opt(C) = tokens
         c = (tokens / D_COEF) ** (1.0 / D_EXP)
-        return _nearest(m, M_COEF * c ** M_EXP)
+        return (_nearest(m, M_COEF * c ** M_EXP), f"nearest DeepSeek's optimal model for the compute whose optimal "
+                f"tokens are {tokens:.3g} (M_opt = {M_COEF} C^{M_EXP}, D_opt = {D_COEF} C^{D_EXP})", None)
     if tokens is not None:  # budget and tokens: the model that spends the budget on those tokens
-        return _nearest(f, hw_flops / tokens) if hw_flops is not None else _nearest(m, compute / tokens)
+        chosen = _nearest(f, hw_flops / tokens) if hw_flops is not None else _nearest(m, compute / tokens)
+        return chosen, f"the model that spends the budget on {tokens:.3g} tokens", None
     # budget alone: the preset nearest M_opt of the compute it would get
     chosen = _nearest(m, {k: M_COEF * (m[k] * tokens_of[k]) ** M_EXP for k in PRESETS})
     if corpus_tokens is not None and tokens_of[chosen] > MAX_EPOCHS * corpus_tokens:
-        params = {k: n_params(s, vocab_size)["total"] for k, s in PRESETS.items()}
-        chosen = data_constrained_preset(m, tokens_of, corpus_tokens, params, chosen)
-    return chosen
+        return data_limited_preset(tokens_of, corpus_tokens, {k: params[k] for k in PRESETS}, chosen)
+    return chosen, (f"compute-optimal: nearest DeepSeek's optimal non-embedding FLOPs per token for the compute it "
+                    f"gets (M_opt = {M_COEF} C^{M_EXP})"), None
 
 
 def _target(m_chosen: float, tokens_of: dict[str, float] | None, compute: float | None, hw_flops: float | None,
-            preset: str | None, chosen: str) -> tuple[float, float, str]:
+            preset: str | None, chosen: str, max_tokens: float | None = None) -> tuple[float, float, str]:
     """(target tokens, compute budget C in FLOPs (M x D), basis) for the chosen preset, whose M is
     m_chosen. A preset alone gets the compute for which M_opt(C) = M (DeepSeek eq. 4); otherwise
-    the tokens it would train on fix C = M x tokens. basis names what fixed the plan (Plan.basis)."""
+    the tokens it would train on (at most max_tokens) fix C = M x tokens. basis names what fixed the
+    plan (Plan.basis)."""
     if tokens_of is None:  # preset alone: the compute for which M_opt(C) = M
         c = (m_chosen / M_COEF) ** (1.0 / M_EXP)
         return c / m_chosen, c, "preset"
-    target_tokens = tokens_of[chosen]
+    target_tokens = tokens_of[chosen] if max_tokens is None else min(tokens_of[chosen], max_tokens)
     basis = ("gpu_hours" if hw_flops is not None else "compute" if compute is not None
              else "preset+tokens" if preset is not None else "tokens")
     return target_tokens, m_chosen * target_tokens, basis
 
 
 def _schedule(batch_opt: float, target_tokens: float, shape: Shape, vocab_size: int, seq_len: int, gpu: str,
-              gpus: int) -> tuple[int, int, int]:
+              gpus: int, max_tokens: float | None = None) -> tuple[int, int, int]:
     """(batch_tokens, steps, warmup_steps): DeepSeek's batch_opt (tokens) rounded to whole sequences
     per GPU that split into the micro-batch memory allows (whole_micro_batches), as many whole steps
-    as come nearest target_tokens (at least one), and warmup capped at WARMUP_STEPS and
+    as come nearest target_tokens (at least one; no more than max_tokens hold), and warmup capped at WARMUP_STEPS and
     WARMUP_MAX_FRACTION of the steps (DeepSeek LLM section 2.3)."""
     batch = round_batch(batch_opt, seq_len, gpus)
     micro = memory_plan(shape, vocab_size, seq_len, gpu, gpus, batch)["micro_batch_size"]
     batch = whole_micro_batches(batch_opt, seq_len, gpus, micro)
     steps = max(1, round(target_tokens / batch))
+    if max_tokens is not None:  # a data-limited plan never reads past its passes (the run's max_epochs)
+        steps = max(1, min(steps, int(max_tokens // batch)))
     warmup = min(WARMUP_STEPS, int(WARMUP_MAX_FRACTION * steps))
     return batch, steps, warmup
 
 
-def plan_warnings(p: Plan, target_tokens: float) -> tuple[str, ...]:
+def plan_warnings(p: Plan, target_tokens: float, data_limited: bool = False) -> tuple[str, ...]:
     """What a reader of plan `p` should know: too many epochs, compute outside the fits' range, no
-    preset near the optimum, a batch rounded far up, too few steps, whole steps far from the
-    `target_tokens` the budget asked for."""
+    preset near the optimum (unless the corpus chose the preset: `data_limited`, p.why says how), a
+    batch rounded far up, too few steps, whole steps far from the `target_tokens` the budget asked for."""
     warnings = []
     if p.epochs is not None and p.epochs > MAX_GOOD_EPOCHS:
         warnings.append(f"the plan reads the corpus {p.epochs:.1f} times; beyond ~{MAX_GOOD_EPOCHS:g} epochs repeated "
-                        "data is worth much less than fresh data (Muennighoff et al. 2023): use a smaller model, "
-                        "fewer tokens or more text")
+                        "data is worth much less than fresh data (Muennighoff et al. 2023): more text would train it "
+                        "better")
     c = p.compute_budget
     if not FIT_RANGE[0] <= c <= FIT_RANGE[1]:
         warnings.append(f"compute {c:.2e} is outside the {FIT_RANGE[0]:.0e}-{FIT_RANGE[1]:.0e} FLOPs the DeepSeek fits "
                         "were made on; batch and lr are extrapolated")
     ratio = p.non_embedding_flops_per_token / p.m_opt
-    if not 1 / 3 <= ratio <= 3:
+    if not 1 / 3 <= ratio <= 3 and not data_limited:
         warnings.append(f"{p.model} has {ratio:.2g}x the optimal non-embedding FLOPs per token "
                         f"({p.m_opt:.3g}); no preset is close")
     if p.batch_tokens > 1.5 * p.batch_opt:
