@@ -71,16 +71,24 @@ def s3_settings(template, endpoint: str, tmp_path: Path, **overrides) -> dict:
 
 
 def test_persistent_failure_during_pull_names_the_url_and_leaves_no_partial_file(template, s3_server, tmp_path):
-    from trainer.job.stages import stage_pull
+    """A copy (pull: what the report stage's held-out read uses) and a ranged read into a partial
+    copy (remote.fetch_ranges: what prepare and the tokenizer's sample use; stage_pull leaves S3
+    files in the bucket) both fail naming the URL and leave nothing behind."""
+    from trainer.data.remote import Remote, fetch_ranges
+    from trainer.data.sources import pull, resolve_sources
 
     with FaultProxy(s3_server, rate=1.0, kinds=("503",), match=r"GET .*/corpus/") as proxy:
         settings = s3_settings(template, proxy.url, tmp_path)
         root = settings["storage.bucket"]
         open_storage(root, make_config(settings).storage).upload_file(template["corpus"], "corpus/poems.jsonl")
         settings["data.sources"] = [f"{root}/corpus/poems.jsonl"]
+        cfg = make_config(settings)
+        files = resolve_sources(cfg)
         with pytest.raises(StorageError, match=re.escape(f"{root}/corpus/poems.jsonl") + ".*failed after 2 attempt"):
-            stage_pull(make_config(settings))
-    assert proxy.injected["503"] >= 2
+            pull(cfg, files)
+        with pytest.raises(StorageError, match=re.escape(f"{root}/corpus/poems.jsonl") + ".*failed after 2 attempt"):
+            fetch_ranges(files[0], Remote(cfg.storage, tmp_path / "work" / "parts"), [(0, 1000)])
+    assert proxy.injected["503"] >= 4
     assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file()]  # no partial download left
 
 

@@ -32,22 +32,28 @@ def keep_first(hashes: np.ndarray) -> np.ndarray:
 
 
 def assemble_shards(scratch: Path, stats: list[dict], out_dir: Path, dtype: np.dtype, shard_tokens: int,
-                    dedup: bool) -> dict:
+                    dedup: bool, load=None, on_shard=None) -> dict:
     """Write train-*.bin and val-*.bin under out_dir from the len(stats) unit files under scratch
-    (stats: each unit's counts from its done marker). Returns the index entries that depend on the
-    documents: train, val (shard lists), chars, documents, filters (what each filter removed, the
-    units' counts summed) and skipped_records (bad records, by reason, summed over the units)."""
+    (stats: each unit's counts from its done marker), or from load(n) (an np.load of unit n: the
+    bucket's copy, prepare_nodes.UnitBucket.load). on_shard(path) is called as each shard file is
+    complete (the stage uploads it). Returns the index entries that depend on the documents: train,
+    val (shard lists), chars, documents, filters (what each filter removed, the units' counts
+    summed) and skipped_records (bad records, by reason, summed over the units)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     n_units = len(stats)
+    load = load or (lambda n: np.load(unit_path(scratch, n)))
     if dedup:
-        hashes = [np.load(unit_path(scratch, n))["hashes"] for n in range(n_units)]
+        hashes = []
+        for n in range(n_units):
+            with load(n) as z:
+                hashes.append(z["hashes"])
         keep_all = keep_first(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
         del hashes
-    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens, on_shard) for s in ("train", "val")}
     chars, documents = Counter(), Counter()
     pos = kept = 0
     for n in range(n_units):
-        with np.load(unit_path(scratch, n)) as z:
+        with load(n) as z:
             val, offsets, unit_chars = z["val"].astype(bool), z["offsets"], z["chars"]
             keep = keep_all[pos:pos + len(val)] if dedup else np.ones(len(val), dtype=bool)
             pos += len(val)

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from trainer.config import DataConfig
 from trainer.data.readers import DocumentReader, iter_documents, lines_before, no_documents
+from trainer.data.remote import Remote, fetch_ranges, is_remote, local_part, open_bytes, parquet_ranges
 from trainer.data.sources import CorpusFile, DataError, file_kind
 
 SAMPLE_VERSION = "spread-v1"  # bump when the plan or how a window is read changes (part of the tokenizer hash)
@@ -129,20 +131,20 @@ def record_start(fh, offset: int, size: int, blank_line: bool) -> int:
     return min(fh.tell(), size)
 
 
-def record_ranges(read: FileRead, blank_line: bool) -> list[tuple[int, int]]:
+def record_ranges(read: FileRead, blank_line: bool, remote: Remote | None = None) -> list[tuple[int, int]]:
     """read.windows moved to record boundaries (record_start), empty ones dropped."""
     f = read.file
-    with open(f.local or f.url, "rb", buffering=1 << 12) as fh:  # a small buffer: a scan reads a line or two
+    with open_bytes(f, remote, 1 << 12) as fh:  # a small buffer: a scan reads a line or two
         ranges = [(record_start(fh, a, f.size, blank_line), record_start(fh, b, f.size, blank_line))
                   for a, b in read.windows]
     return [(a, b) for a, b in ranges if a < b]
 
 
-def first_record(read: FileRead, blank_line: bool) -> list[tuple[int, int]]:
+def first_record(read: FileRead, blank_line: bool, remote: Remote | None = None) -> list[tuple[int, int]]:
     """The byte range of the file's first record, for a read whose every window lies inside one
     record longer than itself (a file of one 50 MB line): the file gives a document, not none."""
     f = read.file
-    with open(f.local or f.url, "rb", buffering=1 << 12) as fh:
+    with open_bytes(f, remote, 1 << 12) as fh:
         end = record_start(fh, 1, f.size, blank_line)
     return [(0, end)] if end > 0 else []
 
@@ -161,13 +163,14 @@ def _head(docs: Iterator[str], limit: int) -> Iterator[str]:
         close()
 
 
-def _row_groups(read: FileRead) -> dict[int, int] | None:
+def _row_groups(read: FileRead, remote: Remote | None = None) -> dict[int, int] | None:
     """Row group -> bytes of text to read from it (its windows'), or None when the file cannot be opened."""
     import pyarrow.parquet as pq
 
     f = read.file
     try:
-        groups = pq.ParquetFile(f.local or f.url).metadata.num_row_groups
+        with open_bytes(f, remote) as fh:
+            groups = pq.ParquetFile(fh).metadata.num_row_groups
     except Exception:  # noqa: BLE001 - a corrupt file: the reader names it
         return None
     out: dict[int, int] = {}
@@ -178,51 +181,74 @@ def _row_groups(read: FileRead) -> dict[int, int] | None:
     return dict(sorted(out.items()))
 
 
-def iter_read(reader: DocumentReader, read: FileRead) -> Iterator[str]:
-    """The documents one FileRead takes, through `reader` (data.on_error, skip counts)."""
+def iter_read(reader: DocumentReader, read: FileRead, remote: Remote | None = None) -> Iterator[str]:
+    """The documents one FileRead takes, through `reader` (data.on_error, skip counts). An S3
+    object (remote) is read from a sparse local copy of the bytes it needs (trainer/data/remote.py:
+    the windows' records, the row groups' column chunks; a stream is fetched whole), deleted after."""
     f = read.file
     kind = file_kind(f.name) or file_kind(f.local or f.url)
     if read.whole and f.dataset is None:
-        yield from reader.iter_file(f)
+        with local_part(f, remote) as part:
+            yield from reader.iter_file(part)
     elif f.dataset is None and kind in SEEKABLE:
-        for a, b in record_ranges(read, blank_line=kind[0] == "txt") or first_record(read, kind[0] == "txt"):
-            try:
-                yield from reader.iter_file(f, byte_range=(a, b))
-            except DataError:
-                if a == 0:
-                    raise
-                # A range counts lines from its start; only on this fatal path are the lines before
-                # it counted, so that the error names the line of the file (the rerun raises it).
-                list(reader.iter_file(f, byte_range=(a, b), line_base=lines_before(f.local or f.url, a)))
-                raise
+        blank = kind[0] == "txt"
+        ranges = record_ranges(read, blank, remote) or first_record(read, blank, remote)
+        with local_part(f, remote, ranges) as part:
+            yield from _ranges(reader, part, ranges, remote if is_remote(f) else None, f)
     elif f.dataset is None and kind is not None and kind[0] == "parquet":
-        groups = _row_groups(read)
+        groups = _row_groups(read, remote)
         if groups is None:
-            yield from reader.iter_file(f)
+            with local_part(f, remote) as part:
+                yield from reader.iter_file(part)
             return
         for g, limit in groups.items():
-            yield from _head(reader.iter_file(f, row_groups=(g, g + 1)), limit)
+            with local_part(f, remote, parquet_ranges(f, remote, (g, g + 1)) if is_remote(f) else None) as part:
+                yield from _head(reader.iter_file(part, row_groups=(g, g + 1)), limit)
     else:
-        yield from _head(reader.iter_file(f), read.share)
+        with local_part(f, remote) as part:
+            yield from _head(reader.iter_file(part), read.share)
+
+
+def _ranges(reader: DocumentReader, part: CorpusFile, ranges, remote: Remote | None, f: CorpusFile) -> Iterator[str]:
+    for a, b in ranges:
+        try:
+            yield from reader.iter_file(part, byte_range=(a, b))
+        except DataError:
+            if a == 0:
+                raise
+            # A range counts lines from its start; only on this fatal path are the lines before
+            # it counted, so that the error names the line of the file (the rerun raises it).
+            if remote is not None:
+                fetch_ranges(f, remote, [(0, a)], into=Path(part.local))
+            list(reader.iter_file(part, byte_range=(a, b), line_base=lines_before(part.local or part.url, a)))
+            raise
 
 
 def read_sample(cfg: DataConfig, files: list[CorpusFile], sample_bytes: int, reader: DocumentReader | None = None,
-                seed: int = SAMPLE_SEED) -> Iterator[str]:
+                seed: int = SAMPLE_SEED, remote: Remote | None = None) -> Iterator[str]:
     """The documents to draw a tokenizer sample of sample_bytes from: the whole corpus when it is at
-    most OVERSAMPLE x sample_bytes (iter_documents), else the spread read of plan_reads. Raises
-    DataError, with the counts of what was skipped, when what it reads holds no document."""
+    most OVERSAMPLE x sample_bytes (iter_documents), else the spread read of plan_reads. S3 objects
+    left in the bucket (remote) are read in parts. Raises DataError, with the counts of what was
+    skipped, when what it reads holds no document."""
     reader = reader or DocumentReader(cfg)
     plan = plan_reads(files, OVERSAMPLE * sample_bytes, seed)
-    if plan is None:
+    if plan is None and remote is None:
         yield from iter_documents(cfg, files, reader)
         return
     n = 0
-    for read in plan:
-        for text in iter_read(reader, read):
-            n += 1
-            yield text
+    if plan is None:  # read whole, from the bucket: one object's copy at a time
+        for f in files:
+            with local_part(f, remote) as part:
+                for text in reader.iter_file(part):
+                    n += 1
+                    yield text
+    else:
+        for read in plan:
+            for text in iter_read(reader, read, remote):
+                n += 1
+                yield text
     if not n:
-        raise no_documents(cfg, [r.file for r in plan], reader.skipped)
+        raise no_documents(cfg, [r.file for r in plan] if plan else files, reader.skipped)
 
 
 def describe_read(files: list[CorpusFile], sample_bytes: int, seed: int = SAMPLE_SEED) -> dict:

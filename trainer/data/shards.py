@@ -181,8 +181,10 @@ class Normalizer:
 class ShardWriter:
     """Appends token arrays to numbered shard files of at most `shard_tokens` tokens."""
 
-    def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int):
+    def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int, on_close=None):
+        """on_close(path), when given, is called as each shard file is complete (prepare uploads it then)."""
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.on_close = on_close
         self.shards: list[dict] = []
         self._f = None
         self._n = 0
@@ -214,6 +216,8 @@ class ShardWriter:
             self._f.close()
             self.shards[-1].update(tokens=self._n, sha256=self._sha.hexdigest())
             self._f = None
+            if self.on_close is not None:
+                self.on_close(self.out_dir / self.shards[-1]["name"])
 
     def close(self) -> list[dict]:
         self._close()

@@ -275,13 +275,18 @@ def _resolve_s3(source: str, cfg: Config) -> tuple[list[CorpusFile], list[tuple[
     return found, skipped
 
 
-def pull(cfg: Config, files: list[CorpusFile], progress: bool = True) -> list[CorpusFile]:
+def pull(cfg: Config, files: list[CorpusFile], progress: bool = True, stream: bool = False) -> list[CorpusFile]:
     """Make every file readable locally: S3 objects are downloaded in parallel into the cache
-    (temporary name, size check, rename); cached copies of the same size and ETag are reused."""
+    (temporary name, size check, rename); cached copies of the same size and ETag are reused.
+    stream: S3 objects stay in the bucket (local ""): the tokenizer's sample and prepare read the
+    parts they need with ranged reads (trainer/data/remote.py), so local disk never holds the corpus."""
     cache = Path(cfg.storage.local_dir) / "corpus"
     todo, out = [], {}
     for f in files:
-        if not is_s3(f.url):
+        if not is_s3(f.url) or f.local:
+            out[f.url] = f
+            continue
+        if stream:
             out[f.url] = f
             continue
         dest = cache / hashlib.sha256(f"{f.url}|{f.etag}".encode()).hexdigest()[:16] / f.name

@@ -29,6 +29,7 @@ import numpy as np
 
 from trainer.config import DataConfig
 from trainer.data.readers import DocumentReader, lines_before
+from trainer.data.remote import Remote, fetch_ranges, is_remote, open_bytes, parquet_ranges
 from trainer.data.shards import BATCH_DOCS, Normalizer, encode_documents
 from trainer.data.sources import CorpusFile, DataError, file_kind
 
@@ -52,46 +53,50 @@ class Unit:
         return {}
 
 
-def plan_units(files: list[CorpusFile], unit_bytes: int | None = None) -> list[Unit]:
-    """The units of a pulled listing (every file readable locally), in document order. Files are
-    cut only where they are larger than unit_bytes (default UNIT_BYTES); a parquet file that
-    cannot be opened stays one unit, so that the reader reports it."""
+def plan_units(files: list[CorpusFile], unit_bytes: int | None = None, remote: Remote | None = None) -> list[Unit]:
+    """The units of a pulled listing, in document order: every file readable locally, or (remote
+    given) S3 objects left in the bucket, whose cuts are found with ranged reads. Files are cut only
+    where they are larger than unit_bytes (default UNIT_BYTES); a parquet file that cannot be
+    opened stays one unit, so that the reader reports it. The plan depends on the files' bytes
+    only, so every node computes the same one."""
     unit_bytes = unit_bytes or UNIT_BYTES
     units: list[Unit] = []
     for i, f in enumerate(files):
         kind = file_kind(f.name) or file_kind(f.local or f.url)
-        path = f.local or f.url
         if f.dataset is None and kind in SPLITTABLE and f.size > unit_bytes:
-            cuts = _byte_cuts(path, f.size, unit_bytes, blank_line=kind[0] == "txt")
+            with open_bytes(f, remote, 1 << 12) as fh:  # a small buffer: each cut reads a line or two
+                cuts = _byte_cuts(fh, f.size, unit_bytes, blank_line=kind[0] == "txt")
             units += [Unit(i, "bytes", a, b, b - a) for a, b in zip(cuts, cuts[1:])]
         elif f.dataset is None and kind and kind[0] == "parquet" and f.size > unit_bytes:
-            units += _row_group_units(i, path, f.size, unit_bytes)
+            units += _row_group_units(i, f, unit_bytes, remote)
         else:
             units.append(Unit(i, size=f.size))
     return units
 
 
-def _byte_cuts(path: str, size: int, unit_bytes: int, blank_line: bool) -> list[int]:
-    """[0, cut, ..., size]: each cut is the start of a line (blank_line: of a line after a line of
-    ASCII whitespace only, which ends a .txt document) at or after a multiple of about unit_bytes."""
+def _byte_cuts(fh, size: int, unit_bytes: int, blank_line: bool) -> list[int]:
+    """[0, cut, ..., size] of the file open as `fh`: each cut is the start of a line (blank_line: of
+    a line after a line of ASCII whitespace only, which ends a .txt document) at or after a multiple
+    of about unit_bytes."""
     cuts = [0]
-    with open(path, "rb") as fh:
-        while cuts[-1] + unit_bytes < size:
-            fh.seek(cuts[-1] + unit_bytes - 1)
-            fh.readline()  # to the start of the line at or after the target (the byte before may be \n)
-            while blank_line and (line := fh.readline()) and line.strip():
-                pass
-            if fh.tell() >= size:
-                break
-            cuts.append(fh.tell())
+    while cuts[-1] + unit_bytes < size:
+        fh.seek(cuts[-1] + unit_bytes - 1)
+        fh.readline()  # to the start of the line at or after the target (the byte before may be \n)
+        while blank_line and (line := fh.readline()) and line.strip():
+            pass
+        if fh.tell() >= size:
+            break
+        cuts.append(fh.tell())
     return cuts + [size]
 
 
-def _row_group_units(file: int, path: str, size: int, unit_bytes: int) -> list[Unit]:
+def _row_group_units(file: int, f: CorpusFile, unit_bytes: int, remote: Remote | None) -> list[Unit]:
     import pyarrow.parquet as pq
 
+    size = f.size
     try:
-        meta = pq.ParquetFile(path).metadata
+        with open_bytes(f, remote) as fh:
+            meta = pq.ParquetFile(fh).metadata
     except Exception:  # noqa: BLE001 - a corrupt file: the reader names it when it reads the unit
         return [Unit(file, size=size)]
     units, first, acc = [], 0, 0
@@ -147,20 +152,38 @@ def _publish(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def unit_ranges(f: CorpusFile, unit: Unit, remote: Remote) -> list[tuple[int, int]]:
+    """The bytes of the object `f` that reading `unit` touches (trainer/data/remote.py)."""
+    if unit.kind == "bytes":
+        return [(unit.start, unit.end)]
+    if unit.kind == "row_groups":
+        return parquet_ranges(f, remote, (unit.start, unit.end))
+    return [(0, f.size)]
+
+
 def encode_unit(cfg: DataConfig, f: CorpusFile, unit: Unit, n: int, backend, eos: int, dtype: np.dtype,
-                scratch: Path) -> dict:
+                scratch: Path, remote: Remote | None = None) -> dict:
     """Read, normalise (no dedup: that is global) and tokenize unit `n`, write its unit file and
-    done marker; return the counts (also in the marker). Raises DataError naming the file and line
-    of a bad record under data.on_error=fail (line numbers of the file, not of the unit)."""
+    done marker; return the counts (also in the marker). An S3 object (remote) is read from a
+    sparse local copy of the unit's bytes, fetched just before and deleted after. Raises DataError
+    naming the file and line of a bad record under data.on_error=fail (line numbers of the file,
+    not of the unit)."""
+    part = fetch_ranges(f, remote, unit_ranges(f, unit, remote)) if remote and is_remote(f) else f
     try:
-        arrays, stats = _encode(cfg, f, unit, backend, eos, dtype)
-    except DataError:
-        if unit.kind != "bytes" or unit.start == 0:
+        try:
+            arrays, stats = _encode(cfg, part, unit, backend, eos, dtype)
+        except DataError:
+            if unit.kind != "bytes" or unit.start == 0:
+                raise
+            # Lines of a byte range count from its start; only on this fatal path is the part of the file
+            # before it read, to name the line of the file: the rerun raises the same error, numbered so.
+            if part is not f:
+                fetch_ranges(f, remote, [(0, unit.start)], into=Path(part.local))
+            _encode(cfg, part, unit, backend, eos, dtype, lines_before(part.local or part.url, unit.start))
             raise
-        # Lines of a byte range count from its start; only on this fatal path is the part of the file
-        # before it read, to name the line of the file: the rerun raises the same error, numbered so.
-        _encode(cfg, f, unit, backend, eos, dtype, lines_before(f.local or f.url, unit.start))
-        raise
+    finally:
+        if part is not f:
+            Path(part.local).unlink(missing_ok=True)
     _publish(unit_path(scratch, n), lambda fh: np.savez(fh, **arrays))
     _publish(done_path(scratch, n), lambda fh: fh.write(json.dumps(stats).encode()))
     return stats

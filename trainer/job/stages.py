@@ -18,6 +18,7 @@ from trainer.data import shards as prepare
 from trainer.data import tokenizer as tokenizers
 from trainer.data.conversations import load_chat_tokenizer, prepare_conversations, sft_run_id
 from trainer.data.readers import DocumentReader
+from trainer.data.remote import Remote, is_remote
 from trainer.data.sample import describe_read, read_sample, sample_key
 from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
 from trainer.data.sources import corpus_fingerprint, pull, resolve_sources
@@ -51,8 +52,10 @@ log = logger.info
 def stage_pull(cfg: Config):
     files = resolve_sources(cfg)
     total = sum(f.size for f in files)
-    log(f"pull: {len(files)} corpus file(s), {total / 1e6:.1f} MB")
-    return pull(cfg, files)
+    remote = sum(is_s3(f.url) for f in files)
+    log(f"pull: {len(files)} corpus file(s), {total / 1e6:.1f} MB" +
+        (f"; {remote} in S3 stay there, read by range as prepare needs them" if remote else ""))
+    return pull(cfg, files, stream=True)
 
 
 # model.init: continued pretraining ---------------------------------------------------------------
@@ -127,7 +130,8 @@ def stage_tokenizer(cfg: Config, files=None) -> str:
     # The tokenizer trains on normalised text without validation documents (no leak into val bpc);
     # dedup is left to prepare (it doesn't change which strings are frequent enough to merge).
     norm = Normalizer(dataclasses.replace(cfg.data, dedup=False))
-    docs = norm(read_sample(cfg.data, files, cfg.tokenizer.sample_bytes, reader))
+    remote = Remote(cfg.storage, Path(cfg.storage.local_dir) / "sample") if any(map(is_remote, files)) else None
+    docs = norm(read_sample(cfg.data, files, cfg.tokenizer.sample_bytes, reader, remote=remote))
     read = describe_read(files, cfg.tokenizer.sample_bytes)
     log(f"tokenizer: training vocab {cfg.tokenizer.vocab_size} on up to {cfg.tokenizer.sample_bytes / 1e6:.1f} MB "
         f"drawn from {read['files_read']} of {len(files)} file(s)" +
@@ -194,19 +198,11 @@ def stage_prepare(cfg: Config, files=None, tokenizer_key: str | None = None) -> 
     if store.exists(join(key, "index.json")):
         log(f"prepare: reusing {store.url(key)}")
         return arts
-    if node_rank() != 0:
+    index = prepare_pool.prepare_into_bucket(cfg, files, load_tokenizer(tok_dir), store, key,
+                                             {"tokenizer_key": tokenizer_key}, node_rank(), num_nodes())
+    if index is None:  # another node: its share of the units is in the bucket; node 0 assembles
         wait_for(store, join(key, "index.json"), "the token shards")
         return arts
-    out = Path(cfg.storage.local_dir) / key
-    shutil.rmtree(out, ignore_errors=True)
-    # Unit files survive a kill (-9 or SIGTERM: exit 75) and are reused by the rerun; gone once published.
-    scratch = Path(cfg.storage.local_dir) / "prepare" / key.rsplit("/", 1)[-1]
-    index = prepare_pool.prepare_corpus(cfg, files, load_tokenizer(tok_dir), out, scratch)
-    index["tokenizer_key"] = tokenizer_key
-    (out / "index.json").write_text(json.dumps(index, indent=1))
-    store.upload_dir(out, key, skip=("index.json",))
-    store.upload_file(out / "index.json", join(key, "index.json"))  # last: the folder counts from now
-    shutil.rmtree(scratch, ignore_errors=True)
     log(f"prepare: {index['tokens']['train']:,} train / {index['tokens']['val']:,} val tokens "
         f"({index['dtype']}), filters {index['filters']}, skipped {index['skipped_records']} -> {store.url(key)}")
     return arts
@@ -399,7 +395,7 @@ def stage_report(cfg: Config, files=None) -> str:
             model, tok = load_for_generation(store.url(final_key(cfg)), cfg)
             s = cfg.sample
             files = files if files is not None else stage_pull(cfg)
-            docs = heldout_documents(cfg, files, s.eval_chars, s.heldout_prompts)
+            docs = heldout_documents(cfg, pull(cfg, files), s.eval_chars, s.heldout_prompts)  # S3 files: copied
             ev = {"export_step": export_step, **evaluate_model(model, tok, cfg, docs)}
         (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
     from trainer.evaluation.harness import RESULTS_FILE
