@@ -479,12 +479,21 @@ def command_help(name: str) -> str:
     return "\n".join(lines)
 
 
-def overview() -> str:
-    """`entrypoint.py --help`: every command with its one-line summary."""
+def command_summary(fn) -> str:
+    """The first sentence of a command's docstring, on one line: the docstring's first line would cut
+    a sentence that wraps (eval's and sft's did)."""
     import inspect
+    import re
 
+    paragraph = " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
+    end = re.search(r"[.!?](?=\s+[A-Z(]|$)", paragraph)  # a full stop before a capital, or the paragraph's end
+    return paragraph[:end.end()] if end else paragraph
+
+
+def overview() -> str:
+    """`entrypoint.py --help`: every command with its one-sentence summary (command_summary)."""
     width = max(map(len, COMMANDS))
-    rows = [f"  {name:<{width}}  {(inspect.getdoc(fn) or '').splitlines()[0]}" for name, fn in COMMANDS.items()]
+    rows = [f"  {name:<{width}}  {command_summary(fn)}" for name, fn in COMMANDS.items()]
     return "\n".join([f"usage: {prog()} <command> [flags] [--section.key=value ...]", "", "commands:", *rows,
                       "", f"{prog()} <command> --help lists its flags and the config keys it reads."])
 

@@ -184,6 +184,19 @@ def test_overview_lists_every_command(capsys, args):
         assert f"  {name} " in out and inspect.getdoc(fn).splitlines()[0] in out
 
 
+def test_no_command_summary_ends_mid_sentence(capsys):
+    """Each overview row is a whole sentence of its command's docstring on one line. The rows were
+    the docstrings' first lines: eval's ended "plus samples from", sft's "resumable; exports"."""
+    rows = help_of(capsys, "--help").split("commands:\n")[1].split("\n\n")[0].splitlines()
+    assert len(rows) == len(entrypoint.COMMANDS)
+    for row, (name, fn) in zip(rows, entrypoint.COMMANDS.items()):
+        summary = row.split(None, 1)[1]
+        doc = " ".join(inspect.getdoc(fn).split())
+        assert row.split()[0] == name and doc.startswith(summary), row
+        assert summary.endswith((".", "!", "?")), f"{name}: {summary!r} ends mid-sentence"
+        assert len(doc) == len(summary) or doc[len(summary)] == " ", f"{name}: {summary!r} cut inside a word"
+
+
 @pytest.mark.parametrize("name", ["nope", "generat", "--config=x.yaml"])
 def test_unknown_command_exits_2_in_one_line(capsys, name):
     with pytest.raises(SystemExit) as e:
