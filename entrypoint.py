@@ -180,10 +180,11 @@ def tokenizer(config: str | None = None, **overrides) -> None:
 @reads("run", "storage", "data", "tokenizer", *INIT_CHECKED)
 def prepare(config: str | None = None, **overrides) -> None:
     """Tokenize the corpus into packed shards in the bucket."""
-    from trainer.job.stages import bucket, stage_prepare
+    from trainer.job.stages import bucket, prepare_inputs
 
     cfg = _config(config, overrides)
-    print(bucket(cfg).url(stage_prepare(cfg).data_key))
+    for key in prepare_inputs(cfg).keys:  # a mixture (data.weights): each source's shards, one line each
+        print(bucket(cfg).url(key))
 
 
 @reads(EVERY_SECTION, but=("sft",))

@@ -253,7 +253,7 @@ def test_epoch_cap_by_hand():
     from trainer.config import TrainConfig
     from trainer.training.loop import epoch_cap
 
-    task = types.SimpleNamespace(sequences_per_epoch=1000, samples_per_step=64)
+    task = types.SimpleNamespace(sequences_per_epoch=1000, samples_per_step=64, sequence_limit=None)
     assert epoch_cap(TrainConfig(max_epochs=0), task) is None
     assert epoch_cap(TrainConfig(max_epochs=5), task) == 79  # ceil(5 x 1000 / 64) = ceil(78.1)
     assert epoch_cap(TrainConfig(max_epochs=0.01), task) == 1

@@ -3,6 +3,7 @@ key to change. Types and choices (Literal fields) are checked when the values ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from trainer.config.schema import SHAPE_KEYS, Config, model_shape, shape_overrides
@@ -38,6 +39,7 @@ def _check_inputs(cfg: Config, need: Need) -> None:
     need(cfg.storage.retries >= 1, "storage.retries", "must be at least 1")
     need(cfg.storage.timeout_seconds >= 1, "storage.timeout_seconds", "must be at least 1")
     need(len(cfg.data.sources) > 0, "data.sources", "must list at least one file, folder or glob")
+    _check_mixture(cfg, need)
     need(0 <= cfg.data.val_permille < 1000, "data.val_permille", "must be in [0, 1000)")
     need(cfg.data.shard_tokens >= 1024, "data.shard_tokens", "must be at least 1024")
     need(cfg.data.min_chars >= 0, "data.min_chars", "must be >= 0")
@@ -53,6 +55,23 @@ def _check_inputs(cfg: Config, need: Need) -> None:
     need(1 <= cfg.tokenizer.max_token_length <= 64, "tokenizer.max_token_length", "must be between 1 and 64")
     need(cfg.tokenizer.min_frequency >= 1, "tokenizer.min_frequency", "must be at least 1")
     need(cfg.tokenizer.sample_bytes >= 1000, "tokenizer.sample_bytes", "must be at least 1000")
+
+
+def _check_mixture(cfg: Config, need: Need) -> None:
+    """data.weights and data.max_epochs: one number per data.sources entry (docs/running.md, Data mixtures)."""
+    d, n = cfg.data, len(cfg.data.sources)
+    if d.weights:
+        need(n >= 2, "data.weights", "a mixture needs at least 2 data.sources (one source is the whole stream: "
+                                     "leave data.weights empty)")
+        need(len(d.weights) == n, "data.weights", f"must give one weight per data.sources entry ({n})")
+        need(all(math.isfinite(w) and w > 0 for w in d.weights), "data.weights",
+             "every weight must be a positive number (leave a source out to give it none)")
+    need(not d.max_epochs or bool(d.weights), "data.max_epochs",
+         "caps the sources of a mixture: set data.weights too (one stream: train.max_epochs)")
+    if d.max_epochs and d.weights:
+        need(len(d.max_epochs) == n, "data.max_epochs", f"must give one cap per data.sources entry ({n}; 0 = no cap)")
+        need(all(math.isfinite(e) and e >= 0 for e in d.max_epochs), "data.max_epochs",
+             "every cap must be 0 (no cap) or a number of passes")
 
 
 def _check_model(cfg: Config, need: Need, problems: list[str]) -> None:

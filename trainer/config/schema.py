@@ -95,6 +95,10 @@ class DataConfig:
 
     sources: tuple[str, ...] = ("data/sample",)
     """files, folders, globs (local or s3://), datasets folders, hf://datasets/<owner>/<name>[/<config>]"""
+    weights: tuple[float, ...] = ()
+    """a mixture: one weight per data.sources entry, each sampled by its share (docs/running.md); empty = one stream"""
+    max_epochs: tuple[float, ...] = ()
+    """with data.weights: per source, the most passes over it, then the others share its weight; 0 = no cap"""
     text_field: str = "text"
     """field holding the document in jsonl/json/parquet records"""
     on_error: Literal["fail", "skip"] = "fail"

@@ -48,6 +48,26 @@ class TokenSamples:
         return out
 
 
+class ConcatSamples:
+    """A mixture's sources' samples as one numbering: source s's are offsets[s] .. offsets[s] + len(parts[s])."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.n = int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        part_of = np.searchsorted(self.starts, ids, side="right") - 1
+        out = np.empty((len(ids), self.parts[0].seq_len + 1), dtype=np.int64)
+        for p in np.unique(part_of):
+            mask = part_of == p
+            out[mask] = self.parts[p].get(ids[mask] - self.starts[p])
+        return out
+
+
 @lru_cache(maxsize=2)
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of an epoch's N samples: a seeded permutation, fresh for every epoch."""
@@ -84,8 +104,11 @@ class BatchLoader:
     `wait_seconds` accumulates the time the training loop spent waiting for data."""
 
     def __init__(self, samples, seed: int, samples_per_step: int, rank: int, world: int, micro: int,
-                 device: torch.device, position: int, prefetch: int = 4):
+                 device: torch.device, position: int, prefetch: int = 4, order=None):
+        """order: (start, count) -> sample numbers of those global positions (a mixture's
+        MixtureOrder.sample_ids); None: global_sample_ids over the one stream."""
         self.samples, self.seed, self.device = samples, seed, device
+        self.order = order or (lambda start, count: global_sample_ids(seed, len(samples), start, count))
         self.spec = (samples_per_step, rank, world, micro)
         self.position = position
         self.wait_seconds = 0.0
@@ -100,7 +123,7 @@ class BatchLoader:
         try:
             for position in itertools.count(self.position, samples_per_step):
                 for start, count in rank_micro_batches(position, *self.spec):
-                    ids = global_sample_ids(self.seed, len(self.samples), start, count)
+                    ids = self.order(start, count)
                     batch = torch.from_numpy(self.samples.get(ids))
                     if pin:
                         batch = batch.pin_memory()
@@ -112,8 +135,13 @@ class BatchLoader:
                             continue
                     if self._stop.is_set():
                         return
-        except BaseException as e:  # noqa: BLE001 - surfaced to the training loop
-            self._q.put(e)
+        except BaseException as e:  # noqa: BLE001 - surfaced to the training loop (if it asks for the batch)
+            while not self._stop.is_set():  # a capped mixture ends past the last step: close() frees the thread
+                try:
+                    self._q.put(e, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
 
     def next(self) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -20,14 +20,22 @@ def bucket(cfg: Config) -> Storage:
 @dataclass(frozen=True)
 class Artifacts:
     tokenizer_key: str  # bucket key of the tokenizer folder
-    data_key: str  # bucket key of the packed shards folder
+    data_key: str  # bucket key of the packed shards folder ("" for a mixture)
+    data_keys: tuple[str, ...] = ()  # a mixture (data.weights): each data.sources entry's shards folder, in order
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every shards folder the run trains on: the mixture's, else the one."""
+        return self.data_keys or (self.data_key,)
 
     def to_json(self) -> str:
-        return json.dumps({"tokenizer_key": self.tokenizer_key, "data_key": self.data_key})
+        mixture = {"data_keys": list(self.data_keys)} if self.data_keys else {}  # a plain run's file is as before
+        return json.dumps({"tokenizer_key": self.tokenizer_key, "data_key": self.data_key, **mixture})
 
     @classmethod
     def from_json(cls, text: str) -> "Artifacts":
-        return cls(**json.loads(text))
+        saved = json.loads(text)
+        return cls(saved["tokenizer_key"], saved["data_key"], tuple(saved.get("data_keys", ())))
 
 
 def wait_for(store: Storage, key: str, what: str, timeout_s: float = 6 * 3600) -> None:

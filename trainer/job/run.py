@@ -14,8 +14,8 @@ from trainer.job.stages import (
     check_before_start,
     check_tokenizer_kept,
     hold_lease,
+    prepare_inputs,
     stage_export,
-    stage_prepare,
     stage_pretrain,
     stage_pull,
     stage_report,
@@ -47,7 +47,7 @@ def run_stages(cfg: Config, lease=None) -> int:
     files = stage_pull(cfg)
     check_tokenizer_kept(cfg, files)
     tok_key = stage_tokenizer(cfg, files)
-    arts = stage_prepare(cfg, files, tok_key)
+    arts = prepare_inputs(cfg, files, tok_key)
     code = stage_pretrain(cfg, arts, lease)
     if code != 0:
         logger.info(f"pretrain exited with {code}" +

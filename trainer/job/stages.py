@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from trainer.config import Config, ConfigError, model_label, shape_overrides, to_yaml
-from trainer.data import prepare_pool
+from trainer.data import mixture, prepare_pool
 from trainer.data import shards as prepare
 from trainer.data import tokenizer as tokenizers
 from trainer.data.conversations import load_chat_tokenizer, prepare_conversations, sft_run_id
@@ -208,6 +208,15 @@ def stage_prepare(cfg: Config, files=None, tokenizer_key: str | None = None) -> 
     return arts
 
 
+def prepare_inputs(cfg: Config, files=None, tokenizer_key: str | None = None) -> Artifacts:
+    """stage_prepare; with data.weights once per source (mixture.components), with the one tokenizer of all files."""
+    if not cfg.data.weights:
+        return stage_prepare(cfg, files, tokenizer_key)
+    tokenizer_key = tokenizer_key or stage_tokenizer(cfg, files)
+    keys = tuple(stage_prepare(c, None, tokenizer_key).data_key for c in mixture.components(cfg))
+    return Artifacts(tokenizer_key, "", keys)
+
+
 # Stage 4: pretrain ------------------------------------------------------------------------------
 
 def nproc_nnodes(cfg: Config) -> tuple[int, int]:
@@ -291,15 +300,16 @@ def stage_pretrain(cfg: Config, arts: Artifacts | None = None, lease=None) -> in
     if arts is None:
         files = stage_pull(cfg)
         check_tokenizer_kept(cfg, files)
-        arts = stage_prepare(cfg, files)
+        arts = prepare_inputs(cfg, files)
     store = bucket(cfg)
-    index = json.loads(store.read_text(join(arts.data_key, "index.json")))
+    indexes = [json.loads(store.read_text(join(k, "index.json"))) for k in arts.keys]
+    index = indexes[0]
     # A corpus too small for one sequence is exit 2 here, with its counts, not a crash in the workers.
-    prepare.check_trainable(index, cfg.train.seq_len)
+    mixture.check_trainable(cfg, indexes)
     tok_dir = fetch_folder(store, arts.tokenizer_key, Path(cfg.storage.local_dir))
     init = init_model(cfg, index["vocab_size"])
-    check_resume(cfg, cfg.run.id, pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(arts.data_key).name,
-                                                  index["vocab_size"], init))
+    check_resume(cfg, cfg.run.id, pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir),
+                                                  mixture.data_name(cfg.data, arts.keys), index["vocab_size"], init))
     run_local = Path(cfg.storage.local_dir) / "runs" / cfg.run.id
     run_local.mkdir(parents=True, exist_ok=True)
     cfg_path, arts_path, init_path = run_local / "resolved.yaml", run_local / "artifacts.json", run_local / "init.json"
@@ -367,8 +377,8 @@ def stage_report(cfg: Config, files=None) -> str:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     # The step count the run trained to: fixed by train.budget_minutes or capped by train.max_epochs.
-    steps = run_state.run_steps(cfg.train.max_steps, cfg.train.budget_minutes,
-                                run_state.newest_state(store, cfg.run.id)) or cfg.train.max_steps
+    done = run_state.newest_state(store, cfg.run.id)
+    steps = run_state.run_steps(cfg.train.max_steps, cfg.train.budget_minutes, done) or cfg.train.max_steps
     trained = dataclasses.replace(cfg.train, max_steps=steps)
     summary = {"run": cfg.run.id, "model": f"continued from {cfg.model.init}" if cfg.model.init else
                model_label(cfg.model.preset, shape_overrides(cfg.model)),
@@ -376,15 +386,10 @@ def stage_report(cfg: Config, files=None) -> str:
                "schedule": cfg.train.schedule, "lr": cfg.train.lr, "steps": steps,
                "batch tokens": cfg.train.batch_tokens, "seq len": cfg.train.seq_len}
     arts = store.read_text_or_none(f"runs/{cfg.run.id}/artifacts.json")
-    index = store.read_text_or_none(join(Artifacts.from_json(arts).data_key, "index.json")) if arts else None
-    if index:  # what the corpus filters removed and which bad records data.on_error=skip skipped
-        index = json.loads(index)
-        summary["corpus documents: read / kept"] = (f"{index['filters'].get('documents_read', 0):,} / "
-                                                    f"{index['filters'].get('documents_kept', 0):,}")
-        removed = {k: v for k, v in index["filters"].items() if k.startswith("removed")}
-        summary["documents removed by filters"] = ", ".join(f"{k}: {v:,}" for k, v in removed.items()) or "none"
-        summary["bad records skipped"] = ", ".join(f"{k}: {v:,}" for k, v in
-                                                   index.get("skipped_records", {}).items()) or "none"
+    # What the corpus filters removed, which bad records data.on_error=skip skipped, a mixture's tokens per source.
+    indexes = [json.loads(t) for t in (store.read_text_or_none(join(k, "index.json")) for k in
+                                       (Artifacts.from_json(arts).keys if arts else ())) if t]
+    summary.update(mixture.corpus_summary(cfg, indexes, done.data_position if done else 0))
     ev = None
     export = store.read_text_or_none(join(final_key(cfg), protocol.MANIFEST))
     if export:

@@ -11,6 +11,7 @@ import time
 import yaml
 
 from trainer.config import SHAPE_KEYS, Config, model_label
+from trainer.io.artifacts import Artifacts
 from trainer.io.lease import lease_key
 from trainer.io.storage import join, open_storage
 from trainer.state import protocol
@@ -76,7 +77,26 @@ def run_status(store, run_id: str) -> dict:
         "last_step": rows[-1]["step"] if rows else None, "last_loss": rows[-1].get("loss") if rows else None,
         "last_val_loss": last_val.get("val_loss") if last_val else None,
         "final": store.url(f"runs/{run_id}/final") if final else None,
+        "mixture": None if sft else mixture_progress(store, run_id, saved),
     }
+
+
+def mixture_progress(store, run_id: str, saved: dict) -> list[dict] | None:
+    """A mixture's tokens and passes per source at the newest checkpoint (mixture.source_progress),
+    or None for a run of one stream (or before its shards are known)."""
+    data, train = saved.get("data") or {}, saved.get("train") or {}
+    arts = store.read_text_or_none(f"runs/{run_id}/artifacts.json")
+    if not data.get("weights") or not arts:
+        return None
+    texts = [store.read_text_or_none(join(key, "index.json")) for key in Artifacts.from_json(arts).keys]
+    if not all(texts) or len(texts) != len(data.get("sources") or ()):
+        return None
+    from trainer.data.mixture import source_progress  # numpy: only for a mixture (status imports none otherwise)
+
+    state = newest_state(store, run_id)
+    return source_progress(data["sources"], data["weights"], data.get("max_epochs") or (), train.get("seed", 1234),
+                           train.get("seq_len", 256), [json.loads(t) for t in texts],
+                           state.data_position if state else 0)
 
 
 def run_length(store, run_id: str, saved: dict | None = None) -> int | None:
@@ -108,5 +128,9 @@ def status_report(cfg: Config) -> str:
                      f"{', '.join(protocol.step_name(x) for x in s['checkpoints']) or 'none'}")
         val = "sft val_loss" if s["stage"] == "sft" else "val_loss"
         lines.append(f"  last logged step {s['last_step']}  loss {s['last_loss']}  {val} {s['last_val_loss']}")
+        if s["mixture"]:
+            from trainer.data.mixture import describe_progress
+
+            lines.append(f"  mixture at {s['latest'] or 'the start'}: {describe_progress(s['mixture'])}")
         lines.append(f"  export: {s['final'] or 'not yet'}")
     return "\n".join(lines)

@@ -56,6 +56,7 @@ class Task(Protocol):
     flops_per_token: float | None  # for MFU; None: not reported
     inputs: dict  # what the weights depend on (tokenizer, data, model, seq_len): saved, checked on resume
     sequences_per_epoch: int  # training sequences (rows) in one pass over the data: train.max_epochs
+    sequence_limit: int | None  # where the data order ends (a mixture of capped sources), None: never
 
     def build_model(self, device: torch.device, empty: bool = False): ...  # -> (HF model, tokenizer): the
     # starting weights on device; empty: parameters on the meta device (for FSDP: sharding.materialize)
@@ -153,10 +154,14 @@ def _run_length(hp: TrainConfig, state: LoopState, task: Task) -> tuple[TrainCon
 
 
 def epoch_cap(hp: TrainConfig, task: Task) -> int | None:
-    """Steps in hp.max_epochs passes over the task's training sequences, or None when off."""
-    if not hp.max_epochs:
-        return None
-    return max(1, math.ceil(hp.max_epochs * task.sequences_per_epoch / task.samples_per_step))
+    """Steps in hp.max_epochs passes over the task's training sequences, at most the whole steps
+    before its data order ends (data.max_epochs capping every source of a mixture), or None when
+    neither limits it."""
+    caps = [max(1, math.ceil(hp.max_epochs * task.sequences_per_epoch / task.samples_per_step))] \
+        if hp.max_epochs else []
+    if task.sequence_limit is not None:
+        caps.append(max(1, task.sequence_limit // task.samples_per_step))
+    return min(caps) if caps else None
 
 
 def _sync() -> None:

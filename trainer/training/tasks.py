@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import Config, preset_changes
+from trainer.data import mixture
 from trainer.data.conversations import IGNORE, PackedConversations, load_chat_tokenizer, sft_run_id, stop_token_ids
-from trainer.data.loader import BatchLoader, TokenSamples, validation_batches
+from trainer.data.loader import BatchLoader, ConcatSamples, TokenSamples, validation_batches
 from trainer.data.shards import tokenizer_fingerprint
 from trainer.data.tokenizer import load_tokenizer
 from trainer.evaluation.evaluate import continuation, degeneration_report, val_chars_per_token
@@ -113,20 +114,21 @@ def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: 
 class PretrainTask:
     name = "pretrain"
 
-    def __init__(self, cfg: Config, data_dir: Path, index: dict, tok_dir: Path, init: dict | None = None):
+    def __init__(self, cfg: Config, data_dir: Path, index: dict, tok_dir: Path, init: dict | None = None,
+                 components: list[tuple[Path, dict]] | None = None):
         """init: with model.init, stages.init_model's {"dir", "config", "fingerprint"}: the model
-        starts from that folder's weights and has its shape and context."""
+        starts from that folder's weights and has its shape and context. components: a mixture
+        (data.weights): every data.sources entry's (shards folder, index.json), in order; data_dir
+        and index are then the first's (the tokenizer's numbers are the same in all)."""
         self.cfg, self.hp, self.run_id = cfg, cfg.train, cfg.run.id
         self.tok_dir, self.init = tok_dir, init
         self.samples_per_step = self.hp.batch_tokens // self.hp.seq_len
         self.tokens_per_step = self.samples_per_step * self.hp.seq_len
-        self.train_samples = TokenSamples(data_dir, index, "train", self.hp.seq_len)
-        self.val_samples = TokenSamples(data_dir, index, "val", self.hp.seq_len)
+        self._data(cfg, data_dir, index, components)
         if len(self.train_samples) == 0:
             raise ValueError(f"the training split has fewer than train.seq_len+1={self.hp.seq_len + 1} tokens "
                              f"per shard")
         self.sequences_per_epoch = len(self.train_samples)
-        self.chars_per_token = val_chars_per_token(index)
         if init:
             shape, tied = shape_of(init["config"]), bool(init["config"].get("tie_word_embeddings"))
             vocab = init["config"]["vocab_size"]
@@ -136,8 +138,30 @@ class PretrainTask:
                                              eos_token_id=index["eos_id"])
             vocab = self.model_config.vocab_size
         self.flops_per_token = flops_per_token(shape, vocab, self.hp.seq_len, tied)
-        self.inputs = pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), Path(data_dir).name, index["vocab_size"],
-                                      init)
+        data_name = Path(data_dir).name if components is None else mixture.describe(
+            mixture.source_names(cfg.data.sources), [str(d) for d, _ in components], cfg.data.weights,
+            cfg.data.max_epochs)
+        self.inputs = pretrain_inputs(cfg, tokenizer_fingerprint(tok_dir), data_name, index["vocab_size"], init)
+
+    def _data(self, cfg: Config, data_dir: Path, index: dict, components: list[tuple[Path, dict]] | None) -> None:
+        """The training samples, their order (None: the one stream's; else the mixture's) and the
+        validation parts (name, samples, sequences evaluated, characters per token): with a mixture
+        each source's first train.eval_sequences / S held-out sequences, so evaluation costs as much."""
+        seq_len, n_eval = self.hp.seq_len, self.hp.eval_sequences
+        self.order, self.sequence_limit = None, None
+        if components is None:
+            self.train_samples = TokenSamples(data_dir, index, "train", seq_len)
+            self.val_parts = [("", TokenSamples(data_dir, index, "val", seq_len), n_eval, val_chars_per_token(index))]
+            return
+        names = mixture.source_names(cfg.data.sources)
+        parts = [TokenSamples(d, i, "train", seq_len) for d, i in components]
+        self.train_samples = ConcatSamples(parts)
+        self.order = mixture.MixtureOrder(self.hp.seed, [len(p) for p in parts], cfg.data.weights,
+                                          cfg.data.max_epochs)
+        self.sequence_limit = self.order.total  # every source capped: the mixture ends there
+        per_source = -(-n_eval // len(components))
+        self.val_parts = [(name, TokenSamples(d, i, "val", seq_len), per_source, val_chars_per_token(i))
+                          for name, (d, i) in zip(names, components)]
 
     def build_model(self, device: torch.device, empty: bool = False):
         tok = load_tokenizer(self.tok_dir)
@@ -159,22 +183,43 @@ class PretrainTask:
 
     def loader(self, position: int, d: Dist, micro: int) -> BatchLoader:
         return BatchLoader(self.train_samples, self.hp.seed, self.samples_per_step, d.rank, d.world, micro, d.device,
-                           position)
+                           position, order=self.order and self.order.sample_ids)
 
     def targets_in_step(self, position: int) -> int:
         return self.tokens_per_step
 
     def evaluate(self, loss_module, d: Dist, autocast) -> dict:
         """Validation loss (nats per token) and bits per character on the first train.eval_sequences
-        held-out sequences: the same set whatever the number of processes or the micro-batch."""
-        if len(self.val_samples) == 0:
+        held-out sequences: the same set whatever the number of processes or the micro-batch. A
+        mixture pools its sources' sequences (val_loss, val_bpc) and gives each source's val_loss/<name>."""
+        parts = [p for p in self.val_parts if len(p[1])]
+        if not parts:
             return {}
+        totals = torch.stack([self._val_sums(loss_module, samples, n, d, autocast) for _, samples, n, _ in parts])
+        if d.world > 1:
+            torch.distributed.all_reduce(totals)
+        total = totals.sum(0)
+        val = (total[0] / total[1]).item()
+        row = {"val_loss": round(val, 6)}
+        if len(parts) == 1:
+            if parts[0][3]:
+                row["val_bpc"] = round(val / math.log(2) / parts[0][3], 6)
+            return row
+        chars = sum(t[1].item() * cpt for t, (_, _, _, cpt) in zip(totals, parts))
+        if chars:
+            row["val_bpc"] = round(total[0].item() / math.log(2) / chars, 6)
+        for (name, _, _, _), t in zip(parts, totals):
+            row[f"val_loss/{name}"] = round((t[0] / t[1]).item(), 6)
+        return row
+
+    def _val_sums(self, loss_module, samples, n_sequences: int, d: Dist, autocast) -> torch.Tensor:
+        """(summed loss, target tokens) of this rank's share of samples' first n_sequences, float64."""
         batch_size = self.hp.micro_batch_size or EVAL_BATCH  # memory bound; the sums are float64
         total = torch.zeros(2, dtype=torch.float64, device=d.device)
-        batches = list(validation_batches(self.val_samples, self.hp.eval_sequences, batch_size, d.rank, d.world))
+        batches = list(validation_batches(samples, n_sequences, batch_size, d.rank, d.world))
         if is_sharded(loss_module):  # every rank runs as many forwards (each all-gathers weights); extras don't count
-            n_batches = -(-min(self.hp.eval_sequences, len(self.val_samples)) // batch_size)
-            first = next(validation_batches(self.val_samples, self.hp.eval_sequences, batch_size, 0, 1))
+            n_batches = -(-min(n_sequences, len(samples)) // batch_size)
+            first = next(validation_batches(samples, n_sequences, batch_size, 0, 1))
             batches += [None] * (-(-n_batches // d.world) - len(batches))
         for batch in batches:
             with autocast:
@@ -182,13 +227,7 @@ class PretrainTask:
             if batch is not None:
                 total += torch.stack([loss.double(), torch.tensor(float(batch[:, 1:].numel()), dtype=torch.float64,
                                                                   device=d.device)])
-        if d.world > 1:
-            torch.distributed.all_reduce(total)
-        val = (total[0] / total[1]).item()
-        row = {"val_loss": round(val, 6)}
-        if self.chars_per_token:
-            row["val_bpc"] = round(val / math.log(2) / self.chars_per_token, 6)
-        return row
+        return total
 
     def at_checkpoint(self, model, tokenizer, step: int, autocast, synced: bool = False) -> list[dict]:
         """Continuations of sample.prompts from this step's weights (a few seconds), with their
@@ -258,6 +297,8 @@ class SftTask:
 
     def targets_in_step(self, position: int) -> int:
         return self.rows.targets_at(self.hp.seed, position, self.samples_per_step)
+
+    sequence_limit = None  # no end to the order: the run's length is sft.max_steps
 
     def evaluate(self, loss_module, d: Dist, autocast) -> dict:
         return {}

@@ -37,9 +37,10 @@ def pretrain_task(cfg: Config, arts: Artifacts, init: dict | None = None) -> Pre
     """The pretraining task, with the shards and the tokenizer fetched to this machine; init: the
     model.init folder on this machine, its config.json and fingerprint (stages.init_model)."""
     store, local_root = bucket(cfg), Path(cfg.storage.local_dir)
-    data_dir = fetch_folder(store, arts.data_key, local_root)
-    index = json.loads((data_dir / "index.json").read_text())
-    return PretrainTask(cfg, data_dir, index, fetch_folder(store, arts.tokenizer_key, local_root), init)
+    dirs = [fetch_folder(store, key, local_root) for key in arts.keys]  # a mixture: every source's shards
+    parts = [(d, json.loads((d / "index.json").read_text())) for d in dirs]
+    return PretrainTask(cfg, *parts[0], fetch_folder(store, arts.tokenizer_key, local_root), init,
+                        components=parts if arts.data_keys else None)
 
 
 def pretrain_worker(cfg: Config, arts: Artifacts, lease=None, init: dict | None = None) -> dict:
