@@ -7,6 +7,7 @@ One uninterrupted 2-process FSDP reference run, then the same config under other
     reduction noise (rel 1e-4), and a 1-process (Hugging Face) checkpoint resumed on 2 FSDP processes;
   * FSDP's numbers match DDP's for the same global batch (rel 1e-4);
   * two nodes (separate local disks, one bucket): each uploads its own shards, the manifest comes last;
+    resumed on two nodes, each fetches only the shard files its ranks read (issue 21);
   * export consolidates the shards into the same Hugging Face folder a DDP run exports.
 The validation set (eval_sequences=6, micro-batch 2: 3 batches over 2 ranks) is uneven on purpose:
 FSDP ranks must run as many forward passes, or the run hangs.
@@ -161,9 +162,10 @@ def test_fsdp_matches_ddp_for_the_same_global_batch(base, reference, metrics, cl
     assert_same(outcome(cfg, metrics, tmp_path), reference, exact=False)
 
 
-def test_two_nodes_each_upload_their_shards_then_one_manifest(base, reference, metrics, cli, tmp_path):
-    cfg = run_config(base, "nodes")
-    path = cli.write_config(cfg, tmp_path / "nodes.yaml")
+def run_on_two_nodes(cli, path: Path, tmp_path: Path, nproc: int) -> list[Path]:
+    """pretrain on 2 nodes of nproc processes each on loopback, with separate local disks
+    (tmp_path/disk<node>): each node reaches the bucket only through its own transfers. Returns the
+    nodes' logs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -171,9 +173,8 @@ def test_two_nodes_each_upload_their_shards_then_one_manifest(base, reference, m
     for node in (0, 1):
         logs.append(tmp_path / f"node{node}.log")
         env = cli.env(NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        # Separate local disks: node 1's shards reach the bucket only through its own upload.
-        procs.append(cli.start("pretrain", path, {"train.nproc": 1, "storage.local_dir": str(tmp_path / f"disk{node}")},
-                               log=logs[-1], env=env))
+        disk = {"train.nproc": nproc, "storage.local_dir": str(tmp_path / f"disk{node}")}
+        procs.append(cli.start("pretrain", path, disk, log=logs[-1], env=env))
     try:
         for p, log in zip(procs, logs):
             assert p.wait(timeout=300) == 0, log.read_text()[-6000:]
@@ -181,9 +182,45 @@ def test_two_nodes_each_upload_their_shards_then_one_manifest(base, reference, m
         for p in procs:
             if p.poll() is None:
                 cli.kill(p)
+    return logs
+
+
+def test_two_nodes_each_upload_their_shards_then_one_manifest(base, reference, metrics, cli, tmp_path):
+    cfg = run_config(base, "nodes")
+    logs = run_on_two_nodes(cli, cli.write_config(cfg, tmp_path / "nodes.yaml"), tmp_path, nproc=1)
     assert not list((tmp_path / "disk0").rglob("__1_0.distcp"))  # written on node 1 only
     assert "(fsdp)" in logs[0].read_text()
     assert_same(outcome(cfg, metrics, tmp_path), reference, exact=False)
+
+
+def test_two_nodes_resume_fetching_only_their_ranks_shards(base, metrics, cli, tmp_path):
+    """Issue 21: a checkpoint of 4 processes resumed on 2 nodes x 2. Each rank's load plan reads its
+    own shards' file and rank 0's (which holds the entries every rank has, fsdp.save_dcp), so node
+    1 (ranks 2, 3) fetches 3 of the 4 .distcp files and node 0 two, not every file each; the run
+    equals an uninterrupted one on 4 processes bit for bit (so every weight and optimizer entry
+    loaded is the one a full download gives)."""
+    straight = run_config(base, "straight-4")
+    done = cli.run("pretrain", cli.write_config(straight, tmp_path / "straight-4.yaml"), {"train.nproc": 4})
+    assert done.returncode == 0, done.stdout[-6000:]
+    cfg = run_config(base, "nodes-resume", **{"checkpoint.upload_async": False})
+    preempt_at_k(cli, cfg, tmp_path, {"train.nproc": 4})
+    store = open_storage(cfg.storage.bucket)
+    listed = json.loads(store.read_text(f"{protocol.checkpoints_prefix(cfg.run.id)}/{protocol.step_name(K)}/"
+                                        f"{protocol.MANIFEST}"))["files"]
+    shards = {n: m["size"] for n, m in listed.items() if n.endswith(".distcp")}
+    assert sorted(shards) == [f"__{r}_0.distcp" for r in range(4)]
+    logs = run_on_two_nodes(cli, cli.write_config(cfg, tmp_path / "nodes-resume.yaml"), tmp_path, nproc=2)
+    text = logs[0].read_text()
+    assert f"resumed from {protocol.step_name(K)} (saved by 4 process(es), now 4)" in text
+
+    def fetched(node: int) -> set[str]:  # the shard files on the node's own disk
+        return {p.name for p in (tmp_path / f"disk{node}").rglob(f"resume*/{protocol.step_name(K)}/*.distcp")}
+
+    assert fetched(0) == {"__0_0.distcp", "__1_0.distcp"}
+    assert fetched(1) == {"__0_0.distcp", "__2_0.distcp", "__3_0.distcp"}  # a strict subset
+    assert sum(shards[n] for n in fetched(1)) < sum(shards.values())
+    assert "the node of rank(s) 2-3 fetched 3 of 4 shard files" in text
+    assert_same(outcome(cfg, metrics, tmp_path), outcome(straight, metrics, tmp_path), exact=True)
 
 
 def test_export_consolidates_the_shards_into_a_hugging_face_folder(base, reference, cli, tmp_path):

@@ -70,16 +70,19 @@ class UnitBucket:
     prefix: str  # <data key>.prepare: the plan's folder goes under it
     node: int = 0
     nodes: int = 1
+    root: str = ""  # <prefix>/<plan>, set by start()
+
+    def __post_init__(self):
+        self._seen: dict[int, dict] = {}
 
     def start(self, plan: str) -> None:
         """Use the folder of this plan (another plan's units, from other settings, are never mixed in)
         and clear this node's failure marker of an earlier attempt."""
-        self.root = join(self.prefix, plan)
-        self._seen: dict[int, dict] = {}
+        self.root, self._seen = join(self.prefix, plan), {}
         self.store.delete(self._failure_key(self.node))
 
     def _failure_key(self, node: int) -> str:
-        return join(getattr(self, "root", self.prefix), f"node-{node}.error.txt")
+        return join(self.root, f"node-{node}.error.txt")
 
     def published(self) -> dict[int, dict]:
         """Unit number -> counts, for every unit with a done marker (read once each)."""

@@ -1,11 +1,12 @@
 """Parallel, resumable prepare on one node: the corpus -> packed shards on every core.
 
-The pulled listing is cut into work units (trainer/data/units.py); `data.prepare_workers` worker
+The listing is cut into work units (trainer/data/units.py); `data.prepare_workers` worker
 processes (multiprocessing, spawn: no state forked from the parent, each loads the tokenizer from
 its tokenizer.json string once) take units from a queue, each reading, normalising and tokenizing a
-unit alone on one core (TOKENIZERS_PARALLELISM=false: processes, not Rust threads, use the cores;
-no GIL is shared) and publishing its unit file with a done marker under the scratch folder, which
-is keyed by the data hash. The parent then assembles the shards in unit order (trainer/data/assemble.py:
+unit alone (one core: TOKENIZERS_PARALLELISM=false, processes rather than Rust threads use the
+cores, no GIL is shared; or `data.prepare_threads` Rust encoder threads each, and cores // threads
+workers) and publishing its unit file with a done marker under the scratch folder, which is keyed
+by the data hash. The parent then assembles the shards in unit order (trainer/data/assemble.py:
 global exact dedup, the byte-identical shards of the one-process path, whatever the worker count).
 
 Why processes of our own and not datatrove, Ray Data or a pool: a unit is one function call with
@@ -15,10 +16,10 @@ that exit when their parent is killed -9 (they poll getppid between units), a wo
 (the OOM killer) reported as such, and progress from the parent. A rerun reuses every unit with a
 done marker, and logs how many.
 
-Several nodes (not done yet): the plan is a pure function of the listing, so every node can
-compute it; node r of N would encode the units n with n % N == r (or take them from a shared
-claim list in the bucket), upload its unit files, and node 0 would assemble once all done markers
-are in the bucket. The assembly and the token stream stay the same as on one node.
+Several nodes, and a corpus read from S3 in parts: each node runs this pool over its static share
+of the units and publishes them in the bucket, where node 0 finds them to assemble
+(trainer/data/prepare_nodes.py; the s3:// reads: trainer/data/remote.py). The token stream is the
+same as on one node.
 """
 
 from __future__ import annotations

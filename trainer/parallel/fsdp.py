@@ -9,9 +9,10 @@ gradient reductions (Zhao et al. 2023, "PyTorch FSDP", sec. 4.4).
 
 Checkpoints of a sharded model hold, instead of model.safetensors + optimizer.pt, DCP files: every
 rank writes `__<rank>_0.distcp` with its shards (model and optimizer, keyed by parameter name), rank
-0 writes `.metadata`. DCP reshards on load, so a checkpoint resumes on any number of ranks, sharded
-or not; a sharded model also loads a Hugging Face checkpoint (model.safetensors + optimizer.pt, whose
-optimizer state is keyed by parameter name too: named_optimizer_state).
+0 also the entries every rank holds and `.metadata`. DCP reshards on load, so a checkpoint resumes
+on any number of ranks, sharded or not; a sharded model also loads a Hugging Face checkpoint
+(model.safetensors + optimizer.pt, whose optimizer state is keyed by parameter name too:
+named_optimizer_state).
 `consolidate` turns DCP weights back into a Hugging Face folder (export, chat, eval).
 """
 
@@ -156,18 +157,25 @@ def save_dcp(folder: Path, model, optimizer) -> None:
     """Every rank writes its shards of model and optimizer into folder (which must exist on every
     node); rank 0 also writes .metadata. Collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    dcp.save(_state_dicts(model, optimizer), storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1))
+    # Entries every rank holds (optimizer step counts, param groups: small) go into rank 0's file
+    # rather than being spread over all files by size, so a resumed rank reads its own shards' files
+    # and rank 0's, and a node fetches only those (trainer/state/shard_reader.py).
+    dcp.save(_state_dicts(model, optimizer), storage_writer=dcp.FileSystemWriter(str(folder), thread_count=1),
+             planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
 
 
-def load_dcp(folder: Path, model, optimizer) -> None:
+def load_dcp(folder: Path, model, optimizer, reader=None) -> None:
     """Load a DCP checkpoint into model and optimizer, resharding to this run's ranks (or into an
-    unsharded model). Collective when a process group exists."""
+    unsharded model). reader: a DCP StorageReader of folder (default: torch's FileSystemReader,
+    every file already there). Collective when a process group exists."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _state_dicts(model, optimizer)
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    dcp.load(state, checkpoint_id=str(folder), storage_reader=reader,
+             no_dist=not torch.distributed.is_initialized())
     set_model_state_dict(model, state["model"])
     for key, opt in _optimizers(optimizer).items():
         set_optimizer_state_dict(model, opt, state[key])

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.data.tokenizer import save_tokenizer
 from trainer.io.storage import Storage, StorageError, is_s3, join, open_storage, split_url
@@ -32,6 +33,7 @@ from trainer.state.protocol import (
     TRAINING_FILES,
     Uploader,
     checkpoints_prefix,
+    complete_steps,
     fetch_newest,
     fetch_verified,
     file_entries,
@@ -40,6 +42,7 @@ from trainer.state.protocol import (
     step_name,
     write_manifest,
 )
+from trainer.state.shard_reader import FetchingReader
 
 # Saving and restoring (the training loop's side) -------------------------------------------------
 
@@ -67,15 +70,16 @@ def save(local_dir: Path, model, tokenizer, optimizer, state: dict, config_yaml:
     write_manifest(local_dir, state["step"])
 
 
-def load(ckpt_dir: Path, model, optimizer, d: Dist, seed: int) -> dict:
+def load(ckpt_dir: Path, model, optimizer, d: Dist, seed: int, reader=None) -> dict:
     """Load a verified checkpoint folder into the model (bare or sharded), the optimizer and this
     rank's RNG streams; return its trainer state. Either format loads into either kind of model:
     DCP shards (sharding.load_dcp reshards) or model.safetensors + optimizer.pt. Checkpoints saved by
     another number of processes reseed the RNG (seed + 1000 x step + rank): the data order does not
     depend on it, dropout-free models neither. Reads older checkpoints too (model.safetensors
-    written by safetensors.save_model, optimizer.pt keyed by parameter index)."""
+    written by safetensors.save_model, optimizer.pt keyed by parameter index). reader: the DCP
+    StorageReader of the shards (default: all of them in ckpt_dir)."""
     if (ckpt_dir / sharding.DCP_METADATA).is_file():
-        sharding.load_dcp(ckpt_dir, model, optimizer)
+        sharding.load_dcp(ckpt_dir, model, optimizer, reader)
     else:
         _load_hf_side(ckpt_dir, model, optimizer, d)
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
@@ -110,7 +114,8 @@ def _load_hf_side(ckpt_dir: Path, model, optimizer, d: Dist) -> None:
 
 class RunCheckpoints:
     """One run's checkpoint files as the training loop uses them, on every rank: restore the newest
-    complete one (rank 0 verifies it, the first rank of every other node fetches that same step),
+    complete one that verifies (the first rank of each node fetches its files but the DCP shards,
+    each rank the shard files its load plan reads: a node downloads only what its ranks need),
     save (every rank's RNG gathered; rank 0 writes, or every rank its shards of a sharded model),
     publish in the background (at most one upload in flight per node), then prune to keep_last.
     When to save, and what else a checkpoint takes: trainer/training/checkpointer.py."""
@@ -125,18 +130,62 @@ class RunCheckpoints:
     def _node(self) -> int:
         return self.d.rank - self.d.local_rank  # the first rank of this node (torchrun numbers nodes contiguously)
 
+    @property
+    def _resume_root(self) -> Path:
+        return self.local_root / ("resume" if self._node == 0 else f"resume-node{self._node}")
+
     def restore(self, model, optimizer, seed: int) -> dict | None:
-        """The newest verified checkpoint loaded into model and optimizer; its trainer state, or
-        None when the run has none."""
-        found = fetch_newest(self.store, self.run_id, self.local_root / "resume") if self.d.main else None
-        step = self.d.broadcast_object(found[0] if found else -1)
-        if step < 0:
-            return None
-        folder = (self.local_root / "resume" if self._node == 0 else self.local_root / f"resume-node{self._node}")
-        if self._node != 0 and self.d.local_rank == 0:
-            fetch_verified(self.store, self.run_id, step, folder / step_name(step))
-        self.d.barrier()  # every node has the checkpoint
-        return load(folder / step_name(step), model, optimizer, self.d, seed)
+        """The newest checkpoint that verifies, loaded into model and optimizer; its trainer state,
+        or None when the run has none. A checkpoint with a missing or corrupt file is skipped
+        (logged) for the previous one, as protocol.fetch_newest does: every rank decides alike."""
+        steps = self.d.broadcast_object(complete_steps(self.store, self.run_id) if self.d.main else None)
+        for step in steps:
+            problem, state = self._try_restore(step, model, optimizer, seed)
+            if problem is None:
+                return state
+            if self.d.main:
+                logger.warning(f"checkpoint {step_name(step)} is unusable ({problem}); falling back to the "
+                               "previous one")
+        return None
+
+    def _try_restore(self, step: int, model, optimizer, seed: int) -> tuple[str | None, dict | None]:
+        """(None, trainer state) with `step` loaded, or (why it is unusable, None). The first rank of
+        each node fetches the files that are not DCP shards; the shards come as the ranks' load plans
+        read them (shard_reader.FetchingReader), each file once per node."""
+        folder = self._resume_root / step_name(step)
+        problem = None
+        if self.d.local_rank == 0:
+            try:
+                fetch_verified(self.store, self.run_id, step, folder, skip=lambda name: name.endswith(".distcp"))
+            except StorageError as e:
+                problem = str(e)
+        problems = [p for p in self.d.all_gather_object(problem) if p]  # also the barrier: the node's files are there
+        if problems:
+            return problems[0], None
+        reader = FetchingReader(folder, self.store, self.run_id, step) if (folder / sharding.DCP_METADATA).is_file() \
+            else None
+        try:
+            state = load(folder, model, optimizer, self.d, seed, reader)
+        except CheckpointException as e:  # DCP raises it on every rank when one rank's read failed
+            unusable = [exc for exc, _ in e.failures.values() if isinstance(exc, StorageError)]
+            if not unusable:
+                raise
+            return str(unusable[0]), None
+        if reader is not None:
+            self._log_fetched(reader)
+        return None, state
+
+    def _log_fetched(self, reader: FetchingReader) -> None:
+        """One line per node on rank 0: how many of the checkpoint's shard files and bytes it fetched."""
+        shards = {n: m["size"] for n, m in reader.listed.items() if n.endswith(".distcp")}
+        nodes: dict[int, list] = {}  # first rank of the node -> [its ranks, files read, bytes fetched]
+        for rank, (node, needed, fetched) in enumerate(
+                self.d.all_gather_object((self._node, reader.needed, sum(reader.fetched.values())))):
+            ranks, names, total = nodes.setdefault(node, [[], set(), 0])
+            nodes[node] = [ranks + [rank], names | needed, total + fetched]
+        for ranks, names, fetched in (nodes[n] for n in sorted(nodes)):
+            logger.info(f"resume: the node of rank(s) {ranks[0]}-{ranks[-1]} fetched {len(names)} of {len(shards)} "
+                        f"shard files ({fetched / 1e6:.2f} of {sum(shards.values()) / 1e6:.2f} MB)")
 
     def save(self, state: dict, model, tokenizer, optimizer, config_yaml: str) -> None:
         """Stage the checkpoint of state["step"] locally (every rank calls this). Raises

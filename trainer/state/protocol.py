@@ -12,8 +12,10 @@ sha256 after download, and falls back to the previous one (saying so) when one d
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -144,19 +146,49 @@ def complete_steps(store: Storage, run_id: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-def fetch_verified(store: Storage, run_id: str, step: int, dest: Path) -> Path:
-    """Download a checkpoint and check every file against its manifest; raise StorageError if not."""
-    prefix = join(checkpoints_prefix(run_id), step_name(step))
-    manifest = json.loads(store.read_text(join(prefix, MANIFEST)))
+def read_manifest(store: Storage, run_id: str, step: int) -> dict:
+    """The manifest of a complete checkpoint: {"step": n, "files": {name: {"size", "sha256"}}}."""
+    return json.loads(store.read_text(join(checkpoints_prefix(run_id), step_name(step), MANIFEST)))
+
+
+def fetch_listed(store: Storage, run_id: str, step: int, name: str, meta: dict, dest: Path) -> int:
+    """One file of a checkpoint downloaded to dest and checked against its manifest entry `meta`
+    (size, sha256); raise StorageError when it is missing or differs. dest appears only once it
+    verifies (a temporary name, then os.replace). Returns its size."""
+    key = join(checkpoints_prefix(run_id), step_name(step), name)
+    if not store.exists(key):
+        raise StorageError(f"{store.url(key)} is listed in the manifest but missing")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.unverified")
+    try:
+        store.download_file(key, tmp)
+        if tmp.stat().st_size != meta["size"] or sha256_file(tmp) != meta["sha256"]:
+            raise StorageError(f"{store.url(key)} does not match its sha256 in the manifest")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return meta["size"]
+
+
+def fetch_listed_once(store: Storage, run_id: str, step: int, name: str, meta: dict, dest: Path) -> int:
+    """fetch_listed, unless dest is there already (another process of this machine fetched it:
+    only verified files ever appear under their name). Under an exclusive lock on a file beside
+    dest, so processes that want the same file download it once. Returns the bytes downloaded."""
+    with open(dest.with_name(f".{dest.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return 0 if dest.is_file() else fetch_listed(store, run_id, step, name, meta, dest)
+
+
+def fetch_verified(store: Storage, run_id: str, step: int, dest: Path, skip=None) -> Path:
+    """Download a checkpoint and check every file against its manifest; raise StorageError if not.
+    skip(name) -> True leaves that file out (DCP shards that a node fetches as its ranks read
+    them: trainer/state/shard_reader.py); the manifest in dest still lists every file."""
+    manifest = read_manifest(store, run_id, step)
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for name, meta in manifest["files"].items():
-        if not store.exists(join(prefix, name)):
-            raise StorageError(f"{store.url(join(prefix, name))} is listed in the manifest but missing")
-        store.download_file(join(prefix, name), dest / name)
-        if (dest / name).stat().st_size != meta["size"] or sha256_file(dest / name) != meta["sha256"]:
-            raise StorageError(f"{store.url(join(prefix, name))} does not match its sha256 in the manifest")
+        if skip is None or not skip(name):
+            fetch_listed(store, run_id, step, name, meta, dest / name)
     (dest / MANIFEST).write_text(json.dumps(manifest))
     return dest
 
