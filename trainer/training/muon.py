@@ -155,6 +155,19 @@ def orthogonalize(u: torch.Tensor, params: list[torch.Tensor], ns=newton_schulz)
     return ns(u)
 
 
+def nesterov_update(grads: list[torch.Tensor], momentum: torch.Tensor, skip: torch.Tensor | None, mu: float,
+                    nesterov: bool) -> torch.Tensor:
+    """torch.optim.Muon's momentum step on n stacked matrices: momentum (n, A, B) <- lerp(momentum,
+    g, 1 - mu) in place; returns the update g.lerp(momentum, mu) (Nesterov) or the momentum. Where
+    `skip` is set the gradient is replaced by the momentum (lerp(B, B, w) == B: it stays exact). One
+    function so that torch.compile fuses the stack, the skip and both lerps into one pass."""
+    grad = torch.stack(grads)
+    if skip is not None:
+        grad = torch.where(skip, momentum, grad)
+    momentum.lerp_(grad, 1 - mu)
+    return grad.lerp_(momentum, mu) if nesterov else momentum.clone()
+
+
 def normuon_scale(ortho: torch.Tensor, second: torch.Tensor, beta2: float, skip: torch.Tensor | None
                   ) -> torch.Tensor:
     """NorMuon (Li et al. 2025, arXiv 2510.05491): ortho (n, A, B) -> ortho with each row (A >= B) or
@@ -192,6 +205,7 @@ class BatchedMuon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D parameters only; got one of shape {tuple(p.shape)}")
         self.found_inf: torch.Tensor | None = None
         self._ns = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
+        self._nesterov = torch.compile(nesterov_update, dynamic=False) if compile else nesterov_update
         self._stacks: dict[tuple, torch.Tensor] = {}  # shape key -> (n, A, B) momentum the buffers view
 
     @torch.no_grad()
@@ -242,13 +256,10 @@ class BatchedMuon(torch.optim.Optimizer):
     def _step_shape(self, group: dict, params: list[torch.Tensor], skip: torch.Tensor | None, key: tuple) -> None:
         """One step of the matrices `params` (one shape, local parts stacked to (n, A, B))."""
         momentum, write_back = self._momentum(params, key)
-        grad = torch.stack([_local(p.grad) for p in params])
-        if skip is not None:
-            grad = torch.where(skip, momentum, grad)  # lerp(B, B, w) == B: the momentum stays exact
-        momentum.lerp_(grad, 1 - group["momentum"])
+        update = self._nesterov([_local(p.grad) for p in params], momentum, skip, group["momentum"],
+                                group["nesterov"])
         if write_back is not None:
             torch._foreach_copy_(write_back, list(momentum.unbind(0)))
-        update = grad.lerp_(momentum, group["momentum"]) if group["nesterov"] else momentum
 
         def ns(x):
             safety = group.get("ns_safety", 1.0)
