@@ -86,6 +86,17 @@ def test_when_every_source_is_capped_the_mixture_ends_and_caps_the_steps():
     assert epoch_cap(TrainConfig(max_epochs=1), task) == 19  # train.max_epochs still caps: ceil(150 / 8)
 
 
+def test_capped_sources_shorter_than_a_step_are_refused_naming_the_cap():
+    from trainer.data.mixture import check_trainable
+
+    cfg = load_config(None, {"data.sources": ["a", "b"], "data.weights": [1, 1], "data.max_epochs": [0.1, 0.1],
+                             "train.seq_len": 32, "train.batch_tokens": 32 * 64}, env={})
+    index = {"train": [{"tokens": 32 * 100 + 1}]}  # 100 sequences: 10 + 10 < 64 per step
+    with pytest.raises(ConfigError, match=r"data\.max_epochs: the capped sources give 20 sequences"):
+        check_trainable(cfg, [index, index])
+    check_trainable(replace(cfg, **{"data.max_epochs": [0.1, 0]}), [index, index])  # one uncapped: no end
+
+
 def test_source_names():
     assert source_names(["data/web/*.jsonl.zst", "s3://b/books.parquet", "hf://datasets/owner/name", "data/web",
                          "诗词/"]) == ["web", "books", "name", "web-2", "诗词"]
@@ -252,6 +263,8 @@ def test_a_mixture_run_end_to_end(mixed, metrics, two_sources):
     tokens = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"(\w+) \d+\.\d%: ([\d,]+) tokens", line)}
     assert sum(tokens.values()) == N * 8 * 32 and abs(tokens["web"] / (N * 8 * 32) - 0.7) <= 0.01, line
     assert f"mixture at step-{N:08d}: web 70.0%: {tokens['web']:,} tokens" in status_report(cfg)
+    card = store.read_text("runs/mix/final/README.md")  # the model card lists the shares
+    assert "| mixture (data.weights) |" in card and "web.jsonl` 70.0%, `" in card and "poetry.jsonl` 30.0% |" in card
 
 
 def test_a_mixture_killed_after_a_checkpoint_resumes_the_same_order(mixed, metrics, cli, tmp_path):

@@ -102,6 +102,11 @@ def _training_rows(config: dict, state: dict, data_index: dict | None, stage: st
     train, data, sft = config.get("train", {}), config.get("data", {}), config.get("sft", {})
     sources = sft.get("sources") if stage == "sft" else data.get("sources")
     rows = [("data sources", ", ".join(f"`{s}`" for s in (sources or [])) or "-")]
+    weights, caps = (data.get("weights") or [], data.get("max_epochs") or []) if stage != "sft" else ([], [])
+    if weights and len(weights) == len(sources or []):  # a mixture: each source's share (and cap) of the samples
+        rows.append(("mixture (data.weights)", ", ".join(
+            f"`{s}` {w / sum(weights):.1%}" + (f" (at most {c:g} epochs)" if c else "")
+            for s, w, c in zip(sources, weights, caps or [0] * len(weights)))))
     if data_index:
         docs, chars = data_index.get("documents", {}), data_index.get("chars", {})
         train_tokens = sum(s.get("tokens", 0) for s in data_index.get("train", []))
