@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,6 +88,8 @@ class MixtureOrder:
         self.limits = [int(e * n) if e else None for e, n in zip(caps, self.sizes.tolist())]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.phases = self._phases()
+        self._perms: dict[int, dict[int, np.ndarray]] = {}  # per source, the last two passes' orders
+        self._lock = threading.Lock()
         last = self.phases[-1]
         self.total = last.end  # positions in the whole mixture; None: unbounded
 
@@ -174,12 +177,22 @@ class MixtureOrder:
             local = np.empty(len(j), dtype=np.int64)
             for epoch in np.unique(j // n):
                 sel = j // n == epoch
-                local[sel] = source_permutation(self.seed, int(s), int(epoch), n)[j[sel] % n]
+                local[sel] = self._permutation(int(s), int(epoch))[j[sel] % n]
             out[mask] = self.offsets[s] + local
         return out
 
+    def _permutation(self, s: int, epoch: int) -> np.ndarray:
+        """source_permutation, kept for the last two passes of every source (a global cache of a few
+        entries would recompute a large source's order at every micro-batch of a many-source mixture)."""
+        with self._lock:  # a closed loader's thread may still be finishing a batch while the next one starts
+            kept = self._perms.setdefault(s, {})
+            if epoch not in kept:
+                if len(kept) >= 2:
+                    del kept[min(kept)]
+                kept[epoch] = source_permutation(self.seed, s, epoch, int(self.sizes[s]))
+            return kept[epoch]
 
-@lru_cache(maxsize=8)
+
 def source_permutation(seed: int, source: int, epoch: int, n: int) -> np.ndarray:
     """The order of one pass over source `source`'s n samples: seeded by (seed, source, pass)."""
     return np.random.default_rng([int(_SOURCE_STREAM), seed, source, epoch]).permutation(n).astype(np.int64)
