@@ -226,3 +226,26 @@ def load_cfg(src, out, work: Path):
     values = {"data.val_permille": 100, "data.shard_tokens": 2048, "data.prepare_workers": 2,
               "data.sources": [f"{src.url}/corpus/*.jsonl"], "storage.local_dir": str(work), **out.overrides()}
     return load_config(None, values, env={})
+
+
+def test_every_kind_of_unit_read_by_range_from_s3(tmp_path, tiny_docs, tok, new_s3_bucket, monkeypatch):
+    """Byte ranges of a .jsonl and a .txt, a .jsonl.gz whole and parquet row groups (its footer and
+    column chunks fetched by range), from a moto bucket: the shards of the local files, and no
+    partial copy left behind."""
+    monkeypatch.setattr(units, "UNIT_BYTES", 2048)
+    paths = mixed_corpus(tmp_path / "corpus", tiny_docs)
+    src = new_s3_bucket()
+    for p in paths:
+        src.open().upload_file(p, f"corpus/{p.name}")
+    out = new_s3_bucket()
+    cfg = load_cfg(src, out, tmp_path / "work")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(f"{src.url}/corpus/",)))
+    files = pull(cfg, resolve_sources(cfg), stream=True)
+    remote = Remote(cfg.storage, tmp_path / "parts")
+    assert {u.kind for u in units.plan_units(files, remote=remote)} == {"bytes", "file", "row_groups"}
+    assert units.plan_units(files, remote=remote) == units.plan_units(local_files(paths))
+    index = prepare_into_bucket(cfg, files, tok, out.open(), KEY, {})
+    ref = prepare_shards(cfg, iter_documents(cfg.data, local_files(paths)), tok, tmp_path / "ref", progress=False)
+    for key in ("train", "val", "filters", "chars"):
+        assert index[key] == ref[key], key
+    assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file() and p.name != "index.json"]
