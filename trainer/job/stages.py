@@ -344,7 +344,8 @@ def export_card(store: Storage, run_id: str, stage: str = "pretrain"):
 
     def card(src: Path) -> str:
         arts = store.read_text_or_none(f"runs/{run_id}/artifacts.json")
-        index = store.read_text_or_none(join(Artifacts.from_json(arts).data_key, "index.json")) if arts else None
+        key = Artifacts.from_json(arts).data_key if arts else ""  # "" for a mixture: the card lists its shares
+        index = store.read_text_or_none(join(key, "index.json")) if key else None
         rows, _ = parse_metrics(store.read_text_or_none(f"runs/{run_id}/metrics.jsonl") or "")
         return model_card(run_id, yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8")) or {},
                           json.loads((src / "trainer_state.json").read_text(encoding="utf-8")),
