@@ -13,8 +13,10 @@ MULTISTEP_POINTS = (0.8, 0.9)
 MULTISTEP_FACTOR = 0.316
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for the update made at `step` (0-based), for cfg.schedule.
+def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
+    """Learning rate for the update made at `step` (0-based), for cfg.schedule, over a run of
+    max_steps steps (default cfg.max_steps; the loop passes the count it derived: a budget's, an
+    epoch cap's), so no derived count is written back into the config.
 
     All three warm up linearly over warmup_steps (from lr/warmup to lr, so step 0 is not wasted).
     cosine: half-cosine from lr to lr*min_lr_ratio at max_steps.
@@ -22,7 +24,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
          of the steps (Hu et al., MiniCPM, arXiv 2404.06395).
     multistep: DeepSeek LLM's steps (MULTISTEP_POINTS, MULTISTEP_FACTOR); min_lr_ratio unused.
     """
-    peak, total, warm = cfg.lr, cfg.max_steps, cfg.warmup_steps
+    peak, total, warm = cfg.lr, max_steps or cfg.max_steps, cfg.warmup_steps
     if step < warm:
         return peak * (step + 1) / warm
     floor = peak * cfg.min_lr_ratio

@@ -20,7 +20,6 @@ samples at checkpoints. Everything else is written once, here:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import time
@@ -144,13 +143,13 @@ class Budget:
         return state.max_steps
 
 
-def _run_length(hp: TrainConfig, state: LoopState, task: Task) -> tuple[TrainConfig, int | None]:
-    """(hp with the run's step count, the train.max_epochs cap): the count a wall-clock budget
+def _run_length(hp: TrainConfig, state: LoopState, task: Task) -> tuple[int, int | None]:
+    """(the run's step count, the train.max_epochs cap): the count a wall-clock budget
     fixed before the checkpoint (the same schedule and end), a placeholder until Budget fixes it
     (warm-up's lr does not depend on it), or train.max_steps within the cap."""
     cap = epoch_cap(hp, task)
     steps = run_steps(hp.max_steps, hp.budget_minutes, state, cap)
-    return dataclasses.replace(hp, max_steps=steps or BUDGET_UNFIXED_STEPS), cap
+    return steps or BUDGET_UNFIXED_STEPS, cap
 
 
 def epoch_cap(hp: TrainConfig, task: Task) -> int | None:
@@ -227,9 +226,9 @@ def judge(mean_loss: float, skipped: int, loss_ema: float | None, spike_factor: 
 
 
 def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopState:
-    """Train task from its newest complete checkpoint (or its starting weights) to task.hp.max_steps.
-    Raises Preempted (exit 75) after a signal, FloatingPointError per train.on_nonfinite, LeaseLost
-    (from `lease`, checked before every checkpoint) when another job took the run."""
+    """Train task from its newest checkpoint (or its starting weights) to the step count _run_length
+    derives (kept here, not in task.hp). Raises Preempted (exit 75) after a signal, FloatingPointError
+    per train.on_nonfinite, LeaseLost (from `lease`, before every checkpoint) when another job took it."""
     hp = task.hp
     micro, accum = batch_geometry(task.samples_per_step, d.world, hp.micro_batch_size)
     run_local = Path(cfg.storage.local_dir) / "runs" / task.run_id
@@ -241,7 +240,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     ckpt = Checkpointer(task, cfg, store, d, run_local, model, tokenizer, optimizer, lease)
     state = ckpt.resume()
     state.inputs = task.inputs  # the stages refused a resume whose inputs changed (stages.check_resume)
-    hp, cap = _run_length(hp, state, task)
+    max_steps, cap = _run_length(hp, state, task)  # derived: kept here, never written into hp
 
     train_model, eval_model = parallelize.wrap(task.loss_module(model), d, hp.compile, strategy, use_bf16)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -251,7 +250,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     logger.info(f"{task.name}: {sum(p.numel() for p in params) / 1e6:.1f}M params on {d.world} x {d.device.type} "
                 f"({strategy}{', activation checkpointing' if hp.activation_checkpointing else ''}), "
                 f"{task.samples_per_step} sequences per step ({micro} per micro-batch, {accum} accumulation), "
-                f"steps {state.step} -> {hp.max_steps}")
+                f"steps {state.step} -> {max_steps}")
 
     ckpt.start(runlog, autocast)
     model.train()
@@ -259,13 +258,13 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
     budget = Budget(hp, state.step, state.wall_seconds, task.samples_per_step)
     with StopFlag() as stop:
         try:
-            while state.step < hp.max_steps:
+            while state.step < max_steps:
                 if (d.world > 1 or stop.requested_at is not None) and d.any(stop.requested_at is not None):
                     loader.close()
                     if state.step > ckpt.last_step:  # the open window goes into the last checkpoint
                         state.window = window.saved(d, loader.wait_seconds) if state.step > window.start_step else None
                     ckpt.stop(state, stop.requested_at)  # raises Preempted
-                lr = lr_at(state.step, hp)
+                lr = lr_at(state.step, hp, max_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer.build_optimizer; older: none
                 # Sum of the step's per-token losses / their number over all ranks (DDP averages over ranks).
@@ -277,20 +276,20 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                 if hp.budget_minutes and not state.max_steps:
                     budget.tick(state.step)
                     if state.step == budget.measure_until:
-                        hp = dataclasses.replace(hp, max_steps=budget.fix_steps(state, d, cap))
-                at_eval = state.step % max(1, hp.eval_every_steps or hp.max_steps) == 0
-                if not (state.step % hp.log_every_steps == 0 or ckpt.due(state.step, hp.max_steps) or at_eval):
+                        max_steps = budget.fix_steps(state, d, cap)
+                at_eval = state.step % max(1, hp.eval_every_steps or max_steps) == 0
+                if not (state.step % hp.log_every_steps == 0 or ckpt.due(state.step, max_steps) or at_eval):
                     continue
                 # Judged at log steps and before every checkpoint (the only host syncs).
                 row, rollback_from, now = _close_window(window, state, task, hp, lr, loader.wait_seconds, d)
-                if at_eval or state.step == hp.max_steps:
+                if at_eval or state.step == max_steps:
                     model.eval()
                     with torch.no_grad():
                         row.update(task.evaluate(eval_model, d, autocast))
                     model.train()
                 runlog.append("metrics.jsonl", [row])
-                eta = (hp.max_steps - state.step) * (now - window.start_time) / (state.step - window.start_step)
-                logger.info(f"{task.name} step {state.step}/{hp.max_steps} {_fields(row)} "
+                eta = (max_steps - state.step) * (now - window.start_time) / (state.step - window.start_step)
+                logger.info(f"{task.name} step {state.step}/{max_steps} {_fields(row)} "
                             f"elapsed={_hms(ckpt.wall_seconds(now))} eta={_hms(eta)}")
                 window = Window(d.device, state.step, loader.wait_seconds)
                 if rollback_from:
@@ -299,7 +298,7 @@ def train(task: Task, cfg: Config, store: Storage, d: Dist, lease=None) -> LoopS
                     loader = task.loader(state.data_position, d, micro)
                     window = Window(d.device, state.step, loader.wait_seconds)
                     continue
-                ckpt.maybe_save(state, hp.max_steps)
+                ckpt.maybe_save(state, max_steps)
         finally:
             loader.close()
     ckpt.close()
