@@ -99,3 +99,11 @@ def test_load_config_reads_the_schedule_from_yaml(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(str(path), {}, env={})
     assert "train.schedule" in str(e.value) and "train.decay_fraction" in str(e.value)  # both, in one error
+
+
+def test_a_derived_step_count_passed_in_replaces_max_steps():
+    """The loop passes the count it derived (budget, epoch cap) instead of writing it into the config."""
+    cfg = train_cfg("cosine")  # max_steps 100
+    assert lr_at(55, cfg, max_steps=200) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 45 / 190)))
+    assert lr_at(55, cfg, max_steps=200) != lr_at(55, cfg)
+    assert lr_at(55, cfg, max_steps=100) == lr_at(55, cfg)
