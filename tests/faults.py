@@ -626,7 +626,7 @@ def losses(store, run_id: str) -> dict[int, float]:
 
 def assert_same(got, expected, exact: bool = True) -> None:
     """got, expected: (compared fields of every metrics row, final weights by name). exact: equal bit
-    for bit; else losses within rel 1e-4 and weights within rtol 1e-4 / atol 1e-5 (another number of
+    for bit; else losses within rel 1e-4 and weights within rtol 1e-4 / atol 5e-5 (another number of
     processes sums in another order). Every step is logged once in both."""
     import torch
 
@@ -644,8 +644,9 @@ def assert_same(got, expected, exact: bool = True) -> None:
         for k in ("loss", "val_loss", "grad_norm"):
             if k in r:
                 assert r[k] == pytest.approx(ref[k], rel=1e-4), (r["step"], k, r[k], ref[k])
-    for k in weights:
-        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    for k in weights:  # atol 5e-5: AdamW moves a rarely seen token's embedding row by ~lr x sign(g), so the
+        # summation order's noise in its tiny gradient shows there first (1.8e-5 after 48 steps, transformers 5.24)
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=1e-4, atol=5e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 if __name__ == "__main__":
