@@ -249,3 +249,20 @@ def test_every_kind_of_unit_read_by_range_from_s3(tmp_path, tiny_docs, tok, new_
     for key in ("train", "val", "filters", "chars"):
         assert index[key] == ref[key], key
     assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file() and p.name != "index.json"]
+
+
+def test_streamed_upload_appears_on_close_and_abort_leaves_nothing(store, monkeypatch):
+    from trainer.io import upload_stream
+
+    monkeypatch.setattr(upload_stream, "PART_BYTES", 5 << 20)  # S3's smallest part: 3 parts below
+    data = os.urandom(11 << 20)
+    f = upload_stream.open_upload(store, "s/shard.bin")
+    for i in range(0, len(data), 1 << 20):
+        f.write(data[i:i + (1 << 20)])
+    assert not store.exists("s/shard.bin")  # not before close
+    f.close()
+    assert store.read_bytes("s/shard.bin") == data
+    g = upload_stream.open_upload(store, "s/other.bin")
+    g.write(data[:100])
+    g.abort()
+    assert not store.exists("s/other.bin") and [o.key for o in store.list("s/")] == ["s/shard.bin"]

@@ -32,13 +32,14 @@ def keep_first(hashes: np.ndarray) -> np.ndarray:
 
 
 def assemble_shards(scratch: Path, stats: list[dict], out_dir: Path, dtype: np.dtype, shard_tokens: int,
-                    dedup: bool, load=None, on_shard=None) -> dict:
+                    dedup: bool, load=None, shard_hooks: tuple = (None, None)) -> dict:
     """Write train-*.bin and val-*.bin under out_dir from the len(stats) unit files under scratch
     (stats: each unit's counts from its done marker), or from load(n) (an np.load of unit n: the
-    bucket's copy, prepare_nodes.UnitBucket.load). on_shard(path) is called as each shard file is
-    complete (the stage uploads it). Returns the index entries that depend on the documents: train,
-    val (shard lists), chars, documents, filters (what each filter removed, the units' counts
-    summed) and skipped_records (bad records, by reason, summed over the units)."""
+    bucket's copy, prepare_nodes.UnitBucket.load). shard_hooks: (open_shard, on_close) for the
+    ShardWriters (the stage uploads each shard as it is complete, or streams it into the bucket).
+    Returns the index entries that depend on the documents: train, val (shard lists), chars,
+    documents, filters (what each filter removed, the units' counts summed) and skipped_records
+    (bad records, by reason, summed over the units)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     n_units = len(stats)
     load = load or (lambda n: np.load(unit_path(scratch, n)))
@@ -49,13 +50,34 @@ def assemble_shards(scratch: Path, stats: list[dict], out_dir: Path, dtype: np.d
                 hashes.append(z["hashes"])
         keep_all = keep_first(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
         del hashes
-    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens, on_shard) for s in ("train", "val")}
+    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens, shard_hooks[1], shard_hooks[0])
+               for s in ("train", "val")}
+    try:
+        chars, documents, pos, kept = _copy_units(load, n_units, dedup and keep_all, writers)
+        shards = {split: w.close() for split, w in writers.items()}
+    except BaseException:  # a failed upload, a signal: no half-written shard is published
+        for w in writers.values():
+            w.abort()
+        raise
+    filters, skipped = Counter(), Counter()
+    for s in stats:
+        filters.update(s["filters"])
+        skipped.update(s["skipped"])
+    filters.update(removed_duplicate=pos - kept, documents_kept=kept)
+    return {"train": shards["train"], "val": shards["val"], "chars": dict(chars),
+            "documents": dict(documents), "filters": {k: v for k, v in sorted(filters.items()) if v},
+            "skipped_records": dict(sorted(skipped.items()))}
+
+
+def _copy_units(load, n_units: int, keep_all, writers: dict):
+    """The kept documents of every unit, in order, into the train and val writers (keep_all: the
+    dedup mask over all documents, or False). Returns (chars, documents, documents read, kept)."""
     chars, documents = Counter(), Counter()
     pos = kept = 0
     for n in range(n_units):
         with load(n) as z:
             val, offsets, unit_chars = z["val"].astype(bool), z["offsets"], z["chars"]
-            keep = keep_all[pos:pos + len(val)] if dedup else np.ones(len(val), dtype=bool)
+            keep = keep_all[pos:pos + len(val)] if keep_all is not False else np.ones(len(val), dtype=bool)
             pos += len(val)
             kept += int(keep.sum())
             lengths = np.diff(offsets)
@@ -66,11 +88,4 @@ def assemble_shards(scratch: Path, stats: list[dict], out_dir: Path, dtype: np.d
                     writers[split].write(tokens[np.repeat(picked, lengths)])
                     chars[split] += int(unit_chars[picked].sum())
                     documents[split] += int(picked.sum())
-    filters, skipped = Counter(), Counter()
-    for s in stats:
-        filters.update(s["filters"])
-        skipped.update(s["skipped"])
-    filters.update(removed_duplicate=pos - kept, documents_kept=kept)
-    return {"train": writers["train"].close(), "val": writers["val"].close(), "chars": dict(chars),
-            "documents": dict(documents), "filters": {k: v for k, v in sorted(filters.items()) if v},
-            "skipped_records": dict(sorted(skipped.items()))}
+    return chars, documents, pos, kept

@@ -43,6 +43,7 @@ from trainer.data.sources import CorpusFile, DataError
 from trainer.data.units import encode_unit, plan_fingerprint, plan_units, read_done
 from trainer.errors import stop_on_signals
 from trainer.io.storage import Storage, join
+from trainer.io.upload_stream import open_upload
 from trainer.log import logger
 
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines
@@ -72,7 +73,7 @@ def worker_layout(data, workers: int | None, n_units: int) -> tuple[int, int]:
 
 def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Path, scratch: Path,
                    workers: int | None = None, meeting: UnitBucket | None = None, remote: Remote | None = None,
-                   on_shard=None) -> dict | None:
+                   shard_hooks: tuple = (None, None)) -> dict | None:
     """Tokenize `files` into shards under out_dir; return the index (also written as
     out_dir/index.json), with skipped_records, workers and units added to prepare_shards' keys.
 
@@ -81,7 +82,7 @@ def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Pat
     bucket's unit folder when several nodes prepare (or the corpus is streamed): this node encodes
     its share of the units and publishes each (trainer/data/prepare_nodes.py); node 0 then waits for
     the others' and assembles from the bucket, the other nodes return None. remote: how to read
-    s3:// files in parts (trainer/data/remote.py). on_shard(path): called as each shard is written.
+    s3:// files in parts (trainer/data/remote.py). shard_hooks: (open_shard, on_close) of the ShardWriters.
     Raises DataError (a bad record under data.on_error=fail, naming file and line, on any node; no
     document or no training token left), ConfigError (the tokenizer has no document separator),
     Preempted (SIGTERM or SIGINT: the workers are killed, the units done are kept; exit 75),
@@ -123,7 +124,7 @@ def prepare_corpus(cfg: Config, files: list[CorpusFile], tokenizer, out_dir: Pat
                  "eos_id": eos, "eos_token": eos_token}
         assembling = time.time()
         index.update(assemble_shards(scratch, stats, out_dir, dtype, cfg.data.shard_tokens, cfg.data.dedup,
-                                     meeting.load if meeting is not None else None, on_shard))
+                                     meeting.load if meeting is not None else None, shard_hooks))
         logger.info(f"prepare: {len(index['train']) + len(index['val'])} shard(s) assembled from {len(units)} units "
                     f"in {time.time() - assembling:.1f} s (units took {assembling - start:.1f} s)")
     finally:
@@ -147,11 +148,11 @@ def prepare_into_bucket(cfg: Config, files: list[CorpusFile], tokenizer, store: 
     remote = Remote(cfg.storage, scratch / "input") if any(is_remote(f) for f in files) else None
     meeting = UnitBucket(store, f"{key}.prepare", node, nodes) if nodes > 1 or remote else None
 
-    def shard_done(path: Path) -> None:  # each shard goes up as it is complete; streamed: not kept here
+    def shard_done(path: Path) -> None:  # each shard goes up as it is complete
         store.upload_file(path, join(key, path.name))
-        if remote is not None:
-            path.unlink()
-    index = prepare_corpus(cfg, files, tokenizer, out, scratch, meeting=meeting, remote=remote, on_shard=shard_done)
+    # Streamed (an S3 corpus): each shard is written straight into the bucket, never to local disk.
+    hooks = ((lambda name: open_upload(store, join(key, name))), None) if remote is not None else (None, shard_done)
+    index = prepare_corpus(cfg, files, tokenizer, out, scratch, meeting=meeting, remote=remote, shard_hooks=hooks)
     shutil.rmtree(scratch, ignore_errors=True)
     if index is None:
         return None

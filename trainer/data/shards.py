@@ -181,10 +181,12 @@ class Normalizer:
 class ShardWriter:
     """Appends token arrays to numbered shard files of at most `shard_tokens` tokens."""
 
-    def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int, on_close=None):
-        """on_close(path), when given, is called as each shard file is complete (prepare uploads it then)."""
+    def __init__(self, out_dir: Path, split: str, dtype, shard_tokens: int, on_close=None, open_shard=None):
+        """on_close(path), when given, is called as each shard file is complete (prepare uploads it
+        then); open_shard(name), when given, is the binary file a shard is written to instead of
+        out_dir/name (prepare streams shards into the bucket: io/upload_stream.py; closing it publishes)."""
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.on_close = on_close
+        self.on_close, self.open_shard = on_close, open_shard
         self.shards: list[dict] = []
         self._f = None
         self._n = 0
@@ -192,7 +194,7 @@ class ShardWriter:
 
     def _open(self):
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._f = open(self.out_dir / name, "wb")
+        self._f = self.open_shard(name) if self.open_shard else open(self.out_dir / name, "wb")
         self._n = 0
         self._sha = hashlib.sha256()
         self.shards.append({"name": name, "tokens": 0})
@@ -218,6 +220,12 @@ class ShardWriter:
             self._f = None
             if self.on_close is not None:
                 self.on_close(self.out_dir / self.shards[-1]["name"])
+
+    def abort(self) -> None:
+        """Drop the shard being written (a streamed one is not published)."""
+        if self._f is not None:
+            getattr(self._f, "abort", self._f.close)()
+            self._f = None
 
     def close(self) -> list[dict]:
         self._close()
