@@ -126,7 +126,8 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
     cfg = replace(base_cfg, **{
         "run.id": run_id, "model.preset": preset, "train.seq_len": args.seq_len,
         "train.batch_tokens": batch * args.seq_len * nproc * args.accum, "train.micro_batch_size": batch,
-        "train.max_steps": args.warmup + args.steps, "train.warmup_steps": 10, "train.lr": 3e-4,
+        "train.max_steps": args.warmup + args.steps, "train.lr": 3e-4,
+        "train.warmup_steps": min(10, args.warmup + args.steps - 1),
         "train.log_every_steps": log_every, "train.eval_every_steps": 0, "train.eval_sequences": 16,
         "train.checkpoint_every_steps": 10_000, "train.compile": compile_mode, "train.strategy": args.strategy,
         "checkpoint.upload_async": False, **{f"train.{k}": v for k, v in settings.items()}})
