@@ -270,10 +270,10 @@ def test_resume_after_sigterm_equals_straight_run(tmp_path, chat_model, single_p
         if stop_at is not None:  # SIGTERM while step `stop_at` runs, as a preempting host sends it
             real = trainer.training.loop.lr_at
 
-            def lr_at(step, t):
+            def lr_at(step, t, max_steps=None):
                 if step == stop_at:
                     os.kill(os.getpid(), signal.SIGTERM)
-                return real(step, t)
+                return real(step, t, max_steps)
 
             monkeypatch.setattr(trainer.training.loop, "lr_at", lr_at)
             with pytest.raises(SystemExit) as e:
