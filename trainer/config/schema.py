@@ -186,6 +186,8 @@ class TrainConfig:
     """train for this wall-clock time instead of max_steps: the step count is fixed after warm-up; 0 = off"""
     seq_len: int = 256
     """tokens per training sequence"""
+    shift_windows: bool = False
+    """each pass over the data cuts its seq_len-token windows at another seeded offset (repeated data)"""
     batch_tokens: int = 8192
     """global batch in tokens per optimizer step (all ranks, all micro-batches)"""
     micro_batch_size: int = 0

@@ -5,6 +5,12 @@ never cross shard boundaries (at most T tokens per shard go unused). Global samp
 epoch g // N and position g % N of that epoch's permutation, so any process can compute any step's
 batch without state: the data position in a checkpoint is the number of sequences consumed, and the
 order depends neither on the number of processes nor on the batch size.
+
+With train.shift_windows each pass over the data cuts its windows at another token offset: pass e
+reads sample i as tokens [i*T + s_e, i*T + s_e + T + 1), s_0 = 0 and s_e seeded by (seed, e) in
+[0, T), one sample per shard fewer so that every offset fits. Repeated data is then never seen in
+the same T-token windows twice (the reference run's training loss fell in steps at each new pass over
+the same windows while its held-out loss rose: docs/reference-run/attempts/SWEEP-2026-11-30.md).
 """
 
 from __future__ import annotations
@@ -19,16 +25,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+_SHIFT_STREAM = 0x5348_4946  # "SHIF": keeps the offsets' random stream apart from the permutations'
+
+
+@lru_cache(maxsize=64)
+def window_shift(seed: int, epoch: int, seq_len: int) -> int:
+    """Token offset of pass `epoch`'s windows under train.shift_windows: 0 for the first pass, then
+    seeded by (seed, epoch), uniform in [0, seq_len)."""
+    if epoch == 0:
+        return 0
+    return int(np.random.default_rng([_SHIFT_STREAM, seed, epoch]).integers(seq_len))
+
 
 class TokenSamples:
-    """Random access to fixed-length samples over memory-mapped shards of one split."""
+    """Random access to fixed-length samples over memory-mapped shards of one split. shift_seed
+    (train.seed, with train.shift_windows): each pass cuts its windows at window_shift's offset."""
 
-    def __init__(self, data_dir: Path, index: dict, split: str, seq_len: int):
+    def __init__(self, data_dir: Path, index: dict, split: str, seq_len: int, shift_seed: int | None = None):
         self.seq_len = seq_len
+        self.shift_seed = shift_seed
         self.dtype = np.dtype(index["dtype"])
         self.shards, counts = [], []
         for entry in index[split]:
-            n = (entry["tokens"] - 1) // seq_len
+            n = (entry["tokens"] - 1) // seq_len - (shift_seed is not None)  # room for an offset < seq_len
             if n > 0:
                 self.shards.append(np.memmap(Path(data_dir) / entry["name"], dtype=self.dtype, mode="r"))
                 counts.append(n)
@@ -38,12 +57,16 @@ class TokenSamples:
     def __len__(self) -> int:
         return self.n
 
-    def get(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids), seq_len + 1) int64 array of the samples with these numbers."""
+    def get(self, ids: np.ndarray, epochs: np.ndarray | None = None) -> np.ndarray:
+        """(len(ids), seq_len + 1) int64 array of the samples with these numbers; `epochs` (the pass
+        of each) only matters with shift_seed."""
         out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
-        for row, (i, s) in enumerate(zip(ids, shard_of)):
-            offset = (int(i) - int(self.starts[s])) * self.seq_len
+        shifts = np.zeros(len(ids), dtype=np.int64)
+        if self.shift_seed is not None and epochs is not None:
+            shifts = np.array([window_shift(self.shift_seed, int(e), self.seq_len) for e in epochs], dtype=np.int64)
+        for row, (i, s, shift) in enumerate(zip(ids, shard_of, shifts)):
+            offset = (int(i) - int(self.starts[s])) * self.seq_len + int(shift)
             out[row] = self.shards[s][offset: offset + self.seq_len + 1]
         return out
 
@@ -59,12 +82,14 @@ class ConcatSamples:
     def __len__(self) -> int:
         return self.n
 
-    def get(self, ids: np.ndarray) -> np.ndarray:
+    def get(self, ids: np.ndarray, epochs: np.ndarray | None = None) -> np.ndarray:
+        """As TokenSamples.get; `epochs` is each sample's pass over its own source."""
         part_of = np.searchsorted(self.starts, ids, side="right") - 1
         out = np.empty((len(ids), self.parts[0].seq_len + 1), dtype=np.int64)
         for p in np.unique(part_of):
             mask = part_of == p
-            out[mask] = self.parts[p].get(ids[mask] - self.starts[p])
+            local = ids[mask] - self.starts[p]
+            out[mask] = self.parts[p].get(local) if epochs is None else self.parts[p].get(local, epochs[mask])
         return out
 
 
@@ -105,10 +130,11 @@ class BatchLoader:
 
     def __init__(self, samples, seed: int, samples_per_step: int, rank: int, world: int, micro: int,
                  device: torch.device, position: int, prefetch: int = 4, order=None):
-        """order: (start, count) -> sample numbers of those global positions (a mixture's
-        MixtureOrder.sample_ids); None: global_sample_ids over the one stream."""
+        """order: (start, count) -> sample numbers of those global positions, or (numbers, pass of
+        each) for samples that shift their windows (a mixture's MixtureOrder.sample_ids, or
+        .sample_ids_and_passes); None: global_sample_ids over the one stream (and its passes)."""
         self.samples, self.seed, self.device = samples, seed, device
-        self.order = order or (lambda start, count: global_sample_ids(seed, len(samples), start, count))
+        self.order = order or self._one_stream
         self.spec = (samples_per_step, rank, world, micro)
         self.position = position
         self.wait_seconds = 0.0
@@ -117,6 +143,13 @@ class BatchLoader:
         self._thread = threading.Thread(target=self._produce, daemon=True)
         self._thread.start()
 
+    def _one_stream(self, start: int, count: int):
+        n = len(self.samples)
+        ids = global_sample_ids(self.seed, n, start, count)
+        if getattr(self.samples, "shift_seed", None) is None:
+            return ids
+        return ids, np.arange(start, start + count, dtype=np.int64) // n
+
     def _produce(self):
         pin = self.device.type == "cuda"
         samples_per_step = self.spec[0]
@@ -124,7 +157,8 @@ class BatchLoader:
             for position in itertools.count(self.position, samples_per_step):
                 for start, count in rank_micro_batches(position, *self.spec):
                     ids = self.order(start, count)
-                    batch = torch.from_numpy(self.samples.get(ids))
+                    batch = torch.from_numpy(self.samples.get(*ids) if isinstance(ids, tuple)
+                                             else self.samples.get(ids))
                     if pin:
                         batch = batch.pin_memory()
                     while not self._stop.is_set():

@@ -168,8 +168,13 @@ class MixtureOrder:
 
     def sample_ids(self, start: int, count: int) -> np.ndarray:
         """Numbers (in the concatenation of the sources) of the samples at positions [start, start + count)."""
+        return self.sample_ids_and_passes(start, count)[0]
+
+    def sample_ids_and_passes(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """sample_ids, and each sample's pass over its own source (train.shift_windows' offsets)."""
         sources, js = self.draws(start, count)
         out = np.empty(count, dtype=np.int64)
+        passes = np.empty(count, dtype=np.int64)
         for s in np.unique(sources):
             mask = sources == s
             n = int(self.sizes[s])
@@ -179,7 +184,8 @@ class MixtureOrder:
                 sel = j // n == epoch
                 local[sel] = self._permutation(int(s), int(epoch))[j[sel] % n]
             out[mask] = self.offsets[s] + local
-        return out
+            passes[mask] = j // n
+        return out, passes
 
     def _permutation(self, s: int, epoch: int) -> np.ndarray:
         """source_permutation, kept for the last two passes of every source (a global cache of a few

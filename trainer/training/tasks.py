@@ -107,8 +107,11 @@ def pretrain_inputs(cfg: Config, tokenizer_fp: str, data_name: str, vocab_size: 
                 "model": f"model.init ({description(init['config'])})", "init": f"sha256:{init['fingerprint']}"}
     changed = preset_changes(cfg.model.preset, model_shape(cfg.model))
     overrides = "".join(f" {k}={v}" for k, v in changed.items())
-    return {"tokenizer": tokenizer_fp, "data": data_name, "seq_len": cfg.train.seq_len,
-            "model": f"{cfg.model.preset}{overrides}, vocab {vocab_size}, tied embeddings {cfg.model.tie_embeddings}"}
+    inputs = {"tokenizer": tokenizer_fp, "data": data_name, "seq_len": cfg.train.seq_len,
+              "model": f"{cfg.model.preset}{overrides}, vocab {vocab_size}, tied embeddings {cfg.model.tie_embeddings}"}
+    # another sample numbering: a resume must keep it (checkpoints from before the key pass: fixed windows)
+    inputs["windows"] = "shifted per pass" if cfg.train.shift_windows else "fixed"
+    return inputs
 
 
 class PretrainTask:
@@ -148,13 +151,14 @@ class PretrainTask:
         validation parts (name, samples, sequences evaluated, characters per token): with a mixture
         each source's first train.eval_sequences / S held-out sequences, so evaluation costs as much."""
         seq_len, n_eval = self.hp.seq_len, self.hp.eval_sequences
+        shift = self.hp.seed if self.hp.shift_windows else None  # each pass's windows at another offset
         self.order, self.sequence_limit = None, None
         if components is None:
-            self.train_samples = TokenSamples(data_dir, index, "train", seq_len)
+            self.train_samples = TokenSamples(data_dir, index, "train", seq_len, shift)
             self.val_parts = [("", TokenSamples(data_dir, index, "val", seq_len), n_eval, val_chars_per_token(index))]
             return
         names = mixture.source_names(cfg.data.sources)
-        parts = [TokenSamples(d, i, "train", seq_len) for d, i in components]
+        parts = [TokenSamples(d, i, "train", seq_len, shift) for d, i in components]
         self.train_samples = ConcatSamples(parts)
         self.order = mixture.MixtureOrder(self.hp.seed, [len(p) for p in parts], cfg.data.weights,
                                           cfg.data.max_epochs)
@@ -183,7 +187,8 @@ class PretrainTask:
 
     def loader(self, position: int, d: Dist, micro: int) -> BatchLoader:
         return BatchLoader(self.train_samples, self.hp.seed, self.samples_per_step, d.rank, d.world, micro, d.device,
-                           position, order=self.order and self.order.sample_ids)
+                           position, order=self.order and (self.order.sample_ids_and_passes if self.hp.shift_windows
+                                                           else self.order.sample_ids))
 
     def targets_in_step(self, position: int) -> int:
         return self.tokens_per_step
