@@ -6,6 +6,9 @@
     python scripts/make_modern_corpus.py --out /tmp/modern                       # modern prose
     python scripts/bench_tokenizer.py --shards 3 --modern /tmp/modern --pre zh:4,qwen2:4,gpt-2:4 \
         --skip-recipe --skip-throughput   # pre-tokenizers on poetry and modern prose
+    python scripts/make_modern_corpus.py --out /tmp/mixed --mixed                # + Chinese with code
+    python scripts/bench_tokenizer.py --shards 3 --modern /tmp/mixed --val-permille 50 --pre-only --prose \
+        --pre qwen2:4:0,qwen2:4:24,gpt-2:64:0,qwen2:8:0 --out bench/results/tokenizer-prose-2026-12-03.json
 
 Each variant runs in a subprocess of its own, so its peak RSS (from wait4) is its own:
   recipe       ByteLevel(add_prefix_space=False) + BpeTrainer(vocab, ["<|endoftext|>"]) +
@@ -17,9 +20,10 @@ Each variant runs in a subprocess of its own, so its peak RSS (from wait4) is it
                target's reference), and encode_batch_fast (no offsets: what prepare calls);
   prepare      trainer.data.shards.prepare_shards from the files (read, normalise, split, encode, write),
                then once more on --small-shards shards: its memory does not follow the corpus;
-  pre          (--pre) the steps of train_from_corpus with each tokenizer.pre_tokenizer and
-               max_token_length given, on the poetry shards and the --modern shards together (one
-               sample of sample_bytes over both); chars/token on the held-out documents of each source.
+  pre          (--pre) the steps of train_from_corpus with each tokenizer.pre_tokenizer,
+               max_token_length and max_latin_token_bytes given, on the poetry shards and the --modern
+               shards together (one sample of sample_bytes over both), and with --prose also on each
+               alone; chars/token on the held-out documents of each source.
 Both sides hold out the same validation documents (data.val_permille, by hash) and are measured on
 them. Timings on a shared machine are noisy: compare only numbers from the same run (the load
 average around each variant is recorded). Prints a table; writes JSON under bench/results/.
@@ -170,18 +174,20 @@ def worker_pre(params) -> dict:
     trained_chars: dict[str, int] = {}
 
     def train_docs():
-        for f in params["files"]:
+        for f in params["files"] + [f for f in params.get("eval_files", []) if f not in params["files"]]:
             source = Path(f).name.split("-")[0]
             for text in normalize(iter_documents(cfg.data, local_files([f]))):
                 if is_validation(text, cfg.data.val_permille):
                     heldout.setdefault(source, []).append(text)
                     continue
-                trained_chars[source] = trained_chars.get(source, 0) + len(text)
-                yield text
+                if f in params["files"]:  # eval_files only give held-out text
+                    trained_chars[source] = trained_chars.get(source, 0) + len(text)
+                    yield text
 
     start = time.time()
     sample = sample_documents(train_docs(), params["sample_bytes"])
-    tok = train_tokenizer(sample, params["vocab"], params["max_token_length"], pre_tokenizer=params["pre"])
+    tok = train_tokenizer(sample, params["vocab"], params["max_token_length"], pre_tokenizer=params["pre"],
+                          max_latin_bytes=params.get("latin_bytes", 0))
     seconds = time.time() - start
     texts = {k: heldout[k] for k in sorted(heldout)}
     modern = [t for k, v in texts.items() if k != "poetry" for t in v]
@@ -193,6 +199,7 @@ def worker_pre(params) -> dict:
     tok.encode_batch_fast(everything, add_special_tokens=False)  # what prepare calls
     encode_seconds = time.time() - encode_start
     return {"seconds": round(seconds, 2), "pre": params["pre"], "max_token_length": params["max_token_length"],
+            "latin_bytes": params.get("latin_bytes", 0), "train": params.get("train", ""),
             "chars_per_token": per_source, "heldout_chars": {k: sum(map(len, v)) for k, v in texts.items()},
             "corpus_train_chars": trained_chars, "sample_bytes": sum(len(t.encode()) for t in sample),
             "vocab_size": tok.get_vocab_size(), "longest_tokens": longest_tokens_of(tok),
@@ -275,10 +282,11 @@ def gb(n: float) -> str:
 
 def print_pre_table(rows: list[dict]) -> None:
     sources = sorted({k for v in rows for k in v["chars_per_token"]}, key=lambda k: (k == "modern", k))
-    print(f"\n{'pre_tokenizer':<14} {'max tok':>7} " + " ".join(f"{s:>8}" for s in sources)
+    print(f"\n{'trained on':<14} {'pre_tokenizer':<14} {'max tok':>7} {'latin B':>7} "
+          + " ".join(f"{s:>8}" for s in sources)
           + f" {'wall s':>7} {'peak RSS GB':>11} {'enc Mchar/s':>11}  (chars/token on held-out text of each source)")
     for v in rows:
-        print(f"{v['pre']:<14} {v['max_token_length']:>7} "
+        print(f"{v.get('train', ''):<14} {v['pre']:<14} {v['max_token_length']:>7} {v.get('latin_bytes', 0):>7} "
               + " ".join(f"{v['chars_per_token'].get(s, float('nan')):>8.4f}" for s in sources)
               + f" {v['seconds']:>7.1f} {gb(v['peak_rss_bytes']):>11} "
               + f"{v.get('encode_chars_per_second', 0) / 1e6:>11.2f}")
@@ -312,14 +320,21 @@ def print_table(res: dict) -> None:
 
 
 def run_pre(args, files: list[str], base: dict, work: Path) -> list[dict]:
-    """The --pre comparison: one worker per pre_tokenizer:max_token_length."""
+    """The --pre comparison: one worker per pre_tokenizer:max_token_length[:max_latin_token_bytes].
+    With --prose, each on three training sets (poetry + modern, modern alone, poetry alone), every
+    one measured on the held-out documents of all sources."""
     modern = sorted(str(f) for f in Path(args.modern).glob("*.jsonl.zst")) if args.modern else []
+    trainings = {"poetry+modern": files + modern}
+    if args.prose:
+        trainings.update({"modern": modern, "poetry": files})
     rows = []
-    for point in filter(None, args.pre.split(",")):
-        pre, _, mtl = point.partition(":")
-        params = {**base, "files": files + modern, "pre": pre, "max_token_length": int(mtl or base["max_token_length"]),
-                  "out_dir": str(work / f"pre-{pre}")}
-        rows.append(run_child("pre", params, f"pre {point}"))
+    for train, train_files in trainings.items():
+        for point in filter(None, args.pre.split(",")):
+            pre, mtl, latin = (point.split(":") + ["", ""])[:3]
+            params = {**base, "files": train_files, "eval_files": files + modern, "pre": pre, "train": train,
+                      "max_token_length": int(mtl or base["max_token_length"]), "latin_bytes": int(latin or 0),
+                      "out_dir": str(work / f"pre-{pre}")}
+            rows.append(run_child("pre", params, f"pre {train} {point}"))
     return rows
 
 
@@ -343,6 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--pre", default="", help="train each pre_tokenizer:max_token_length,... on the shards and "
                                              "--modern together (e.g. zh:4,qwen2:4,deepseek-llm:4,gpt-2:4)")
     p.add_argument("--pre-only", action="store_true", help="run only the --pre comparison")
+    p.add_argument("--prose", action="store_true", help="--pre also trained on --modern alone and on the shards "
+                                                        "alone (pre:max_token_length:max_latin_token_bytes points)")
     p.add_argument("--out", default="", help="JSON path (default bench/results/tokenizer-<date>.json)")
     p.add_argument("--keep-work", action="store_true", help="keep the tokenizers and shards in the work dir")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ import pytest
 from conftest import read_sample_docs
 from trainer.config import load_config
 from trainer.data.shards import Normalizer, SeenHashes, data_hash, prepare_shards, token_dtype
+from trainer.data.token_length import cap_han_tokens, han_characters
 from trainer.data.tokenizer import (
     EOS,
     IM_END,
@@ -127,6 +128,55 @@ def test_each_pre_tokenizer_trains_round_trips_and_is_named_for_llama_cpp(tmp_pa
     saved = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
     assert llama_cpp_pre_name(saved) == LLAMA_CPP_PRE[pre]  # None for zh: llama.cpp has no such split
     assert max(len(w) for w in han_tokens(tok)) <= 4  # max_token_length holds whatever the split
+
+
+def test_latin_words_and_indentation_pass_12_bytes_while_han_stays_capped(tmp_path, poems):
+    """max_latin_token_bytes: a frequent 20-letter word and 16 spaces of indentation become one token
+    each, which the old single cap (12 bytes for max_token_length 4) cuts; no token holds more than
+    4 Han characters (a frequent 10-character line is cut), and the result is a stock tokenizer.json."""
+    code = "def f(x):\n                return internationalization(x)\n"
+    lines = [f"第{i}行 internationalization 與 " + code for i in range(300)]
+    docs = poems[:1000] + ["春眠不覺曉處處聞啼鳥"] * 200 + lines
+    capped = train_tokenizer(docs, 2048, 4, pre_tokenizer="qwen2", max_latin_bytes=24)
+    old = train_tokenizer(docs, 2048, 4, pre_tokenizer="qwen2")
+    pieces = lambda tok, text: [tok.decode([i]) for i in tok.encode(text).ids]  # noqa: E731
+    assert pieces(capped, " internationalization") == [" internationalization"]
+    assert len(pieces(old, " internationalization")) > 1
+    assert " " * 15 in pieces(capped, code) and not any(" " * 12 in p for p in pieces(old, code))
+    assert capped.get_vocab_size() == 2048
+    assert max(han_characters(t) for t in capped.get_vocab()) == 4  # reached, never passed
+    assert len(pieces(capped, "春眠不覺曉處處聞啼鳥")) >= 3
+    save_tokenizer(capped, tmp_path)
+    tok = load_tokenizer(tmp_path)
+    text = "床前明月光，疑是地上霜。\n" + code
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert llama_cpp_pre_name(json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))) == "qwen2"
+
+
+def test_cap_han_tokens_drops_long_han_merges_and_what_builds_on_them(poems):
+    trained = train_tokenizer(poems[:1000] + ["春眠不覺曉處處聞啼鳥"] * 200, 1500, 8, pre_tokenizer="qwen2")
+    capped_json, dropped = cap_han_tokens(trained.to_str(), 2, 1500)
+    model = json.loads(capped_json)["model"]
+    vocab, merges = model["vocab"], model["merges"]
+    assert dropped > 0 and max(han_characters(t) for t in vocab) == 2
+    assert sorted(vocab.values()) == list(range(len(vocab)))  # ids stay dense
+    assert all(a in vocab and b in vocab and a + b in vocab for a, b in merges)
+    assert [vocab[s] for s in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert len(vocab) < 1500  # nothing to fill the room with: the trainer was asked for 1500 only
+
+
+def test_hash_of_the_han_only_cap_leaves_old_keys_alone():
+    """The default (qwen2, max_latin_token_bytes 24, 2026-12-03) is another tokenizer than before;
+    max_latin_token_bytes=0 gives the hash (and tokenizer) of the qwen2 default of 2026-11-30, and
+    zh ignores the setting, so runs started before resume with their tokenizer."""
+    before = "554da7d935f46b85"  # tokenizer_hash(cfg_with(), "fp") at commit 8f8bc0c
+    assert tokenizer_hash(cfg_with(**{"tokenizer.max_latin_token_bytes": 0}), "fp") == before
+    assert tokenizer_hash(cfg_with(), "fp") != before
+    assert tokenizer_hash(cfg_with(**{"tokenizer.max_latin_token_bytes": 32}), "fp") not in (
+        before, tokenizer_hash(cfg_with(), "fp"))
+    for latin in (0, 24, 32):
+        zh = cfg_with(**{"tokenizer.pre_tokenizer": "zh", "tokenizer.max_latin_token_bytes": latin})
+        assert tokenizer_hash(zh, "fp") == "6029e65ef9b1a8ca"
 
 
 def test_llama_cpp_pre_tokenizers_split_as_their_models_do():

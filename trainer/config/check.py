@@ -53,6 +53,8 @@ def _check_inputs(cfg: Config, need: Need) -> None:
     need(not (cfg.model.init and cfg.tokenizer.path), "tokenizer.path",
          "must be empty with model.init: continued pretraining uses the init model's own tokenizer")
     need(1 <= cfg.tokenizer.max_token_length <= 64, "tokenizer.max_token_length", "must be between 1 and 64")
+    need(0 <= cfg.tokenizer.max_latin_token_bytes <= 256, "tokenizer.max_latin_token_bytes",
+         "must be between 0 and 256")
     need(cfg.tokenizer.min_frequency >= 1, "tokenizer.min_frequency", "must be at least 1")
     need(cfg.tokenizer.sample_bytes >= 1000, "tokenizer.sample_bytes", "must be at least 1000")
 

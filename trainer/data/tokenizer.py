@@ -20,7 +20,9 @@ distinct, so memory grows with the corpus (5.4 GB for 26 M characters of poetry)
     punctuation apart from Han; llama.cpp has no such split (scripts/convert_to_gguf.py refuses it);
   * `max_token_length` (characters of Han; the trainer counts byte symbols, 3 per Han character)
     stops the vocabulary memorising titles and lines: classical words are one or two characters,
-    set phrases four. docs/tokenizer.md has the measurements behind each choice.
+    set phrases four. Since 2026-12-03 it caps Han only (trainer/data/token_length.py), and
+    `max_latin_token_bytes` the rest, so Latin words, identifiers and indentation are not cut at
+    12 bytes. docs/tokenizer.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Iterable, Iterator
 from trainer.config import Config
 from trainer.data.child_process import call_in_child
 from trainer.data.sources import DataError
+from trainer.data.token_length import latin_token_bytes, train_capped, trainer_max_length
 from trainer.errors import stop_on_signals
 from trainer.log import logger
 
@@ -133,16 +136,6 @@ def llama_cpp_pre_name(tokenizer_json: dict) -> str | None:
     return None
 
 
-def trainer_max_length(max_token_length: int) -> int:
-    """BpeTrainer's max_token_length for tokens of up to `max_token_length` Han characters.
-
-    The trainer counts byte-level symbols (a Han character is 3) and only forms a merge whose length
-    is strictly below its limit (tokenizers/src/models/bpe/word.rs, `Word::merge`), so 3 * n alone
-    would stop at n - 1 characters. Latin tokens may be up to 3 * n letters.
-    """
-    return 3 * max_token_length + 1
-
-
 def tokenizer_hash(cfg: Config, corpus_fp: str, sample: str = "") -> str:
     """Identifies a trained tokenizer: corpus listing, which documents it sees, and every setting.
     `sample` (trainer/data/sample.py sample_key) says how a corpus larger than the read budget is
@@ -158,6 +151,8 @@ def tokenizer_hash(cfg: Config, corpus_fp: str, sample: str = "") -> str:
     }
     if sample:
         key["sample"] = sample
+    if latin_token_bytes(t):  # the Han-only cap (2026-12-03); 0 and zh keep the key as it was
+        key["latin_token_bytes"] = latin_token_bytes(t)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -221,12 +216,14 @@ def sample_pieces(text: str, max_bytes: int) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, min_frequency: int = 2,
-                    han_chunk: int | None = None, pre_tokenizer: str = "zh"):
+                    han_chunk: int | None = None, pre_tokenizer: str = "zh", max_latin_bytes: int = 0):
     """Train the byte-level BPE on `texts`; returns a `tokenizers.Tokenizer`. `han_chunk` overrides
     han_chunk_chars(max_token_length) (scripts/bench_tokenizer.py --sweep measures the choice);
     `pre_tokenizer` is a key of LLAMA_CPP_PRE (ValueError otherwise); the job passes
     tokenizer.pre_tokenizer (default qwen2), callers that pass nothing get zh, which the tests' small
-    tokenizers were written against.
+    tokenizers were written against. `max_latin_bytes` (the job: latin_token_bytes(cfg.tokenizer))
+    > 0 caps only Han at max_token_length characters and other tokens at that many bytes
+    (trainer/data/token_length.py); 0 caps every token at trainer_max_length symbols, as before.
 
     Logs through trainer.log when the sample has been read into the trainer and when the merges
     are done; `tokenizers`' own progress bars are drawn only on an interactive terminal."""
@@ -237,28 +234,37 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_token_length: int, mi
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = build_pretokenizer(han_chunk or han_chunk_chars(max_token_length), pre_tokenizer)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        max_token_length=trainer_max_length(max_token_length), show_progress=sys.stderr.isatty(),
-    )
     start = time.time()
 
-    def fed() -> Iterator[str]:
+    def fed(n_tokens: int) -> Iterator[str]:
         yield from texts
         # The iterator is drained: Rust has counted the words and now counts pairs and merges.
         logger.info(f"tokenizer: counted the words of {len(texts)} texts in {time.time() - start:.1f} s; "
-                    f"merging to {vocab_size} tokens")
+                    f"merging to {n_tokens} tokens")
 
-    # One text per item: the binding copies 256 items at a time into Rust, so batching here would
-    # only copy more of the sample at once; the Rust side spreads pre-tokenization over all cores.
-    tok.train_from_iterator(fed(), trainer=trainer, length=len(texts))
+    def trained_json(n_tokens: int, max_symbols: int) -> str:
+        trainer = trainers.BpeTrainer(
+            vocab_size=n_tokens, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), max_token_length=max_symbols,
+            show_progress=sys.stderr.isatty())
+        # One text per item: the binding copies 256 items at a time into Rust, so batching here would
+        # only copy more of the sample at once; the Rust side spreads pre-tokenization over all cores.
+        tok.train_from_iterator(fed(n_tokens), trainer=trainer, length=len(texts))
+        return tok.to_str()
+
+    if max_latin_bytes:  # the cap on Han only (trainer/data/token_length.py)
+        symbols = max(trainer_max_length(max_token_length), max_latin_bytes + 1)
+        capped, dropped = train_capped(lambda n: trained_json(n, symbols), max_token_length, vocab_size)
+        tok = Tokenizer.from_str(capped)
+        logger.info(f"tokenizer: dropped {dropped} merges of more than {max_token_length} Han characters")
+    else:
+        trained_json(vocab_size, trainer_max_length(max_token_length))
     logger.info(f"tokenizer: {tok.get_vocab_size()} tokens trained in {time.time() - start:.1f} s")
     return tok
 
 
 def train_in_child(texts: list[str], vocab_size: int, max_token_length: int, min_frequency: int,
-                   pre_tokenizer: str):
+                   pre_tokenizer: str, max_latin_bytes: int = 0):
     """train_tokenizer in a child process (trainer/data/child_process.py: a signal to this process
     kills it at once, where the Rust merges would not return to a handler here until done); returns
     (the `tokenizers.Tokenizer`, the child's peak RSS in bytes). The same tokenizer as in-process:
@@ -266,12 +272,14 @@ def train_in_child(texts: list[str], vocab_size: int, max_token_length: int, min
     from tokenizers import Tokenizer
 
     json_text, rss = call_in_child(_trained_json, (texts, vocab_size, max_token_length, min_frequency,
-                                                   pre_tokenizer), name="tokenizer training")
+                                                   pre_tokenizer, max_latin_bytes), name="tokenizer training")
     return Tokenizer.from_str(json_text), rss
 
 
-def _trained_json(texts, vocab_size, max_token_length, min_frequency, pre_tokenizer) -> tuple[str, int]:
-    tok = train_tokenizer(texts, vocab_size, max_token_length, min_frequency, pre_tokenizer=pre_tokenizer)
+def _trained_json(texts, vocab_size, max_token_length, min_frequency, pre_tokenizer,
+                  max_latin_bytes) -> tuple[str, int]:
+    tok = train_tokenizer(texts, vocab_size, max_token_length, min_frequency, pre_tokenizer=pre_tokenizer,
+                          max_latin_bytes=max_latin_bytes)
     return tok.to_str(), peak_rss_bytes()
 
 
@@ -395,7 +403,7 @@ def build_report(tok, sample: list[str], heldout: list[str], seconds: float, cfg
     return {
         "vocab_size": backend.get_vocab_size(), "requested_vocab_size": t.vocab_size,
         "max_token_length": t.max_token_length, "han_chunk_chars": han_chunk_chars(t.max_token_length),
-        "min_frequency": t.min_frequency,
+        "min_frequency": t.min_frequency, "max_latin_token_bytes": latin_token_bytes(t),
         "pretokenizer": PRETOKENIZER_VERSION if t.pre_tokenizer == "zh" else t.pre_tokenizer,
         "llama_cpp_pre": LLAMA_CPP_PRE.get(t.pre_tokenizer),
         "special_tokens": {s: backend.token_to_id(s) for s in SPECIAL_TOKENS},
@@ -467,7 +475,8 @@ def train_from_corpus(cfg: Config, docs: Iterable[str], out_dir: Path, is_heldou
         logger.info(f"tokenizer: sampled {len(sample)} texts, {sum(len(x.encode()) for x in sample) / 1e6:.1f} MB, "
                     f"from {seen['bytes'] / 1e6:.1f} MB read in {sampled - start:.1f} s; training")
         tok, child_rss = train_in_child(sample, cfg.tokenizer.vocab_size, cfg.tokenizer.max_token_length,
-                                        cfg.tokenizer.min_frequency, cfg.tokenizer.pre_tokenizer)
+                                        cfg.tokenizer.min_frequency, cfg.tokenizer.pre_tokenizer,
+                                        latin_token_bytes(cfg.tokenizer))
     finally:
         restore()
     trained = time.time()
