@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """One optimizer step over a preset's hidden matrices (the decoder's attention and MLP weights,
 Muon's share): torch.optim.Muon (matrix by matrix, plus the copy-and-restore the loop's exact
-non-finite skip needed for it), our BatchedMuon (one batched Newton-Schulz per shape and its
-transpose, skip on the device; per shape, eager and compiled) and fused AdamW (found_inf), same
+non-finite skip needed for it), our BatchedMuon (one batched Newton-Schulz per shape, skip on the
+device; eager and compiled) and fused AdamW (found_inf), same
 matrices, fp32 weights and gradients.
 
     python scripts/bench_muon_step.py --preset 124m --steps 50
@@ -79,8 +79,8 @@ def timed(step, steps: int, warmup: int, device) -> float:
 
 def setups(params, kw: dict, found_inf, device) -> list[tuple[str, object]]:
     """(name, step function) of each optimizer over the same matrices. "per shape" puts each shape in
-    a param group of its own, so no shape shares a Newton-Schulz call with its transpose (the
-    behaviour before 2026-12-03); "compiled" is what the job runs on CUDA (optim.MuonAdamW)."""
+    a param group of its own (BatchedMuon batches within a group: the same calls as "ours", a check of
+    the grouping's cost); "compiled" is what the job runs on CUDA (optim.MuonAdamW)."""
     import torch
 
     from trainer.training.muon import NORMUON_BETA2, POLAR_EXPRESS_COEFFICIENTS, POLAR_EXPRESS_SAFETY, BatchedMuon

@@ -45,8 +45,6 @@ def test_equals_torch_muon_over_several_steps_with_weight_decay():
     model_a, a = hidden()
     model_b, b = hidden()
     torch_muon, ours = torch.optim.Muon(a, **KW), BatchedMuon(b, **KW)
-    calls = []
-    ours._ns = lambda x, *args: calls.append(tuple(x.shape)) or newton_schulz(x, *args)
     for step in range(5):
         backward(model_a, step)
         backward(model_b, step)
@@ -56,11 +54,6 @@ def test_equals_torch_muon_over_several_steps_with_weight_decay():
         for m in (model_a, model_b):
             m.zero_grad(set_to_none=True)
     assert len({tuple(p.shape) for p in a}) < len(a)  # several matrices share a shape: batched
-    # a shape and its transpose (the MLP's gate/up and down) share one call, in the wide orientation
-    wide = {(min(p.shape), max(p.shape)) for p in a}
-    assert len(wide) < len({tuple(p.shape) for p in a})
-    assert sorted(set(calls)) == sorted((sum(min(p.shape) == m and max(p.shape) == n for p in a), m, n)
-                                        for m, n in wide) and len(calls) == 5 * len(wide)
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)  # fp32 noise
         torch.testing.assert_close(torch_muon.state[p]["momentum_buffer"], ours.state[q]["momentum_buffer"],
