@@ -119,6 +119,7 @@ def _check_train(cfg: Config, need: Need) -> None:
     need(0 <= t.warmup_steps < t.max_steps or t.max_steps < 1, "train.warmup_steps", "must be in [0, train.max_steps)")
     need(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= t.dropout < 1, "train.dropout", "must be in [0, 1) (0 = off)")
     need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
     need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")

@@ -218,6 +218,8 @@ class TrainConfig:
     """muon: decay a hidden matrix's entry only where its update has the same sign (Chen et al. 2025)"""
     weight_decay: float = 0.1
     """weight decay on matrices (not on norms or biases); ~0.8 pays when the corpus repeats (epochs > 1)"""
+    dropout: float = 0.0
+    """dropout on each decoder layer's attention and MLP output while training (export unchanged); 0 = off"""
     beta1: float = 0.9
     """AdamW beta1"""
     beta2: float = 0.95

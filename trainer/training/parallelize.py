@@ -38,6 +38,8 @@ def prepare(model, task, hp: TrainConfig, d: Dist, bf16: bool, strategy: str) ->
     """Activation checkpointing, float8 and, for strategy "fsdp", sharding, in place, before the
     optimizer sees the parameters. FSDP: `model` comes with its parameters on the meta device and
     leaves sharded, with this rank's shards of the starting weights (seed hp.seed) on d.device."""
+    if hp.dropout:
+        residual_dropout(model, hp.dropout)
     if hp.activation_checkpointing:
         # transformers' per-layer checkpointing (torch.utils.checkpoint, non-reentrant): layer
         # activations are recomputed in the backward instead of kept.
@@ -59,6 +61,29 @@ def _starting_weights(task, seed: int) -> torch.nn.Module:
     path draws from the CUDA generator instead (the same distributions, other numbers)."""
     torch.manual_seed(seed)
     return task.build_model(torch.device("cpu"))[0]
+
+
+def residual_dropout(model, p: float) -> int:
+    """Dropout with probability `p` on each decoder layer's attention output and MLP output before
+    they join the residual stream (GPT-2's resid_pdrop; Srivastava et al. 2014, JMLR 15), in training
+    mode only. Forward hooks, so the module tree, the state dict and the export stay stock LLaMA
+    (which has no residual dropout) and evaluation, samples and generation never drop. Dropout is the
+    regulariser Xue et al. 2023 ("To Repeat or Not To Repeat", arXiv 2305.13230) found to resist
+    the degradation of training on repeated data. Returns the number of modules hooked."""
+
+    def drop(module, args, output):
+        if not module.training:
+            return None
+        if isinstance(output, tuple):  # attention: (output (B, T, d_model), weights or None)
+            return (torch.nn.functional.dropout(output[0], p, True), *output[1:])
+        return torch.nn.functional.dropout(output, p, True)
+
+    hooked = 0
+    for layer in decoder_layers(model):
+        for module in (layer.self_attn, layer.mlp):
+            module.register_forward_hook(drop)
+            hooked += 1
+    return hooked
 
 
 def float8_available(device: str) -> None:
