@@ -182,10 +182,17 @@ def test_chat_over_a_pipe(model_folder):
     assert "> 你好\n" in r.stdout and "> /exit\n" in r.stdout and "Traceback" not in r.stderr
 
 
+def _sigint_as_on_a_terminal():
+    """A command started in the background by a non-interactive shell (`cmd &`, as CI scripts may
+    run the tests) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler;
+    a user at a terminal has the default disposition. The child gets the terminal's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_chat_exits_130_quietly(model_folder):
     proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py"), "chat", f"--checkpoint={model_folder}",
                              "--train.device=cpu"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_on_a_terminal)
     try:
         assert proc.stdout.readline().startswith("commands:")  # loaded, waiting for a line
         proc.send_signal(signal.SIGINT)
