@@ -165,7 +165,12 @@ def bench_ours(preset: str, batch: int, args, data_dir: Path, tok_dir: Path, ind
 
     for folder in (Path(cfg.storage.local_dir) / "runs" / run_id, Path(cfg.storage.bucket) / "runs" / run_id):
         shutil.rmtree(folder, ignore_errors=True)  # a 1b checkpoint is 15 GB: the disk holds few
-    steady = [r for r in rows if r["step"] > args.warmup]
+    # A logged tok/s is the mean over the log_every steps before it: only windows that start after the
+    # warm-up are steady (with --warmup 4, the window of steps 1-5 holds compilation).
+    steady = [r for r in rows if r["step"] - log_every >= args.warmup]
+    if not steady:
+        raise SystemExit(f"--steps {args.steps}: no whole {log_every}-step window after --warmup {args.warmup}; "
+                         f"use --steps >= {-(-(args.warmup + log_every) // log_every) * log_every - args.warmup}")
     tok_s = statistics.median(r["tok_per_s"] for r in steady)
     return {"setup": f"ours ({label})", "tok_per_s": tok_s, "gpus": nproc, "strategy": args.strategy, **settings,
             "peak_mem_gb": max(r.get("peak_mem_gb", 0) for r in rows),
