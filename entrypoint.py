@@ -24,6 +24,7 @@ Ctrl-C, 1 anything else (docs/reliability.md).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +47,31 @@ def argv_text(args: list[str]) -> dict[str, str]:
             out[name] = text
         elif i + 1 < len(args) and not args[i + 1].startswith("-"):
             out[name] = args[i + 1]
+    return out
+
+
+def unflagged_overrides(args: list[str]) -> list[str]:
+    """The words `key=value` in args (the command first) whose key is a config key (`train.lr`) or
+    one of the command's parameters (`checkpoint`), and that are not a preceding bare `--flag`'s
+    value: `train.lr=1e-3` where `--train.lr=1e-3` was meant. python-fire would run the command
+    without them and only then fail on the word it could not consume (a whole run, then exit 2)."""
+    import dataclasses
+    import inspect
+
+    from trainer.config import Config
+
+    sections = {f.name for f in dataclasses.fields(Config)}
+    params = set(inspect.signature(COMMANDS[args[0]]).parameters)
+    out = []
+    for i, arg in enumerate(args[1:], start=1):
+        key, eq, _ = arg.partition("=")
+        if arg.startswith("-") or not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
+            continue
+        if key.split(".")[0] not in sections and key not in params:
+            continue
+        before = args[i - 1]
+        if not (before.startswith("--") and "=" not in before):
+            out.append(arg)
     return out
 
 
@@ -534,6 +560,10 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in own or "-h" in own:  # fire would take it for a config key: "unknown section 'help'"
         print(command_help(args[0]))
         return
+    bare = unflagged_overrides(own)
+    if bare:  # before any work: fire would run the command without them, then fail
+        print(f"error: {bare[0]}: an override needs a leading -- (--{bare[0]})", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     _ARGV_TEXT.clear()
     _ARGV_TEXT.update(argv_text(own))
     restore = _stop_on_signals(args[0])

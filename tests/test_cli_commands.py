@@ -96,3 +96,47 @@ def test_config_names_a_bundled_config_from_anywhere(monkeypatch, tmp_path, caps
     assert entrypoint.config_path("tiny") == str(installed / "tiny.yaml")
     entrypoint.main(["config", "--config=tiny"])
     assert yaml.safe_load(capsys.readouterr().out)["run"]["id"] == "from-share"
+
+
+# An override typed without its leading -- --------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("word", ["train.max_steps=3", "model.preset=tiny", "storage.bucket=/elsewhere"])
+def test_an_override_without_dashes_exits_2_before_any_work(capsys, tmp_path, word):
+    """python-fire ran the whole command without such a word, then failed on it (exit 2 at the end of
+    a run); now nothing starts and the line says what was meant."""
+    bucket = tmp_path / "bucket"
+    with pytest.raises(SystemExit) as e:
+        entrypoint.main(["run", "--config=demo", f"--storage.bucket={bucket}",
+                         f"--storage.local_dir={tmp_path / 'work'}", word])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == f"error: {word}: an override needs a leading -- (--{word})"
+    assert list(tmp_path.iterdir()) == []  # no bucket, no work folder: nothing ran
+
+
+def test_an_override_without_dashes_in_a_process_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "run", "--config", "demo",
+                        "train.lr=0.002"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == "error: train.lr=0.002: an override needs a leading -- (--train.lr=0.002)"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--train.lr=0.002"], ["--train.lr", "0.002"]])
+def test_both_flag_forms_still_reach_the_config(capsys, args):
+    entrypoint.main(["config", "--config=demo", *args])
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["lr"] == 0.002
+
+
+@pytest.mark.parametrize("args, bare", [
+    (["generate", "ckpt", "checkpoint=x"], ["checkpoint=x"]),  # the command's own parameter
+    (["generate", "ckpt", "--prompt", "train.lr=3"], []),  # a flag's value, whatever it holds
+    (["generate", "ckpt", "--prompt=a", "a=b"], []),  # not a config key nor a parameter: fire's to judge
+    (["generate", "s3://b/runs/x=1/final"], []),  # a path with = in it
+    (["config", "sample.top_k=5", "--train.lr=0.1"], ["sample.top_k=5"]),
+])
+def test_only_config_keys_and_parameters_count_as_overrides(args, bare):
+    assert entrypoint.unflagged_overrides(args) == bare
