@@ -89,7 +89,7 @@ def test_same_shards_for_1_2_4_workers_and_one_process(tmp_path, tiny_docs, tok,
     monkeypatch.setattr(units, "UNIT_BYTES", 2048)
     files = local_files(mixed_corpus(tmp_path / "corpus", tiny_docs))
     plan = units.plan_units(files)
-    assert {u.kind for u in plan} == {"bytes", "file", "row_groups"} and len(plan) > 12
+    assert {u.kind for u in plan} == {"bytes", "stream", "row_groups"} and len(plan) > 12
     cfg = cfg_with()
     ref = prepare_shards(cfg, iter_documents(cfg.data, files), tok, tmp_path / "one", progress=False)
     assert ref["filters"]["removed_duplicate"] > 20 and len(ref["train"]) > 3

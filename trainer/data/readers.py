@@ -7,7 +7,8 @@ optionally compressed as .gz, .zst (.zstd), .bz2 or .xz.
 
 Every reader strips a UTF-8 byte-order mark and turns CRLF and CR line ends into LF, inside JSON and
 parquet text too. Prepare reads a large file in parts (trainer/data/units.py): a byte range of an
-uncompressed .jsonl or .txt, a run of row groups of a parquet file; the documents of the parts, in
+uncompressed .jsonl or .txt, a run of row groups of a parquet file, a range of a compressed .jsonl's
+decompressed bytes (the byte streams: trainer/data/streams.py); the documents of the parts, in
 order, are those of the whole file. Errors name the file and line (or array index, or parquet row); with
 `data.on_error: skip` the bad record (or the unreadable rest of a corrupt file) is skipped and counted
 instead. Text that is not valid Unicode (bytes that are not UTF-8, an unpaired surrogate escape such
@@ -17,8 +18,6 @@ row through trainer/data/hf_datasets.py, a bad row named by the source and its i
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
 import json
 import lzma
@@ -31,113 +30,7 @@ from typing import Iterator
 from trainer.config import DataConfig
 from trainer.data.hf_datasets import DatasetSourceError, MissingColumn, iter_column
 from trainer.data.sources import SUPPORTED, CorpusFile, DataError, file_kind
-
-
-class _ZstdFrames(io.RawIOBase):
-    """The decompressed bytes of a .zst file of one or more frames. zstandard's stream_reader stops
-    silently where a truncated file ends (dropping the rest of the corpus without a word); here a
-    file that ends inside a frame raises EOFError, and corrupt data raises ValueError."""
-
-    def __init__(self, path: str):
-        import zstandard
-
-        self._f = open(path, "rb")
-        self._dctx = zstandard.ZstdDecompressor()
-        self._zstd_error = zstandard.ZstdError
-        self._frame = self._dctx.decompressobj()
-        self._in_frame = False  # bytes of the current frame have been fed, its end not yet seen
-        self._out, self._pos = b"", 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        while self._pos == len(self._out):
-            chunk = self._f.read(1 << 16)  # small: text can expand 10-1000x
-            if not chunk:
-                if self._in_frame:
-                    raise EOFError("the file ends inside a zstd frame")
-                return 0
-            self._out, self._pos = self._feed(chunk), 0
-        n = min(len(buf), len(self._out) - self._pos)
-        buf[:n] = self._out[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def _feed(self, data: bytes) -> bytes:
-        out = []
-        while data:
-            self._in_frame = True
-            try:
-                out.append(self._frame.decompress(data))
-            except self._zstd_error as e:
-                raise ValueError(f"zstd: {e}") from None
-            if not self._frame.eof:
-                break
-            data, self._frame, self._in_frame = self._frame.unused_data, self._dctx.decompressobj(), False
-        return b"".join(out)
-
-    def close(self):
-        if hasattr(self, "_f"):  # not when open() failed in __init__
-            self._f.close()
-        super().close()
-
-
-class _ByteRange(io.RawIOBase):
-    """Bytes [start, end) of an uncompressed file."""
-
-    def __init__(self, path: str, start: int, end: int):
-        self._f = open(path, "rb")
-        self._f.seek(start)
-        self._left = end - start
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        n = self._f.readinto(memoryview(buf)[: max(0, min(len(buf), self._left))])
-        self._left -= n
-        return n
-
-    def close(self):
-        if hasattr(self, "_f"):
-            self._f.close()
-        super().close()
-
-
-def lines_before(path: str, offset: int) -> int:
-    """How many lines (as the readers count them: LF, CRLF and a lone CR each end one) the first
-    `offset` bytes of an uncompressed file hold. Reads them all: for naming the line of an error."""
-    with io.BufferedReader(_ByteRange(path, 0, offset), 1 << 20) as fh:
-        return sum(1 for _ in _lines(fh))
-
-
-def _open_binary(path: str, compression: str | None = None) -> io.BufferedIOBase:
-    """The decompressed bytes of a corpus file; `compression` as file_kind gives it (default: from the name)."""
-    if compression is None:
-        compression = (file_kind(path) or ("", ""))[1]
-    if compression == "gz":
-        return gzip.open(path, "rb")
-    if compression == "zst":
-        return io.BufferedReader(_ZstdFrames(path), 1 << 20)
-    if compression == "bz2":
-        return bz2.open(path, "rb")
-    if compression == "xz":
-        return lzma.open(path, "rb")
-    return open(path, "rb", buffering=1 << 20)
-
-
-def _lines(fh) -> Iterator[bytes]:
-    """The lines of a binary stream without their ends: LF, CRLF and a lone CR each end a line.
-    (No UTF-8 sequence holds the bytes of CR or LF, so splitting bytes is safe.)"""
-    for raw in fh:
-        if b"\r" in raw:
-            pieces = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-            if not pieces[-1]:
-                pieces.pop()
-            yield from pieces
-        else:
-            yield raw[:-1] if raw.endswith(b"\n") else raw
+from trainer.data.streams import ByteRange, StreamCut, lines, open_binary
 
 
 def clean_text(text: str) -> str:
@@ -242,6 +135,7 @@ class DocumentReader:
         self.line_base = 0  # lines before the part being read (error messages name file lines)
         self._byte_range: tuple[int, int] | None = None
         self._row_groups: tuple[int, int] | None = None
+        self._stream_range: tuple[int, int | None] | None = None
 
     def _bad(self, where: str, reason: str, detail: str, fix: str = "set data.on_error=skip to skip such records"):
         if self.cfg.on_error == "fail":
@@ -249,12 +143,16 @@ class DocumentReader:
         self.skipped[reason] += 1
 
     def iter_file(self, f: CorpusFile, byte_range: tuple[int, int] | None = None,
-                  row_groups: tuple[int, int] | None = None, line_base: int = 0) -> Iterator[str]:
+                  row_groups: tuple[int, int] | None = None, line_base: int = 0,
+                  stream_range: tuple[int, int | None] | None = None) -> Iterator[str]:
         """The documents of `f`, or of one part of it: `byte_range` (start, end) of an uncompressed
-        .jsonl or .txt file, cut where a line (.txt: a blank line) ends, or the parquet
-        `row_groups` [first, last). `line_base`: lines before byte_range's start, for the line
-        numbers of error messages (0 counts them from the range's start)."""
+        .jsonl or .txt file, cut where a line (.txt: a blank line) ends, the parquet `row_groups`
+        [first, last), or `stream_range` (start, end or None) of a compressed .jsonl file's
+        decompressed bytes, cut the same way (the lines before it are counted: line numbers stay the
+        file's). `line_base`: lines before byte_range's start, for the line numbers of error
+        messages (0 counts them from the range's start)."""
         self._byte_range, self._row_groups, self.line_base = byte_range, row_groups, line_base
+        self._stream_range = stream_range
         if f.dataset is not None:
             yield from self._dataset(f)
             return
@@ -312,14 +210,19 @@ class DocumentReader:
             self._bad(f.url, "empty dataset", "the train split has no rows")
 
     def _open(self, path: str, compression: str) -> io.BufferedIOBase:
+        if self._stream_range is not None:
+            cut = StreamCut(open_binary(path, compression), *self._stream_range)
+            self.line_base = self._lines_read = cut.lines_skipped
+            return io.BufferedReader(cut, 1 << 20)
         if self._byte_range is None:
-            return _open_binary(path, compression)
-        return io.BufferedReader(_ByteRange(path, *self._byte_range), 1 << 20)
+            return open_binary(path, compression)
+        return io.BufferedReader(ByteRange(path, *self._byte_range), 1 << 20)
 
     def _decoded_lines(self, f: CorpusFile, fh) -> Iterator[tuple[int, str]]:
         """(line number, text) of each line that is valid UTF-8, without its line end or a BOM."""
-        at_start = self._byte_range is None or self._byte_range[0] == 0  # a BOM only begins a file
-        for line_no, raw in enumerate(_lines(fh), self.line_base + 1):
+        # a BOM only begins a file
+        at_start = all(r is None or r[0] == 0 for r in (self._byte_range, self._stream_range))
+        for line_no, raw in enumerate(lines(fh), self.line_base + 1):
             self._lines_read = line_no
             try:
                 line = raw.decode("utf-8")
@@ -349,7 +252,7 @@ class DocumentReader:
         """A .json file: one array of records if it starts with '[' (compact or pretty-printed),
         else JSON Lines, as `datasets` reads it."""
         # Undecodable bytes become lone surrogates (U+DC80-U+DCFF): they make their record bad, not the file.
-        with io.TextIOWrapper(_open_binary(path, compression), encoding="utf-8-sig", errors="surrogateescape",
+        with io.TextIOWrapper(open_binary(path, compression), encoding="utf-8-sig", errors="surrogateescape",
                               newline="") as text:
             head = text.read(1 << 16)
             is_array = head.lstrip(" \t\r\n").startswith("[")

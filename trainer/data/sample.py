@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Iterator
 
 from trainer.config import DataConfig
-from trainer.data.readers import DocumentReader, iter_documents, lines_before, no_documents
+from trainer.data.readers import DocumentReader, iter_documents, no_documents
 from trainer.data.remote import Remote, fetch_ranges, is_remote, local_part, open_bytes, parquet_ranges
 from trainer.data.sources import CorpusFile, DataError, file_kind
+from trainer.data.streams import lines_before
 
 SAMPLE_VERSION = "spread-v1"  # bump when the plan or how a window is read changes (part of the tokenizer hash)
 SAMPLE_SEED = 0  # the job's seed for the plan: a constant, so train.seed sweeps share one tokenizer
