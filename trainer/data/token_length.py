@@ -41,23 +41,16 @@ def latin_token_bytes(t) -> int:
 
 
 @lru_cache(maxsize=1)
-def byte_of_symbol() -> dict[str, int]:
-    """GPT-2's byte -> printable character map (ByteLevel's alphabet), inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    symbols, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            symbols[chr(b)] = b
-        else:
-            symbols[chr(256 + n)] = b
-            n += 1
-    return symbols
+def _byte_level_decoder():
+    from tokenizers import decoders
+
+    return decoders.ByteLevel()
 
 
 def token_text(token: str) -> str:
-    """A byte-level token as text; bytes of an incomplete character decode to U+FFFD."""
-    table = byte_of_symbol()
-    return bytes(table[c] for c in token).decode("utf-8", errors="replace")
+    """A byte-level token as text (tokenizers' ByteLevel decoder: GPT-2's printable alphabet back
+    to bytes, then UTF-8); bytes of an incomplete character decode to U+FFFD."""
+    return _byte_level_decoder().decode([token])
 
 
 def han_characters(token: str) -> int:
