@@ -63,6 +63,33 @@ def test_resume_falls_back_from_a_corrupt_checkpoint_and_says_so(damage, backend
     assert all((want[k] == got[k]).all() for k in want)
 
 
+@pytest.mark.parametrize("damage", ["sha256", "missing"])
+def test_a_resume_with_no_usable_checkpoint_stops_and_writes_nothing(damage, template, tmp_path, in_process):
+    """Every complete checkpoint damaged: the resume raises StorageError naming the newest and its
+    problem (exit 1 through the CLI) instead of training again from scratch over them."""
+    from trainer.io.storage import StorageError
+
+    bucket = copy_bucket(template, tmp_path / "bucket")
+    settings = tiny_settings(template["corpus"], str(bucket), str(tmp_path / "work"))
+    store = open_storage(settings["storage.bucket"], make_config(settings).storage)
+    train_in_process({**settings, "train.max_steps": 8, "train.checkpoint_every_steps": 4}, template)
+    assert protocol.complete_steps(store, "rel")[:2] == [8, 4]
+    for step in protocol.complete_steps(store, "rel"):
+        prefix = f"{protocol.checkpoints_prefix('rel')}/{protocol.step_name(step)}"
+        if damage == "sha256":
+            data = bytearray(store.read_bytes(f"{prefix}/model.safetensors"))
+            data[-5] ^= 0xFF
+            store.write_bytes(f"{prefix}/model.safetensors", bytes(data))
+        else:
+            store.delete(f"{prefix}/optimizer.pt")
+    before = {o.key: store.read_bytes(o.key) for o in store.list(protocol.checkpoints_prefix("rel"))}
+    with pytest.raises(StorageError, match=rf"none of the \d+ complete checkpoint\(s\) of run 'rel' verifies "
+                                           rf"\(newest, {protocol.step_name(8)}: "):
+        train_in_process({**settings, "train.max_steps": 12, "train.checkpoint_every_steps": 4}, template)
+    after = {o.key: store.read_bytes(o.key) for o in store.list(protocol.checkpoints_prefix("rel"))}
+    assert after == before  # nothing published over the damaged checkpoints
+
+
 def test_publishing_a_step_again_retracts_its_manifest_and_moves_latest_first(tmp_path):
     store = open_storage(str(tmp_path / "bucket"))
     seen = []

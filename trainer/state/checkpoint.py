@@ -137,15 +137,23 @@ class RunCheckpoints:
     def restore(self, model, optimizer, seed: int) -> dict | None:
         """The newest checkpoint that verifies, loaded into model and optimizer; its trainer state,
         or None when the run has none. A checkpoint with a missing or corrupt file is skipped
-        (logged) for the previous one, as protocol.fetch_newest does: every rank decides alike."""
+        (logged) for the previous one, as protocol.fetch_newest does: every rank decides alike.
+        Raises StorageError when the run has complete checkpoints and none of them verifies:
+        starting again from scratch would spend the run's compute again and publish over them."""
         steps = self.d.broadcast_object(complete_steps(self.store, self.run_id) if self.d.main else None)
+        first = None
         for step in steps:
             problem, state = self._try_restore(step, model, optimizer, seed)
             if problem is None:
                 return state
+            first = first or f"{step_name(step)}: {problem}"
             if self.d.main:
                 logger.warning(f"checkpoint {step_name(step)} is unusable ({problem}); falling back to the "
                                "previous one")
+        if steps:
+            raise StorageError(f"none of the {len(steps)} complete checkpoint(s) of run {self.run_id!r} verifies "
+                               f"(newest, {first}); nothing was trained or written: restore them in the bucket, "
+                               f"delete them to start the run again, or set another run.id")
         return None
 
     def _try_restore(self, step: int, model, optimizer, seed: int) -> tuple[str | None, dict | None]:

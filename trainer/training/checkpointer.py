@@ -54,7 +54,8 @@ class Checkpointer:
 
     def resume(self) -> LoopState:
         """The state of the newest complete checkpoint (loaded into model and optimizer), or a fresh
-        one (the RNG seeded with train.seed + rank). Raises StorageError when no checkpoint verifies."""
+        one (the RNG seeded with train.seed + rank). Raises StorageError when the run has complete
+        checkpoints and none of them verifies (RunCheckpoints.restore)."""
         name, seed = self.task.name, self.task.hp.seed
         saved = self.files.restore(self.model, self.optimizer, seed)
         state = LoopState.from_dict(saved) if saved else LoopState()
