@@ -122,3 +122,26 @@ def test_small_compressed_files_and_s3_objects_stay_one_unit(tmp_path, monkeypat
     big = local_files([write(tmp_path / "big.jsonl.zst", records(300), "zst")])
     monkeypatch.setattr(units, "is_remote", lambda f: True)  # as an object left in an S3 bucket
     assert [u.kind for u in units.plan_units(big, unit_bytes=4096, remote=object())] == ["file"]
+
+
+@pytest.mark.parametrize("ext", ["zst", "gz"])
+def test_a_truncated_file_is_reported_once_by_the_unit_that_reads_the_break(tmp_path, ext):
+    """Units after the break decompress into it while skipping: they read nothing and say nothing;
+    the documents and the skip count over all units are those of reading the file whole."""
+    path = write(tmp_path / f"cut.jsonl.{ext}", records(300), ext)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    files = local_files([path])
+    plan = units.plan_units(files, unit_bytes=4096)
+    whole = DocumentReader(data_cfg(on_error="skip").data)
+    want = list(whole.iter_file(files[0]))
+    assert whole.skipped == {"unreadable file": 1} and 50 < len(want) < 300
+    per_unit = [DocumentReader(data_cfg(on_error="skip").data) for _ in plan]
+    got = [d for r, u in zip(per_unit, plan) for d in r.iter_file(files[0], **u.reader_args())]
+    assert got == want and sum(sum(r.skipped.values()) for r in per_unit) == 1
+    failing = []
+    for u in plan:
+        try:
+            list(DocumentReader(data_cfg().data).iter_file(files[0], **u.reader_args()))
+        except DataError as e:
+            failing.append(str(e))
+    assert len(failing) == 1 and failing[0].startswith(f"{path}: cannot read after line ")

@@ -9,6 +9,7 @@ import bz2
 import gzip
 import io
 import lzma
+import zlib
 from typing import Iterator
 
 from trainer.data.sources import file_kind
@@ -97,12 +98,20 @@ class StreamCut(io.RawIOBase):
     """The lines of a decompressed stream `fh` that start in [start, end) of its decompressed bytes
     (end None: to the stream's end). The stream is read from its beginning and the bytes before the
     part discarded; the cuts are units.py's for an uncompressed file: the first line start at or
-    after each offset. `lines_skipped` counts the lines before the part (error messages)."""
+    after each offset. `lines_skipped` counts the lines before the part (error messages). A stream
+    that breaks off (corrupt or truncated) before the part makes the part empty, not an error: the
+    part whose lines hold the break reads it and reports it, once for the file."""
 
     def __init__(self, fh, start: int, end: int | None):
         self._fh, self._end, self._pending, self._done = fh, end, b"", False
-        self.lines_skipped, self._pos, after_cr = 0, 0, False
-        left = max(0, start - 1)
+        self.lines_skipped, self._pos = 0, 0
+        try:
+            self._skip(fh, start)
+        except (EOFError, OSError, ValueError, zlib.error, lzma.LZMAError):
+            self._done = True
+
+    def _skip(self, fh, start: int) -> None:
+        after_cr, left = False, max(0, start - 1)
         while left:
             chunk = fh.read(min(left, 1 << 20))
             if not chunk:
@@ -123,7 +132,7 @@ class StreamCut(io.RawIOBase):
         if not self._pending and not self._done:
             if self._end is None or self._pos < self._end - 1:
                 want = len(buf) if self._end is None else min(len(buf), self._end - 1 - self._pos)
-                self._pending = self._fh.read(want)
+                self._pending = self._fh.read1(want)  # one raw read: what precedes a break is kept
             else:
                 self._pending, self._done = self._fh.readline(), True  # the line holding byte end - 1
             self._pos += len(self._pending)
