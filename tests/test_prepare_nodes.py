@@ -229,9 +229,9 @@ def load_cfg(src, out, work: Path):
 
 
 def test_every_kind_of_unit_read_by_range_from_s3(tmp_path, tiny_docs, tok, new_s3_bucket, monkeypatch):
-    """Byte ranges of a .jsonl and a .txt, a .jsonl.gz whole and parquet row groups (its footer and
-    column chunks fetched by range), from a moto bucket: the shards of the local files, and no
-    partial copy left behind."""
+    """Byte ranges of a .jsonl and a .txt, decompressed ranges of a .jsonl.gz (streamed by ranged
+    GETs) and parquet row groups (its footer and column chunks fetched by range), from a moto bucket:
+    the plan and the shards of the local files, and no partial copy left behind."""
     monkeypatch.setattr(units, "UNIT_BYTES", 2048)
     paths = mixed_corpus(tmp_path / "corpus", tiny_docs)
     src = new_s3_bucket()
@@ -242,7 +242,7 @@ def test_every_kind_of_unit_read_by_range_from_s3(tmp_path, tiny_docs, tok, new_
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=(f"{src.url}/corpus/",)))
     files = pull(cfg, resolve_sources(cfg), stream=True)
     remote = Remote(cfg.storage, tmp_path / "parts")
-    assert {u.kind for u in units.plan_units(files, remote=remote)} == {"bytes", "file", "row_groups"}
+    assert {u.kind for u in units.plan_units(files, remote=remote)} == {"bytes", "stream", "row_groups"}
     assert units.plan_units(files, remote=remote) == units.plan_units(local_files(paths))
     index = prepare_into_bucket(cfg, files, tok, out.open(), KEY, {})
     ref = prepare_shards(cfg, iter_documents(cfg.data, local_files(paths)), tok, tmp_path / "ref", progress=False)

@@ -10,6 +10,7 @@ import gzip
 import json
 import random
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -116,12 +117,52 @@ def test_prepare_gives_the_same_shards_for_1_and_3_workers_and_one_process(tmp_p
             assert (out / e["name"]).read_bytes() == (tmp_path / "one" / e["name"]).read_bytes()
 
 
-def test_small_compressed_files_and_s3_objects_stay_one_unit(tmp_path, monkeypatch):
+def test_small_compressed_files_stay_one_unit(tmp_path):
     small = local_files([write(tmp_path / "small.jsonl.zst", records(3), "zst")])
     assert [u.kind for u in units.plan_units(small, unit_bytes=1 << 20)] == ["file"]
-    big = local_files([write(tmp_path / "big.jsonl.zst", records(300), "zst")])
-    monkeypatch.setattr(units, "is_remote", lambda f: True)  # as an object left in an S3 bucket
-    assert [u.kind for u in units.plan_units(big, unit_bytes=4096, remote=object())] == ["file"]
+
+
+def test_stream_units_of_an_s3_object_stream_it_and_copy_nothing(tmp_path, tiny_docs, new_s3_bucket, monkeypatch):
+    """The object is decompressed through ranged GETs (STREAM_GET_BYTES each), never copied to local
+    disk: the plan and the shards of the local file, a later unit reading more of the object."""
+    from trainer.data.prepare_pool import prepare_into_bucket
+    from trainer.data.remote import Remote
+    from trainer.data.sources import pull, resolve_sources
+    from trainer.io import storage
+
+    monkeypatch.setattr(units, "UNIT_BYTES", 4096)
+    monkeypatch.setattr(units, "STREAM_GET_BYTES", 4096)
+    path = write(tmp_path / "big.jsonl.zst", tiny_docs + records(100, seed=7), "zst")
+    src, out = new_s3_bucket(), new_s3_bucket()
+    src.open().upload_file(path, f"corpus/{path.name}")
+    cfg = load_config(None, {"data.val_permille": 100, "data.shard_tokens": 2048, "data.prepare_workers": 1,
+                             "data.sources": [f"{src.url}/corpus/"], "storage.local_dir": str(tmp_path / "work"),
+                             **out.overrides()}, env={})
+    files = pull(cfg, resolve_sources(cfg), stream=True)
+    plan = units.plan_units(files, remote=Remote(cfg.storage, tmp_path / "parts"))
+    assert plan == units.plan_units(local_files([path])) and len(plan) > 3
+    tok = train_tokenizer(tiny_docs, 512, 4, 2)
+    index = prepare_into_bucket(cfg, files, tok, out.open(), "data/test", {})  # the workers: spawned processes
+    ref = prepare_shards(cfg, iter_documents(cfg.data, local_files([path])), tok, tmp_path / "ref", progress=False)
+    for key in ("train", "val", "filters", "chars"):
+        assert index[key] == ref[key], key
+    assert not [p for p in (tmp_path / "work").rglob("*") if p.is_file() and p.name != "index.json"]
+
+    # One unit at a time in this process, to see its reads: ranged GETs from the object's start, each
+    # of the read-ahead (STREAM_GET_BYTES) or of one read of the decompressor if larger; no partial copy.
+    reads = []
+    real = storage.S3Storage.read_range
+    monkeypatch.setattr(storage.S3Storage, "read_range",
+                        lambda self, key, start, end: reads.append((start, end)) or real(self, key, start, end))
+    monkeypatch.setattr(units, "fetch_ranges", lambda *a, **k: pytest.fail("a stream unit was copied"))
+    remote, furthest = Remote(cfg.storage, tmp_path / "parts"), []
+    (tmp_path / "scratch").mkdir()
+    for n, u in enumerate(plan):
+        reads.clear()
+        units.encode_unit(cfg.data, files[0], u, n, tok, 0, np.dtype("uint16"), tmp_path / "scratch", remote)
+        assert reads[0][0] == 0 and max(e - s for s, e in reads) <= 1 << 16  # the zstd reader's chunk
+        furthest.append(max(e for _, e in reads))
+    assert furthest == sorted(furthest) and furthest[-1] == path.stat().st_size and furthest[0] < furthest[-1]
 
 
 @pytest.mark.parametrize("ext", ["zst", "gz"])

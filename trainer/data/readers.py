@@ -136,6 +136,7 @@ class DocumentReader:
         self._byte_range: tuple[int, int] | None = None
         self._row_groups: tuple[int, int] | None = None
         self._stream_range: tuple[int, int | None] | None = None
+        self._source = None
 
     def _bad(self, where: str, reason: str, detail: str, fix: str = "set data.on_error=skip to skip such records"):
         if self.cfg.on_error == "fail":
@@ -144,15 +145,16 @@ class DocumentReader:
 
     def iter_file(self, f: CorpusFile, byte_range: tuple[int, int] | None = None,
                   row_groups: tuple[int, int] | None = None, line_base: int = 0,
-                  stream_range: tuple[int, int | None] | None = None) -> Iterator[str]:
+                  stream_range: tuple[int, int | None] | None = None, source=None) -> Iterator[str]:
         """The documents of `f`, or of one part of it: `byte_range` (start, end) of an uncompressed
         .jsonl or .txt file, cut where a line (.txt: a blank line) ends, the parquet `row_groups`
         [first, last), or `stream_range` (start, end or None) of a compressed .jsonl file's
         decompressed bytes, cut the same way (the lines before it are counted: line numbers stay the
         file's). `line_base`: lines before byte_range's start, for the line numbers of error
-        messages (0 counts them from the range's start)."""
+        messages (0 counts them from the range's start). `source`: with stream_range, a binary
+        file object of the stored bytes (an S3 object read by range) instead of the local file."""
         self._byte_range, self._row_groups, self.line_base = byte_range, row_groups, line_base
-        self._stream_range = stream_range
+        self._stream_range, self._source = stream_range, source if stream_range is not None else None
         if f.dataset is not None:
             yield from self._dataset(f)
             return
@@ -162,7 +164,7 @@ class DocumentReader:
             self._bad(f.url, "unsupported file type", f"not a corpus file type (supported: {SUPPORTED})")
             return
         fmt, compression = kind
-        if f.size == 0 or os.path.getsize(path) == 0:
+        if f.size == 0 or (self._source is None and os.path.getsize(path) == 0):
             self._bad(f.url, "empty file", "empty file")
             return
         self._lines_read = line_base  # where a corrupt stream broke off, for the message
@@ -211,7 +213,7 @@ class DocumentReader:
 
     def _open(self, path: str, compression: str) -> io.BufferedIOBase:
         if self._stream_range is not None:
-            cut = StreamCut(open_binary(path, compression), *self._stream_range)
+            cut = StreamCut(open_binary(self._source or path, compression), *self._stream_range)
             self.line_base = self._lines_read = cut.lines_skipped
             return io.BufferedReader(cut, 1 << 20)
         if self._byte_range is None:

@@ -20,10 +20,10 @@ class ZstdFrames(io.RawIOBase):
     silently where a truncated file ends (dropping the rest of the corpus without a word); here a
     file that ends inside a frame raises EOFError, and corrupt data raises ValueError."""
 
-    def __init__(self, path: str):
+    def __init__(self, path):
         import zstandard
 
-        self._f = open(path, "rb")
+        self._f = path if hasattr(path, "read") else open(path, "rb")  # a path or a binary file object
         self._dctx = zstandard.ZstdDecompressor()
         self._zstd_error = zstandard.ZstdError
         self._frame = self._dctx.decompressobj()
@@ -153,8 +153,19 @@ def lines_before(path: str, offset: int) -> int:
         return sum(1 for _ in lines(fh))
 
 
-def open_binary(path: str, compression: str | None = None) -> io.BufferedIOBase:
-    """The decompressed bytes of a corpus file; `compression` as file_kind gives it (default: from the name)."""
+def open_binary(path, compression: str | None = None) -> io.BufferedIOBase:
+    """The decompressed bytes of a corpus file, `path` a file name or a binary file object of its
+    stored bytes (then `compression` is needed); `compression` as file_kind gives it (default: from
+    the name). Closing the result closes a file object passed in (gzip, bz2 and lzma do not: the
+    caller closes those)."""
+    if hasattr(path, "read"):
+        if compression == "gz":
+            return gzip.GzipFile(fileobj=path, mode="rb")
+        if compression == "zst":
+            return io.BufferedReader(ZstdFrames(path), 1 << 20)
+        if compression in ("bz2", "xz"):
+            return (bz2.open if compression == "bz2" else lzma.open)(path, "rb")
+        return path
     if compression is None:
         compression = (file_kind(path) or ("", ""))[1]
     if compression == "gz":

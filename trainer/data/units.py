@@ -7,8 +7,9 @@ the same way). A compressed stream cannot be entered in the middle, so each such
 the file from its start and tokenizes only its own range: the job's zstd reader decompresses ~400 MB/s
 on one core here against ~4.4 MB/s of encoding (bench/RESULTS.md), so a file of n units spends about
 n/2 / 90 of its encoding time again on decompression (18% at the cap of 32 units) while its units
-run on up to 32 cores instead of one. Other compressed files, compressed files in an S3 bucket
-(their units would each fetch the whole object) and `datasets` sources are one unit each. The plan
+run on up to 32 cores instead of one. From an S3 bucket such a unit streams the object through
+ranged GETs (nothing on local disk), reading the object's bytes up to its range's end. Other
+compressed files and `datasets` sources are one unit each. The plan
 depends on the listing and UNIT_BYTES only, never on the worker count, and
 its order (listing order, then position in the file) is the order of the documents in the shards.
 
@@ -51,6 +52,7 @@ STREAM_RATIO = 4
 # Each unit of a compressed file decompresses it from its start (on average half the file), so a
 # file gets at most this many: decompression then costs up to ~18% of its encoding (module docstring).
 MAX_STREAM_UNITS = 32
+STREAM_GET_BYTES = 8 << 20  # one ranged GET per 8 MB of a compressed S3 object a stream unit reads
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,7 @@ def plan_units(files: list[CorpusFile], unit_bytes: int | None = None, remote: R
             units += [Unit(i, "bytes", a, b, b - a) for a, b in zip(cuts, cuts[1:])]
         elif f.dataset is None and kind and kind[0] == "parquet" and f.size > unit_bytes:
             units += _row_group_units(i, f, unit_bytes, remote)
-        elif (f.dataset is None and kind in STREAMS and f.size * STREAM_RATIO > unit_bytes
-              and not (remote is not None and is_remote(f))):
+        elif f.dataset is None and kind in STREAMS and f.size * STREAM_RATIO > unit_bytes:
             units += _stream_units(i, f.size, unit_bytes)
         else:
             units.append(Unit(i, size=f.size))
@@ -198,10 +199,15 @@ def encode_unit(cfg: DataConfig, f: CorpusFile, unit: Unit, n: int, backend, eos
     sparse local copy of the unit's bytes, fetched just before and deleted after. Raises DataError
     naming the file and line of a bad record under data.on_error=fail (line numbers of the file,
     not of the unit)."""
-    part = fetch_ranges(f, remote, unit_ranges(f, unit, remote)) if remote and is_remote(f) else f
+    streamed = remote is not None and is_remote(f) and unit.kind == "stream"
+    part = fetch_ranges(f, remote, unit_ranges(f, unit, remote)) if remote and is_remote(f) and not streamed else f
     try:
         try:
-            arrays, stats = _encode(cfg, part, unit, backend, eos, dtype)
+            if streamed:  # decompressed from the object's start: read through ranged GETs, not copied
+                with open_bytes(f, remote, STREAM_GET_BYTES) as source:
+                    arrays, stats = _encode(cfg, part, unit, backend, eos, dtype, source=source)
+            else:
+                arrays, stats = _encode(cfg, part, unit, backend, eos, dtype)
         except DataError:
             if unit.kind != "bytes" or unit.start == 0:
                 raise
@@ -220,10 +226,10 @@ def encode_unit(cfg: DataConfig, f: CorpusFile, unit: Unit, n: int, backend, eos
 
 
 def _encode(cfg: DataConfig, f: CorpusFile, unit: Unit, backend, eos: int, dtype: np.dtype,
-            line_base: int = 0) -> tuple[dict, dict]:
+            line_base: int = 0, source=None) -> tuple[dict, dict]:
     reader = DocumentReader(cfg)
     norm = Normalizer(dataclasses.replace(cfg, dedup=False))
-    docs = reader.iter_file(f, line_base=line_base, **unit.reader_args())
+    docs = reader.iter_file(f, line_base=line_base, source=source, **unit.reader_args())
     parts, lengths, hashes, chars = [], [], [], []
     for texts, batch_hashes in norm.batches(docs, BATCH_DOCS):
         ids = encode_documents(backend, texts)
