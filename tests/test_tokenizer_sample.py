@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import DataConfig, load_config
-from trainer.data import readers, sample
+from trainer.data import sample, streams
 from trainer.data.readers import DocumentReader, iter_documents
 from trainer.data.sample import FileRead, plan_reads, read_sample, record_ranges, sample_key
 from trainer.data.shards import is_validation
@@ -88,7 +88,8 @@ class CountedFile(io.RawIOBase):
 
 @pytest.fixture
 def bytes_read(monkeypatch) -> Counter:
-    """Bytes read from each corpus file by trainer/data/readers.py and sample.py (every `open` there)."""
+    """Bytes read from each corpus file by trainer/data/streams.py (the readers' byte streams) and
+    sample.py (every `open` there)."""
     counter: Counter = Counter()
 
     def counted_open(path, mode="r", buffering=-1, **kw):
@@ -96,7 +97,7 @@ def bytes_read(monkeypatch) -> Counter:
         raw = CountedFile(path, counter)
         return raw if buffering == 0 else io.BufferedReader(raw, buffering if buffering > 0 else 1 << 13)
 
-    monkeypatch.setattr(readers, "open", counted_open, raising=False)
+    monkeypatch.setattr(streams, "open", counted_open, raising=False)
     monkeypatch.setattr(sample, "open", counted_open, raising=False)
     return counter
 
