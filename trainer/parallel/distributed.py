@@ -74,11 +74,15 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, dev, control)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(barrier: bool = False) -> None:
     """Tear the process groups down before the interpreter exits. Left to interpreter shutdown,
     gloo's threads can be destroyed while joinable, and a rank dies with SIGABRT ("terminate called
-    without an active exception") after its work is done, failing the whole torchrun."""
+    without an active exception") after its work is done, failing the whole torchrun. barrier (the
+    ranks all finished): first wait for every rank, so that none tears its groups down while another
+    still talks to it (seen once, 2026-12-04, on a 4-process gloo run right after its last checkpoint)."""
     if dist.is_available() and dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

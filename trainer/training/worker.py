@@ -28,9 +28,12 @@ def run_task(cfg: Config, make_task: Callable[[], Task], lease=None) -> dict:
     d = setup_distributed(cfg.train.device)
     setup_logging(d.rank)
     try:
-        return asdict(train(make_task(), cfg, bucket(cfg), d, lease))
-    finally:
+        state = train(make_task(), cfg, bucket(cfg), d, lease)
+    except BaseException:
         shutdown_distributed()
+        raise
+    shutdown_distributed(barrier=True)
+    return asdict(state)
 
 
 def pretrain_task(cfg: Config, arts: Artifacts, init: dict | None = None) -> PretrainTask:
