@@ -196,7 +196,8 @@ def encode_unit(cfg: DataConfig, f: CorpusFile, unit: Unit, n: int, backend, eos
                 scratch: Path, remote: Remote | None = None) -> dict:
     """Read, normalise (no dedup: that is global) and tokenize unit `n`, write its unit file and
     done marker; return the counts (also in the marker). An S3 object (remote) is read from a
-    sparse local copy of the unit's bytes, fetched just before and deleted after. Raises DataError
+    sparse local copy of the unit's bytes, fetched just before and deleted after; a stream unit of
+    one reads the object through ranged GETs instead (its end is not known). Raises DataError
     naming the file and line of a bad record under data.on_error=fail (line numbers of the file,
     not of the unit)."""
     streamed = remote is not None and is_remote(f) and unit.kind == "stream"
