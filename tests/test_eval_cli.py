@@ -80,6 +80,34 @@ def test_heldout_documents_are_the_validation_split_in_corpus_order(tmp_path):
     assert heldout_documents(cfg_with(**{"data.val_permille": 0}), files, max_chars=10 ** 9) == []
 
 
+def test_heldout_documents_from_s3_copy_only_the_files_they_read(tmp_path, new_s3_bucket):
+    """The report's held-out set from an S3 corpus: each object is downloaded when first read
+    (PulledOnDemand), so a small set copies the first file, not the corpus; the documents are those
+    of the local files. (The normaliser reads 256 documents ahead: a file holds more.)"""
+    from trainer.data.sources import PulledOnDemand, pull, resolve_sources
+
+    docs = synthetic_docs(1800)
+    paths = []
+    for i in range(6):
+        write_jsonl(tmp_path / f"part-{i}.jsonl", docs[300 * i: 300 * (i + 1)])
+        paths.append(tmp_path / f"part-{i}.jsonl")
+    src = new_s3_bucket()
+    for p in paths:
+        src.open().upload_file(p, f"corpus/{p.name}")
+    work = tmp_path / "work"
+    cfg = cfg_with(**{"data.val_permille": 200, "data.sources": [f"{src.url}/corpus/"], "storage.local_dir": str(work),
+                      **src.overrides()})
+    files = pull(cfg, resolve_sources(cfg), stream=True)  # what stage_pull gives: objects left in the bucket
+    local = local_files(paths)
+    first = [d for d in docs[:300] if is_validation(d, 200)]
+    few = heldout_documents(cfg, PulledOnDemand(cfg, files), max_chars=len(first[0]) + len(first[1]))
+    assert few == heldout_documents(cfg, local, max_chars=len(first[0]) + len(first[1])) == first[:2]
+    assert sorted(p.name for p in work.rglob("*.jsonl")) == ["part-0.jsonl"]
+    every = heldout_documents(cfg, PulledOnDemand(cfg, files), max_chars=10 ** 9)
+    assert every == heldout_documents(cfg, local, max_chars=10 ** 9) and len(every) > len(first)
+    assert len(list(work.rglob("*.jsonl"))) == 6
+
+
 def test_heldout_documents_use_the_normalised_text(tmp_path):
     """prepare splits on the hash of the text after data.* filters, so must this."""
     docs = synthetic_docs(300)

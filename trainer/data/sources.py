@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +310,27 @@ def pull(cfg: Config, files: list[CorpusFile], progress: bool = True, stream: bo
             list(pool.map(fetch, todo))  # list() re-raises the first failure
         bar.close()
     return [out[f.url] for f in files]
+
+
+class PulledOnDemand(Sequence):
+    """`files` as a sequence whose item i is pull()ed (an S3 object downloaded into the cache) only
+    when it is first read, so that a reader that stops early (the report's held-out documents, a
+    few hundred thousand characters) copies a few files, not the corpus. Slices give the listing's
+    entries unpulled (names and sizes, for messages)."""
+
+    def __init__(self, cfg: Config, files: list[CorpusFile]):
+        self._cfg, self._files, self._pulled = cfg, list(files), {}
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._files[i]
+        i = range(len(self._files))[i]  # IndexError past the end ends iteration
+        if i not in self._pulled:
+            self._pulled[i] = pull(self._cfg, [self._files[i]], progress=False)[0]
+        return self._pulled[i]
 
 
 def corpus_fingerprint(files: list[CorpusFile]) -> str:

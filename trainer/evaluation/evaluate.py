@@ -297,7 +297,7 @@ def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
     """`entrypoint.py eval`: load an export or checkpoint (local or s3://) and evaluate it on the
     held-out split of cfg.data.sources and on text_files (any corpus format data.* reads)."""
     from trainer.data.readers import iter_documents
-    from trainer.data.sources import DataError, local_files, pull, resolve_sources
+    from trainer.data.sources import DataError, PulledOnDemand, local_files, resolve_sources
     from trainer.evaluation.generate import load_for_generation
     from trainer.state.checkpoint import model_dir
 
@@ -317,5 +317,6 @@ def evaluate_checkpoint(url: str, cfg, text_files: Sequence[str] = ()) -> dict:
     folder = model_dir(str(url), cfg.storage, Path(cfg.storage.local_dir))
     model, tok = load_for_generation(str(folder), cfg)
     s = cfg.sample
-    heldout = heldout_documents(cfg, pull(cfg, resolve_sources(cfg)), s.eval_chars, s.heldout_prompts)
+    # an S3 corpus: each object copied when first read, only as far as the held-out set needs
+    heldout = heldout_documents(cfg, PulledOnDemand(cfg, resolve_sources(cfg)), s.eval_chars, s.heldout_prompts)
     return {"model": str(url), **evaluate_model(model, tok, cfg, heldout, extra)}

@@ -21,7 +21,7 @@ from trainer.data.readers import DocumentReader
 from trainer.data.remote import Remote, is_remote
 from trainer.data.sample import describe_read, read_sample, sample_key
 from trainer.data.shards import Normalizer, data_hash, is_validation, tokenizer_fingerprint
-from trainer.data.sources import corpus_fingerprint, pull, resolve_sources
+from trainer.data.sources import PulledOnDemand, corpus_fingerprint, pull, resolve_sources
 from trainer.data.tokenizer import load_tokenizer, tokenizer_hash
 from trainer.errors import EXIT_PREEMPTED, signals_held, stop_on_signals
 from trainer.evaluation.evaluate import evaluate_model, heldout_documents
@@ -401,7 +401,8 @@ def stage_report(cfg: Config, files=None) -> str:
             model, tok = load_for_generation(store.url(final_key(cfg)), cfg)
             s = cfg.sample
             files = files if files is not None else stage_pull(cfg)
-            docs = heldout_documents(cfg, pull(cfg, files), s.eval_chars, s.heldout_prompts)  # S3 files: copied
+            # S3 files are copied one at a time, only as far into the corpus as the held-out set needs
+            docs = heldout_documents(cfg, PulledOnDemand(cfg, files), s.eval_chars, s.heldout_prompts)
             ev = {"export_step": export_step, **evaluate_model(model, tok, cfg, docs)}
         (out / "eval.json").write_text(json.dumps(ev, ensure_ascii=False, indent=1), encoding="utf-8")
     from trainer.evaluation.harness import RESULTS_FILE
