@@ -4,10 +4,10 @@ A unit is a whole file, a byte range of a large uncompressed .jsonl or .txt file
 newline; .txt after a blank line, so no document is split), a run of row groups of a large
 parquet file, or a range of a large compressed .jsonl file's decompressed bytes (cut after a newline
 the same way). A compressed stream cannot be entered in the middle, so each such unit decompresses
-the file from its start and tokenizes only its own range: the job's zstd reader decompresses ~400 MB/s
-on one core here against ~4.4 MB/s of encoding (bench/RESULTS.md), so a file of n units spends about
-n/2 / 90 of its encoding time again on decompression (18% at the cap of 32 units) while its units
-run on up to 32 cores instead of one. From an S3 bucket such a unit streams the object through
+the file from its start and tokenizes only its own range: zstd decompression runs 107 M chars/s on
+one core against 1.47 M chars/s of encoding (bench/RESULTS.md, a worker's time by stage), so a file
+of n units spends about n/2 / 73 of its encoding time again on decompression (22% at the cap of 32
+units) while its units run on up to 32 cores instead of one. From an S3 bucket such a unit streams the object through
 ranged GETs (nothing on local disk), reading the object's bytes up to its range's end. Other
 compressed files and `datasets` sources are one unit each. The plan
 depends on the listing and UNIT_BYTES only, never on the worker count, and
@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -50,7 +51,7 @@ STREAMS = {("jsonl", c) for c in ("gz", "zst", "bz2", "xz")}  # cut in their dec
 # last unit (it runs to the end); guessing high leaves trailing units empty.
 STREAM_RATIO = 4
 # Each unit of a compressed file decompresses it from its start (on average half the file), so a
-# file gets at most this many: decompression then costs up to ~18% of its encoding (module docstring).
+# file gets at most this many: decompression then costs up to ~22% of its encoding (module docstring).
 MAX_STREAM_UNITS = 32
 STREAM_GET_BYTES = 8 << 20  # one ranged GET per 8 MB of a compressed S3 object a stream unit reads
 
@@ -200,15 +201,13 @@ def encode_unit(cfg: DataConfig, f: CorpusFile, unit: Unit, n: int, backend, eos
     one reads the object through ranged GETs instead (its end is not known). Raises DataError
     naming the file and line of a bad record under data.on_error=fail (line numbers of the file,
     not of the unit)."""
-    streamed = remote is not None and is_remote(f) and unit.kind == "stream"
-    part = fetch_ranges(f, remote, unit_ranges(f, unit, remote)) if remote and is_remote(f) and not streamed else f
+    in_bucket = remote is not None and is_remote(f)
+    streamed = in_bucket and unit.kind == "stream"  # read from the object's start: ranged GETs, not a copy
+    part = fetch_ranges(f, remote, unit_ranges(f, unit, remote)) if in_bucket and not streamed else f
     try:
         try:
-            if streamed:  # decompressed from the object's start: read through ranged GETs, not copied
-                with open_bytes(f, remote, STREAM_GET_BYTES) as source:
-                    arrays, stats = _encode(cfg, part, unit, backend, eos, dtype, source=source)
-            else:
-                arrays, stats = _encode(cfg, part, unit, backend, eos, dtype)
+            with open_bytes(f, remote, STREAM_GET_BYTES) if streamed else nullcontext() as source:
+                arrays, stats = _encode(cfg, part, unit, backend, eos, dtype, source=source)
         except DataError:
             if unit.kind != "bytes" or unit.start == 0:
                 raise
